@@ -1,0 +1,143 @@
+"""Read a COCO-format `instances` file into full multi-hot labels, with every input checked first.
+
+COCO's category ids are not contiguous (1..90 with gaps); they are mapped to 0..L-1 in id order.
+Images without annotations are dropped and counted, as Cole et al. 2021 do. Problems a user can fix
+(malformed JSON, unknown category, annotation of a missing image, missing image file, empty split)
+raise `DataError` naming the file and record, before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pml_dist.errors import DataError
+
+
+@dataclass
+class CocoSplit:
+    """One split with full labels; row i of `labels` belongs to `image_ids[i]` and `files[i]`."""
+
+    name: str
+    annotation_file: Path
+    image_ids: np.ndarray  # int64, sorted ascending
+    files: list[Path]
+    labels: np.ndarray  # uint8 (N, L) multi-hot
+    category_ids: list[int]  # COCO ids in label order
+    category_names: list[str]
+    images_read: int
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+def annotation_path(root: Path, split: str) -> Path:
+    return Path(root) / "annotations" / f"instances_{split}.json"
+
+
+def read_split(root: str | Path, split: str) -> CocoSplit:
+    """Read `<root>/annotations/instances_<split>.json` and check `<root>/<split>/<file_name>` exist."""
+    root = Path(root)
+    ann_file = annotation_path(root, split)
+    dataset = _load_json(ann_file)
+    coco = _index(dataset, ann_file)
+
+    category_ids = sorted(coco.getCatIds())
+    if not category_ids:
+        raise DataError(f"{ann_file}: 'categories' is empty")
+    column = {cat_id: i for i, cat_id in enumerate(category_ids)}
+    names = [coco.cats[c]["name"] for c in category_ids]
+
+    image_ids = sorted(coco.getImgIds())
+    kept_ids, files, rows = [], [], []
+    dropped = {"no_annotations": 0}
+    for image_id in image_ids:
+        anns = coco.imgToAnns.get(image_id, [])
+        if not anns:
+            dropped["no_annotations"] += 1
+            continue
+        row = np.zeros(len(category_ids), dtype=np.uint8)
+        for ann in anns:
+            row[column[ann["category_id"]]] = 1
+        kept_ids.append(image_id)
+        files.append(root / split / coco.imgs[image_id]["file_name"])
+        rows.append(row)
+
+    if not kept_ids:
+        raise DataError(
+            f"{ann_file}: split '{split}' is empty ({len(image_ids)} images read, none with annotations)"
+        )
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DataError(f"{ann_file}: image file(s) missing: {', '.join(missing[:3])}{more}")
+    return CocoSplit(
+        name=split,
+        annotation_file=ann_file,
+        image_ids=np.asarray(kept_ids, dtype=np.int64),
+        files=files,
+        labels=np.stack(rows),
+        category_ids=category_ids,
+        category_names=names,
+        images_read=len(image_ids),
+        dropped=dropped,
+    )
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"annotation file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise DataError(f"{path}: malformed JSON at {where}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with images, annotations and categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: missing or non-list '{key}'")
+    return data
+
+
+def _index(dataset: dict, path: Path):
+    """Check record-level consistency (pycocotools does not), then build the pycocotools index."""
+    from pycocotools.coco import COCO
+
+    for i, cat in enumerate(dataset["categories"]):
+        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+            raise DataError(f"{path}: categories[{i}] lacks 'id' or 'name'")
+    for i, img in enumerate(dataset["images"]):
+        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+            raise DataError(f"{path}: images[{i}] lacks 'id' or 'file_name'")
+    cat_ids = {c["id"] for c in dataset["categories"]}
+    img_ids = {img["id"] for img in dataset["images"]}
+    for i, ann in enumerate(dataset["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
+            raise DataError(f"{path}: annotations[{i}] lacks 'image_id' or 'category_id'")
+        if ann["category_id"] not in cat_ids:
+            raise DataError(
+                f"{path}: annotations[{i}] (id {ann.get('id')}) has category_id {ann['category_id']}, "
+                "which is not in 'categories'"
+            )
+        if ann["image_id"] not in img_ids:
+            raise DataError(
+                f"{path}: annotations[{i}] (id {ann.get('id')}) refers to image_id {ann['image_id']}, "
+                "which is not in 'images'"
+            )
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
+        coco.createIndex()
+    return coco

@@ -1,0 +1,309 @@
+"""FFCV loaders for training and evaluation, single-process or one slice per rank, CPU or CUDA.
+
+Batches are dicts keyed by field name. The training loader never decodes the full `labels` field:
+its pipeline for `labels` is None, so SPML training code cannot see them even by mistake.
+
+Sharding does not need a process group: rank and world size are arguments. Training uses
+`RankOrder` (the DistributedSampler scheme: one seeded permutation per epoch, padded to a multiple of
+the world size by repeating its head, rank r takes positions r, r+W, ...) which can also start part
+way into an epoch, so a resumed run continues where it stopped instead of replaying the epoch.
+Evaluation shards are `indices[rank::world]` with no padding, so every sample is scored exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ImageNet statistics (torchvision's pretrained ResNets expect them), on the 0-255 scale.
+MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+TRAIN_FIELDS = ("image", "observed", "index")
+
+
+class Normalize(torch.nn.Module):
+    """uint8 NCHW -> normalised float32, on whatever device the batch is on.
+
+    Done in torch rather than with FFCV's NormalizeImage: on CPU that op must come before ToTensor
+    (placed after, the Loader constructor spins forever in FFCV 1.0.2) and on GPU it needs cupy.
+    Transferring uint8 and normalising on the device is also 4x less host-to-device traffic.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return (x.float() - mean) / std
+
+
+def per_rank_order(n: int, epoch: int, seed: int, rank: int, world: int, shuffle: bool) -> np.ndarray:
+    """Positions (into the loader's indices) that `rank` visits in `epoch`, padded like
+    torch's DistributedSampler(drop_last=False) so every rank has ceil(n / world) samples."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    total = -(-n // world) * world
+    if total > n:
+        order = np.concatenate([order, np.resize(order, total - n)])
+    return order[rank::world]
+
+
+def _rank_order_class():
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class RankOrder(TraversalOrder):
+        """FFCV traversal order for one rank; `skip` drops the first samples of epoch `skip_epoch`.
+
+        FFCV 1.0.2 accepts a custom order only as an *instance* of TraversalOrder which it then calls
+        with the loader, so the instance binds itself in `__call__`.
+        """
+
+        def __init__(self, rank: int, world: int, seed: int, shuffle: bool, skip_epoch: int, skip: int):
+            self.rank, self.world, self.order_seed, self.shuffle = rank, world, seed, shuffle
+            self.skip_epoch, self.skip = skip_epoch, skip
+
+        def __call__(self, loader):
+            super().__init__(loader)
+            return self
+
+        def sample_order(self, epoch: int) -> Sequence[int]:
+            positions = per_rank_order(
+                len(self.indices), epoch, self.order_seed, self.rank, self.world, self.shuffle
+            )
+            if epoch == self.skip_epoch:
+                positions = positions[self.skip :]
+            return self.indices[positions]
+
+    return RankOrder
+
+
+class BatchLoader:
+    """Wraps an FFCV Loader: yields dicts {field: tensor}; `len()` is batches per epoch.
+
+    The tensors are views into buffers FFCV reuses a few batches later: `.clone()` what you keep.
+    """
+
+    def __init__(self, loader, fields: tuple[str, ...]):
+        self.loader = loader
+        self.fields = fields
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # FFCV's EpochIterator.__next__ waits forever when its worker thread dies of an exception
+        # (a bad index, a corrupt record): this loop does what __next__ does, but notices the death.
+        epoch = iter(self.loader)
+        while True:
+            try:
+                item = epoch.output_queue.get(timeout=1.0)
+            except queue.Empty:
+                if epoch.is_alive():
+                    continue
+                try:  # the thread may have put its end marker just before exiting
+                    item = epoch.output_queue.get_nowait()
+                except queue.Empty:
+                    raise RuntimeError(
+                        "the FFCV loader thread died (its traceback is printed above)"
+                    ) from None
+            if item is None:
+                epoch.close()
+                return
+            slot, batch = item
+            if torch.cuda.is_available():  # FFCV's own __next__ waits for the copy stream too
+                epoch.current_stream.wait_stream(epoch.cuda_streams[slot])
+            yield dict(zip(self.fields, batch, strict=True))
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration traverses (after a resume, the epoch being resumed)."""
+        self.loader.next_epoch = epoch
+
+
+def threads_per_rank(requested: int, local_world_size: int = 1) -> int:
+    """FFCV's numba threads also set torch's thread count; oversubscribing cores made steps 11x slower."""
+    if requested > 0:
+        return requested
+    return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+
+
+def _field_ops(device: torch.device | None, squeeze: bool = False) -> list:
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+    ops = [ToTensor(), Squeeze()] if squeeze else [ToTensor()]
+    if device is not None and device.type == "cuda":
+        ops.append(ToDevice(device, non_blocking=True))
+    return ops
+
+
+def _image_ops(decoder, device: torch.device | None, flip: bool) -> list:
+    from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+
+    ops = [decoder]
+    if flip:
+        ops.append(RandomHorizontalFlip())
+    ops.append(ToTensor())
+    if device is not None and device.type == "cuda":
+        ops.append(ToDevice(device, non_blocking=True))
+    ops += [ToTorchImage(), Normalize()]
+    return ops
+
+
+def _build(path, batch_size, pipelines, order, *, workers, drop_last, indices, jit, seed=0):
+    from ffcv.loader import Loader
+    from ffcv.pipeline.compiler import Compiler
+
+    # Numba compilation costs ~20 s per Loader; off, the same pipeline runs at about half speed.
+    Compiler.set_enabled(jit)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no .beton at {path} (run `pml-dist prepare` first)")
+    loader = Loader(
+        str(path),
+        batch_size=batch_size,
+        num_workers=workers,
+        order=order,
+        os_cache=True,
+        drop_last=drop_last,
+        pipelines=pipelines,
+        indices=indices,
+        seed=seed,
+    )
+    fields = tuple(name for name, spec in loader.pipeline_specs.items() if spec is not None)
+    return BatchLoader(loader, fields)
+
+
+def train_loader(
+    path: str | Path,
+    batch_size: int,
+    image_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    order: str = "random",
+    augment: bool = True,
+    device: torch.device | None = None,
+    workers: int = 0,
+    local_world_size: int = 1,
+    drop_last: bool = True,
+    start_epoch: int = 0,
+    skip_samples: int = 0,
+    jit: bool = True,
+) -> BatchLoader:
+    """Batches of image (normalised float), observed (uint8 one-hot) and index for SPML training.
+
+    augment: random resized crop + horizontal flip (FFCV's crop randomness is not seeded); without,
+    a deterministic center crop. start_epoch/skip_samples resume part way into an epoch.
+    """
+    from ffcv.fields.decoders import (
+        CenterCropRGBImageDecoder,
+        IntDecoder,
+        NDArrayDecoder,
+        RandomResizedCropRGBImageDecoder,
+    )
+    from ffcv.loader import OrderOption
+
+    size = (image_size, image_size)
+    decoder = (
+        RandomResizedCropRGBImageDecoder(size)
+        if augment
+        else CenterCropRGBImageDecoder(size, ratio=1.0)
+    )
+    pipelines = {
+        "image": _image_ops(decoder, device, flip=augment),
+        "observed": [NDArrayDecoder(), *_field_ops(device)],
+        "index": [IntDecoder(), *_field_ops(device, squeeze=True)],  # (B,), not (B, 1)
+        "labels": None,  # full labels never reach SPML training
+    }
+    if order == "quasi_random":
+        if world_size > 1 or skip_samples:
+            raise ValueError("data.order=quasi_random works only on one process without mid-epoch resume")
+        ffcv_order = OrderOption.QUASI_RANDOM
+    elif order in ("random", "sequential"):
+        ffcv_order = _rank_order_class()(
+            rank, world_size, seed, order == "random", start_epoch, skip_samples
+        )
+    else:
+        raise ValueError(f"unknown order {order!r}")
+    loader = _build(
+        path,
+        batch_size,
+        pipelines,
+        ffcv_order,
+        workers=threads_per_rank(workers, local_world_size),
+        drop_last=drop_last,
+        indices=None,
+        jit=jit,
+        seed=seed,
+    )
+    loader.set_epoch(start_epoch)
+    return loader
+
+
+def eval_loader(
+    path: str | Path,
+    batch_size: int,
+    image_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    with_labels: bool = True,
+    device: torch.device | None = None,
+    workers: int = 0,
+    local_world_size: int = 1,
+    indices: np.ndarray | None = None,
+    jit: bool = True,
+) -> BatchLoader:
+    """Center-cropped batches in file order; rank r gets `indices[r::world]`, never padded.
+
+    indices: the subset to shard (default: the whole file). with_labels=False leaves out the full
+    labels (evaluation against observed labels only).
+    """
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, NDArrayDecoder
+    from ffcv.loader import OrderOption
+    from ffcv.reader import Reader
+
+    if indices is None:
+        indices = np.arange(int(Reader(str(path)).num_samples))  # num_samples is not always an int
+    pipelines = {
+        "image": _image_ops(CenterCropRGBImageDecoder((image_size, image_size), ratio=1.0), device, False),
+        "labels": [NDArrayDecoder(), *_field_ops(device)] if with_labels else None,
+        "observed": [NDArrayDecoder(), *_field_ops(device)],
+        "index": [IntDecoder(), *_field_ops(device, squeeze=True)],  # (B,), not (B, 1)
+    }
+    return _build(
+        path,
+        batch_size,
+        pipelines,
+        OrderOption.SEQUENTIAL,
+        workers=threads_per_rank(workers, local_world_size),
+        drop_last=False,
+        indices=np.asarray(indices, dtype=np.uint64)[rank::world_size],
+        jit=jit,
+    )
+
+
+def read_fields(path: str | Path, fields: Sequence[str] = ("labels", "observed", "index")) -> dict:
+    """Every record's non-image fields, in file order, as numpy arrays (no image decoding)."""
+    from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    decoders = {"labels": NDArrayDecoder, "observed": NDArrayDecoder, "index": IntDecoder}
+    pipelines = {name: ([decoders[name]()] if name in fields else None) for name in decoders}
+    pipelines["image"] = None
+    loader = Loader(str(path), batch_size=4096, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines=pipelines, num_workers=1)
+    names = [name for name, spec in loader.pipeline_specs.items() if spec is not None]
+    parts: dict[str, list] = {name: [] for name in names}
+    for batch in loader:
+        for name, value in zip(names, batch, strict=True):
+            parts[name].append(np.array(value))  # copy: FFCV reuses its batch buffers
+    out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    if "index" in out:
+        out["index"] = out["index"].reshape(-1)
+    return out

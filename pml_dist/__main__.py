@@ -1,0 +1,3 @@
+from pml_dist.cli import main
+
+raise SystemExit(main())

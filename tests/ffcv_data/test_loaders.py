@@ -1,0 +1,127 @@
+"""Loader behaviour a trainer relies on: fields, sharding, epoch orders, resume, no silent hangs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ffcv_data.loaders import (
+    TRAIN_FIELDS,
+    _build,
+    eval_loader,
+    per_rank_order,
+    read_fields,
+    train_loader,
+)
+from ffcv_data.prepare import beton_path, prepare
+from pml_dist.config import load_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def betons(synthetic_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("loaders")
+    cfg = load_config(None, [f"run.dir={run}", f"data.root={synthetic_root}", "data.max_resolution=48",
+                             "data.write_workers=2"])
+    prepare(cfg)
+    return {split: beton_path(cfg, split) for split in ("train", "val", "test")}
+
+
+def _indices(loader) -> np.ndarray:
+    # .copy(): FFCV batches are views into buffers it reuses a few batches later
+    return np.concatenate([b["index"].numpy().reshape(-1).copy() for b in loader])
+
+
+def test_training_batches_cannot_carry_full_labels(betons):
+    """SPML training must not see the full labels: the training loader does not even decode them."""
+    loader = train_loader(betons["train"], 16, 32, jit=False)
+    assert loader.fields == TRAIN_FIELDS
+    assert "labels" not in loader.loader.pipeline_specs
+    batch = next(iter(loader))
+    assert set(batch) == {"image", "observed", "index"}
+    assert batch["image"].shape == (16, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["observed"].shape == (16, 20) and batch["index"].shape == (16,)
+    # what the batch carries is the single observed positive of each index, nothing more
+    observed = read_fields(betons["train"], ("observed",))["observed"]
+    assert np.array_equal(batch["observed"].numpy(), observed[batch["index"].numpy().reshape(-1)])
+    assert (batch["observed"].sum(dim=1) == 1).all()
+
+
+def test_images_are_normalised(betons):
+    images = torch.cat([b["image"].clone() for b in eval_loader(betons["test"], 25, 48, jit=False)])
+    assert abs(images.mean().item()) < 1.0 and 0.3 < images.std().item() < 2.0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_training_shards_cover_every_sample_each_epoch(betons, world):
+    n = len(read_fields(betons["train"], ("index",))["index"])
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in range(world):
+            loader = train_loader(betons["train"], 8, 32, rank=rank, world_size=world, seed=3,
+                                  augment=False, drop_last=False, start_epoch=epoch, jit=False)
+            per_rank.append(_indices(loader))
+        lengths = {len(p) for p in per_rank}
+        assert lengths == {-(-n // world)}  # equal per rank, padded like DistributedSampler
+        allidx = np.concatenate(per_rank)
+        assert set(allidx) == set(range(n))
+        assert len(allidx) - n == (-n) % world  # only the padding repeats
+        expected = [np.asarray(per_rank_order(n, epoch, 3, r, world, True)) for r in range(world)]
+        assert all(np.array_equal(p, e) for p, e in zip(per_rank, expected, strict=True))
+
+
+def test_epochs_reshuffle_and_seed_fixes_the_order(betons):
+    a = train_loader(betons["train"], 8, 32, seed=1, augment=False, drop_last=False, jit=False)
+    first, second = _indices(a), _indices(a)
+    assert not np.array_equal(first, second)
+    b = train_loader(betons["train"], 8, 32, seed=1, augment=False, drop_last=False, jit=False)
+    assert np.array_equal(_indices(b), first)
+    seq = train_loader(betons["train"], 8, 32, order="sequential", drop_last=False, jit=False)
+    assert np.array_equal(_indices(seq), np.arange(len(first)))
+
+
+def test_resume_starts_inside_the_epoch(betons):
+    """A resumed run continues with the samples it had not seen, then ordinary epochs follow."""
+    full = train_loader(betons["train"], 8, 32, rank=1, world_size=2, seed=4, augment=False,
+                        drop_last=False, start_epoch=2, jit=False)
+    epoch2, epoch3 = _indices(full), _indices(full)
+    resumed = train_loader(betons["train"], 8, 32, rank=1, world_size=2, seed=4, augment=False,
+                           drop_last=False, start_epoch=2, skip_samples=24, jit=False)
+    assert np.array_equal(_indices(resumed), epoch2[24:])
+    assert np.array_equal(_indices(resumed), epoch3)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_shards_are_exact(betons, world):
+    meta_n = len(read_fields(betons["val"], ("index",))["index"])
+    shards = [_indices(eval_loader(betons["val"], 7, 32, rank=r, world_size=world, jit=False))
+              for r in range(world)]
+    joined = np.concatenate(shards)
+    assert len(joined) == meta_n and set(joined) == set(range(meta_n))
+
+
+def test_quasi_random_is_single_process_only(betons):
+    with pytest.raises(ValueError, match="quasi_random"):
+        train_loader(betons["train"], 8, 32, order="quasi_random", world_size=2, jit=False)
+    assert len(_indices(train_loader(betons["train"], 8, 32, order="quasi_random", jit=False))) > 0
+
+
+@pytest.mark.faults
+def test_a_dying_loader_thread_raises_instead_of_hanging(betons):
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.loader import OrderOption
+
+    # float indices make FFCV's decoder raise inside its worker thread (seen with Reader.num_samples)
+    loader = _build(betons["test"], 4, {"index": [IntDecoder()], "image": None, "labels": None,
+                                        "observed": None},
+                    OrderOption.SEQUENTIAL, workers=1, drop_last=False, indices=np.arange(5.0),
+                    jit=False)
+    with pytest.raises(RuntimeError, match="loader thread died"):
+        next(iter(loader))
+
+
+def test_missing_beton_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `pml-dist prepare` first"):
+        train_loader(tmp_path / "train.beton", 8, 32, jit=False)

@@ -1,0 +1,126 @@
+"""prepare -> .beton files read back record by record; bad images stop it with nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ffcv_data.coco import read_split
+from ffcv_data.loaders import eval_loader, read_fields
+from ffcv_data.prepare import beton_path, prepare
+from ffcv_data.protocol import draw_observed
+from pml_dist.config import load_config
+from pml_dist.errors import DataError
+
+pytestmark = pytest.mark.timeout(300)  # FFCV's writer hangs on some failures: never wait forever
+
+
+def _check_every_record(cfg, root, train_split, test_split):
+    """Each split's records equal what the source annotations and the protocol say they should."""
+    stats = json.loads((cfg.run_dir / "data" / "stats.json").read_text())
+    train, test = read_split(root, train_split), read_split(root, test_split)
+    seen_train_ids = []
+    for name, source in (("train", train), ("val", train), ("test", test)):
+        meta = np.load(cfg.run_dir / "data" / f"{name}.meta.npz")
+        records = read_fields(beton_path(cfg, name))
+        n = len(meta["image_ids"])
+        assert stats["splits"][name]["images"] == n
+        assert np.array_equal(records["index"], np.arange(n))
+        rows = np.searchsorted(source.image_ids, meta["image_ids"])
+        assert np.array_equal(source.image_ids[rows], meta["image_ids"])
+        assert np.array_equal(records["labels"], source.labels[rows])
+        assert np.array_equal(records["labels"], meta["labels"])
+        expected_obs = draw_observed(source.labels[rows], meta["image_ids"], cfg.data.observed_seed)
+        assert np.array_equal(records["observed"], expected_obs)
+        assert np.array_equal(records["observed"], meta["observed"])
+        if name != "test":
+            seen_train_ids.append(meta["image_ids"])
+    all_train = np.concatenate(seen_train_ids)
+    assert np.array_equal(np.sort(all_train), train.image_ids)  # train and val partition the source
+    assert len(seen_train_ids[1]) == round(cfg.data.val_fraction * len(train))
+
+
+@pytest.mark.slow
+def test_synthetic_records_read_back_exactly(synthetic_root, synthetic_overrides):
+    cfg = load_config(None, synthetic_overrides)
+    prepare(cfg)
+    _check_every_record(cfg, synthetic_root, "train", "test")
+
+
+@pytest.mark.slow
+def test_coco_mini_records_read_back_exactly(coco_mini, coco_mini_overrides):
+    cfg = load_config(None, coco_mini_overrides)
+    stats = prepare(cfg)
+    _check_every_record(cfg, coco_mini, "train2017", "val2017")
+    assert stats["sources"]["train"]["images_dropped"] == {"no_annotations": 2}
+    assert stats["num_classes"] == 80
+    # Real COCO has grayscale JPEGs (RGBImageField needs 3 channels) and varied sizes: all decoded.
+    batch = next(iter(eval_loader(beton_path(cfg, "train"), 32, 64, jit=False)))
+    assert batch["image"].shape == (32, 3, 64, 64)
+
+
+@pytest.mark.slow
+def test_images_survive_encoding(synthetic_root, synthetic_overrides):
+    """Decoded pixels match the source JPEG up to FFCV's re-encoding at quality 90."""
+    cfg = load_config(None, synthetic_overrides)
+    prepare(cfg)
+    meta = np.load(cfg.run_dir / "data" / "test.meta.npz")
+    batch = next(iter(eval_loader(beton_path(cfg, "test"), 8, 48, jit=False)))
+    from ffcv_data.loaders import MEAN, STD
+
+    decoded = batch["image"].numpy() * np.array(STD)[:, None, None] + np.array(MEAN)[:, None, None]
+    for k in range(8):
+        file = synthetic_root / "test" / f"{int(meta['image_ids'][int(batch['index'][k])]):012d}.jpg"
+        original = np.asarray(Image.open(file).convert("RGB"), dtype=np.float64).transpose(2, 0, 1)
+        assert np.abs(decoded[k] - original).mean() < 6.0
+
+
+@pytest.fixture
+def broken_copy(synthetic_root, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(synthetic_root, root)
+    return root
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_bad_jpeg_is_named_and_no_beton_is_left(broken_copy, tmp_path, damage):
+    victim = sorted((broken_copy / "test").glob("*.jpg"))[7]
+    if damage == "corrupt":
+        victim.write_bytes(b"this is not a jpeg")
+    else:
+        victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 3])
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", f"data.root={broken_copy}",
+                             "data.max_resolution=48", "data.write_workers=2"])
+    with pytest.raises(DataError, match=f"test.beton: 1 image\\(s\\) could not be read:\n  {victim}"):
+        prepare(cfg)
+    data = cfg.run_dir / "data"
+    assert not (data / "test.beton").exists()
+    assert not (data / "stats.json").exists()
+    assert sorted(p.name for p in data.iterdir() if "tmp" in p.name or "errors" in p.name) == []
+    # The splits written before the failure are complete and kept; a fixed input resumes from there.
+    assert (data / "train.beton").exists() and (data / "val.beton").exists()
+
+
+@pytest.mark.faults
+def test_cli_exits_non_zero_for_bad_data_and_keeps_earlier_results(broken_copy, tmp_path, capsys):
+    from pml_dist.cli import main
+
+    overrides = [f"run.dir={tmp_path / 'run'}", f"data.root={broken_copy}", "data.write_workers=2",
+                 "data.max_resolution=48"]
+    assert main(["prepare", *overrides]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "data").iterdir()}
+    (broken_copy / "annotations" / "instances_test.json").write_text("{not json")
+    shutil.rmtree(tmp_path / "run" / "data")
+    (tmp_path / "run" / "data").mkdir()
+    for name, content in before.items():
+        if name.startswith("train"):
+            (tmp_path / "run" / "data" / name).write_bytes(content)
+    assert main(["prepare", *overrides]) == 2
+    assert "instances_test.json: malformed JSON" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run" / "data").iterdir()}
+    assert after == {k: v for k, v in before.items() if k.startswith("train")}

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ffcv_data.protocol import draw_observed, split_train_val
+
+
+@pytest.fixture
+def labels():
+    rng = np.random.default_rng(3)
+    y = (rng.random((500, 12)) < 0.3).astype(np.uint8)
+    y[np.arange(500), rng.integers(12, size=500)] = 1  # every image has a positive
+    return y
+
+
+def test_one_observed_positive_per_image_and_always_a_true_one(labels):
+    ids = np.arange(1000, 1500)
+    obs = draw_observed(labels, ids, seed=1200)
+    assert obs.dtype == np.uint8 and obs.shape == labels.shape
+    assert (obs.sum(axis=1) == 1).all()
+    assert (obs <= labels).all()
+
+
+def test_same_seed_same_draw_other_seed_other_draw(labels):
+    ids = np.arange(500)
+    a = draw_observed(labels, ids, seed=1200)
+    assert np.array_equal(a, draw_observed(labels, ids, seed=1200))
+    b = draw_observed(labels, ids, seed=1201)
+    multi = labels.sum(axis=1) > 1
+    assert (a[multi] != b[multi]).any(axis=1).mean() > 0.3
+
+
+def test_draw_is_uniform_among_positives():
+    labels = np.ones((4000, 4), dtype=np.uint8)
+    counts = draw_observed(labels, np.arange(4000), seed=1200).sum(axis=0)
+    assert counts.min() > 900 and counts.max() < 1100
+
+
+def test_draw_does_not_depend_on_order_or_subset(labels):
+    """Keyed by image id: however the images are split over processes, each gets the same draw."""
+    ids = np.arange(500) * 7 + 3
+    whole = draw_observed(labels, ids, seed=5)
+    perm = np.random.default_rng(0).permutation(500)
+    parts = [draw_observed(labels[p], ids[p], seed=5) for p in np.array_split(perm, 3)]
+    assert np.array_equal(np.concatenate(parts), whole[perm])
+
+
+def test_image_without_positive_is_an_error():
+    with pytest.raises(ValueError, match="image id 7"):
+        draw_observed(np.zeros((1, 3), np.uint8), np.array([7]), seed=0)
+
+
+def test_validation_split_is_seeded_disjoint_and_complete():
+    ids = np.random.default_rng(1).permutation(1000) + 10
+    train, val = split_train_val(ids, 0.2, seed=0)
+    assert len(val) == 200 and len(train) == 800
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(1000))
+    again = split_train_val(ids, 0.2, seed=0)
+    assert np.array_equal(val, again[1])
+    assert not np.array_equal(val, split_train_val(ids, 0.2, seed=1)[1])
+    # depends on the set of ids only, not the order they were listed in
+    order = np.argsort(ids)
+    _, val_sorted = split_train_val(ids[order], 0.2, seed=0)
+    assert np.array_equal(np.sort(ids[order][val_sorted]), np.sort(ids[val]))
+
+
+def test_validation_split_refuses_an_empty_part():
+    with pytest.raises(ValueError, match="empty"):
+        split_train_val(np.arange(3), 0.1, seed=0)

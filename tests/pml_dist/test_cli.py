@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pml_dist.cli import main
+
+
+def test_bad_key_exits_2_naming_the_key(capsys, tmp_path):
+    assert main(["prepare", f"run.dir={tmp_path}", "data.rot=/x"]) == 2
+    assert "unknown config key 'data.rot'" in capsys.readouterr().err
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_module_entry_point_exits_non_zero_on_a_bad_config(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pml_dist", "prepare", f"run.dir={tmp_path}", "train.epochs=zero"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "'train.epochs' expects int" in proc.stderr
+
+
+def test_make_synthetic_refuses_an_existing_folder(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert main(["make-synthetic", str(tmp_path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_prepare_generates_missing_root_then_resumes(tmp_path):
+    """The demo path: data.root does not exist, so prepare generates the built-in set first."""
+    overrides = [f"run.dir={tmp_path / 'run'}", f"data.root={tmp_path / 'gen'}",
+                 "data.synthetic_train=60", "data.synthetic_test=20", "data.write_workers=2"]
+    assert main(["prepare", *overrides]) == 0
+    data = tmp_path / "run" / "data"
+    stats = json.loads((data / "stats.json").read_text())
+    assert stats["splits"]["train"]["images"] + stats["splits"]["val"]["images"] == 60
+    assert stats["splits"]["val"]["images"] == 12
+    assert stats["splits"]["test"]["images"] == 20
+    assert (tmp_path / "gen" / "annotations" / "instances_train.json").is_file()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in data.glob("*.beton")}
+    assert sorted(mtimes) == ["test.beton", "train.beton", "val.beton"]
+    assert main(["prepare", *overrides]) == 0  # rerun: nothing rewritten
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in data.glob("*.beton")}

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pml_dist.config import DEFAULT_PRESET, REPO_ROOT, load_config, write_resolved
+from pml_dist.errors import ConfigError
+
+
+def test_demo_preset_is_the_default_and_has_the_interface_keys():
+    cfg = load_config()
+    assert cfg == load_config(DEFAULT_PRESET)
+    for key in ("run.dir", "data.root", "data.train_split", "data.test_split", "pseudo.taus",
+                "train.epochs", "loss.name", "model.name"):
+        section, name = key.split(".")
+        assert key.split(".")[0] in yaml.safe_load(DEFAULT_PRESET.read_text())
+        assert getattr(getattr(cfg, section), name) is not None
+
+
+@pytest.mark.parametrize("preset", sorted((REPO_ROOT / "configs").glob("*.yaml")))
+def test_every_preset_loads(preset):
+    load_config(preset)
+
+
+def test_overrides_apply_last_with_yaml_types(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  epochs: 3\n")
+    cfg = load_config(preset, ["train.epochs=7", "pseudo.taus=[0.5, 0.9]", "data.val_fraction=1e-1"])
+    assert cfg.train.epochs == 7
+    assert cfg.pseudo.taus == [0.5, 0.9]
+    assert cfg.data.val_fraction == pytest.approx(0.1)
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert load_config(None, ["pseudo.taus=[0, 0.5]"]).pseudo.taus == [0.0, 0.5]
+    with pytest.raises(ConfigError, match="'train.epochs' expects int, got float"):
+        load_config(None, ["train.epochs=2.5"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trian.epochs=3", "unknown config section 'trian'"),
+        ("train.epoch=3", "unknown config key 'train.epoch'"),
+        ("train.epochs=ten", "'train.epochs' expects int, got str"),
+        ("train.epochs=true", "'train.epochs' expects int, got bool"),
+        ("pseudo.taus=0.5", "'pseudo.taus' expects a list of float"),
+        ("pseudo.taus=[0.5, 1.0]", "'pseudo.taus': 1.0 is outside"),
+        ("pseudo.taus=[-0.1]", "'pseudo.taus': -0.1 is outside"),
+        ("loss.name=focal", "'loss.name' must be one of"),
+        ("model.name=vgg16", "'model.name' must be"),
+        ("data.val_fraction=1.5", "'data.val_fraction'"),
+        ("epochs=3", "expected section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_bad_preset_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match=str(bad)):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=f"{unknown}: unknown config key 'train.lr'"):
+        load_config(unknown)
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["run.dir=runs/x", "data.root=data/y"])
+    assert Path(cfg.run.dir) == tmp_path / "runs/x"
+    assert Path(cfg.data.root) == tmp_path / "data/y"
+
+
+def test_resolved_config_written_once_and_a_different_one_refused(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    path = write_resolved(cfg)
+    saved = yaml.safe_load(path.read_text())
+    assert saved["train"]["epochs"] == cfg.train.epochs
+    assert "git" in saved["meta"]
+    before = path.read_text()
+    write_resolved(load_config(None, [f"run.dir={tmp_path}"]))  # a resubmission: accepted
+    with pytest.raises(ConfigError, match=r"different settings \(train.epochs\)"):
+        write_resolved(load_config(None, [f"run.dir={tmp_path}", "train.epochs=99"]))
+    assert path.read_text() == before
