@@ -44,21 +44,29 @@ class Normalize(torch.nn.Module):
         return (x.float() - mean) / std
 
 
-def per_rank_order(n: int, epoch: int, seed: int, rank: int, world: int, shuffle: bool) -> np.ndarray:
+def per_rank_order(n: int, epoch: int, seed: int, rank: int, world: int, shuffle: bool,
+                   skip: int = 0) -> np.ndarray:
     """Positions (into the loader's indices) that `rank` visits in `epoch`, padded like
-    torch's DistributedSampler(drop_last=False) so every rank has ceil(n / world) samples."""
+    torch's DistributedSampler(drop_last=False) so every rank has ceil(n / world) samples.
+
+    skip: positions of the epoch's global order already consumed by all ranks together. Rank r
+    visits global positions r, r+W, ..., so after k samples per rank the first k*W are done; a
+    resumed run (at the same or, with ZeRO 0, another world size) continues from there.
+    """
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     total = -(-n // world) * world
     if total > n:
         order = np.concatenate([order, np.resize(order, total - n)])
-    return order[rank::world]
+    mine = np.arange(rank, total, world)
+    return order[mine[mine >= skip]]
 
 
 def _rank_order_class():
     from ffcv.traversal_order.base import TraversalOrder
 
     class RankOrder(TraversalOrder):
-        """FFCV traversal order for one rank; `skip` drops the first samples of epoch `skip_epoch`.
+        """FFCV traversal order for one rank; in epoch `skip_epoch` the first `skip` global positions
+        are left out (see per_rank_order).
 
         FFCV 1.0.2 accepts a custom order only as an *instance* of TraversalOrder which it then calls
         with the loader, so the instance binds itself in `__call__`.
@@ -67,17 +75,19 @@ def _rank_order_class():
         def __init__(self, rank: int, world: int, seed: int, shuffle: bool, skip_epoch: int, skip: int):
             self.rank, self.world, self.order_seed, self.shuffle = rank, world, seed, shuffle
             self.skip_epoch, self.skip = skip_epoch, skip
+            # FFCV sizes every epoch (len(loader)) from the order it draws in its constructor; that
+            # one must be a full epoch, so skipping starts only once the loader is built.
+            self.skipping = False
 
         def __call__(self, loader):
             super().__init__(loader)
             return self
 
         def sample_order(self, epoch: int) -> Sequence[int]:
+            skip = self.skip if self.skipping and epoch == self.skip_epoch else 0
             positions = per_rank_order(
-                len(self.indices), epoch, self.order_seed, self.rank, self.world, self.shuffle
+                len(self.indices), epoch, self.order_seed, self.rank, self.world, self.shuffle, skip
             )
-            if epoch == self.skip_epoch:
-                positions = positions[self.skip :]
             return self.indices[positions]
 
     return RankOrder
@@ -100,25 +110,27 @@ class BatchLoader:
         # FFCV's EpochIterator.__next__ waits forever when its worker thread dies of an exception
         # (a bad index, a corrupt record): this loop does what __next__ does, but notices the death.
         epoch = iter(self.loader)
-        while True:
-            try:
-                item = epoch.output_queue.get(timeout=1.0)
-            except queue.Empty:
-                if epoch.is_alive():
-                    continue
-                try:  # the thread may have put its end marker just before exiting
-                    item = epoch.output_queue.get_nowait()
+        try:
+            while True:
+                try:
+                    item = epoch.output_queue.get(timeout=1.0)
                 except queue.Empty:
-                    raise RuntimeError(
-                        "the FFCV loader thread died (its traceback is printed above)"
-                    ) from None
-            if item is None:
-                epoch.close()
-                return
-            slot, batch = item
-            if torch.cuda.is_available():  # FFCV's own __next__ waits for the copy stream too
-                epoch.current_stream.wait_stream(epoch.cuda_streams[slot])
-            yield dict(zip(self.fields, batch, strict=True))
+                    if epoch.is_alive():
+                        continue
+                    try:  # the thread may have put its end marker just before exiting
+                        item = epoch.output_queue.get_nowait()
+                    except queue.Empty:
+                        raise RuntimeError(
+                            "the FFCV loader thread died (its traceback is printed above)"
+                        ) from None
+                if item is None:
+                    return
+                slot, batch = item
+                if torch.cuda.is_available():  # FFCV's own __next__ waits for the copy stream too
+                    epoch.current_stream.wait_stream(epoch.cuda_streams[slot])
+                yield dict(zip(self.fields, batch, strict=True))
+        finally:  # also when the consumer stops early: the thread must not keep decoding
+            epoch.close()
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration traverses (after a resume, the epoch being resumed)."""
@@ -198,7 +210,8 @@ def train_loader(
     """Batches of image (normalised float), observed (uint8 one-hot) and index for SPML training.
 
     augment: random resized crop + horizontal flip (FFCV's crop randomness is not seeded); without,
-    a deterministic center crop. start_epoch/skip_samples resume part way into an epoch.
+    a deterministic center crop. start_epoch/skip_samples resume part way into an epoch
+    (skip_samples counts samples consumed by all ranks together).
     """
     from ffcv.fields.decoders import (
         CenterCropRGBImageDecoder,
@@ -241,6 +254,8 @@ def train_loader(
         jit=jit,
         seed=seed,
     )
+    if order != "quasi_random":
+        ffcv_order.skipping = True
     loader.set_epoch(start_epoch)
     return loader
 

@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
 
     _add_config_args(sub.add_parser("prepare", help="encode train/val/test .beton files"))
+    p = sub.add_parser("train", help="train the teacher or one student (run once per rank)")
+    p.add_argument("--stage", choices=("teacher", "student"), required=True)
+    p.add_argument("--tau", type=float, default=None, help="the student's threshold")
+    _add_config_args(p)
     _add_config_args(sub.add_parser("run", help="the whole pipeline (so far: prepare + a loader check)"))
     return parser
 
@@ -76,6 +80,26 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from pml_dist.trainer import EXIT_STOPPED, StopFlag, Stopped, train
+
+    if args.stage == "student" and args.tau is None:
+        raise PmlError("--stage student needs --tau")
+    if args.stage == "teacher" and args.tau is not None:
+        raise PmlError("--tau applies to --stage student only")
+    cfg = _config(args)
+    if args.tau is not None and not any(abs(args.tau - t) < 1e-9 for t in cfg.pseudo.taus):
+        raise PmlError(f"--tau {args.tau} is not one of pseudo.taus {cfg.pseudo.taus}")
+    stop = StopFlag()
+    stop.install()
+    try:
+        train(cfg, args.stage, args.tau, stop)
+    except Stopped as exc:
+        log.info("%s", exc)
+        return EXIT_STOPPED
+    return 0
+
+
 def cmd_run(args) -> int:
     from ffcv_data.loaders import train_loader
     from ffcv_data.prepare import beton_path, prepare
@@ -92,4 +116,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"make-synthetic": cmd_make_synthetic, "prepare": cmd_prepare, "run": cmd_run}
+COMMANDS = {
+    "make-synthetic": cmd_make_synthetic,
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "run": cmd_run,
+}

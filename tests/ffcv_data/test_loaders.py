@@ -87,10 +87,29 @@ def test_resume_starts_inside_the_epoch(betons):
     full = train_loader(betons["train"], 8, 32, rank=1, world_size=2, seed=4, augment=False,
                         drop_last=False, start_epoch=2, jit=False)
     epoch2, epoch3 = _indices(full), _indices(full)
+    # 24 samples per rank done = 48 global positions
     resumed = train_loader(betons["train"], 8, 32, rank=1, world_size=2, seed=4, augment=False,
-                           drop_last=False, start_epoch=2, skip_samples=24, jit=False)
+                           drop_last=False, start_epoch=2, skip_samples=48, jit=False)
     assert np.array_equal(_indices(resumed), epoch2[24:])
     assert np.array_equal(_indices(resumed), epoch3)
+    # resuming inside the first epoch must not shorten the epochs after it
+    first = train_loader(betons["train"], 8, 32, seed=4, augment=False, drop_last=True, jit=False)
+    whole0, whole1 = _indices(first), _indices(first)
+    early = train_loader(betons["train"], 8, 32, seed=4, augment=False, drop_last=True,
+                         skip_samples=16, jit=False)
+    assert np.array_equal(_indices(early), whole0[16:])
+    assert np.array_equal(_indices(early), whole1)
+
+
+def test_resume_at_another_world_size_continues_the_same_global_order():
+    n, done = 103, 40  # 40 global positions consumed at world 2
+    before = np.concatenate([per_rank_order(n, 1, 7, r, 2, True) for r in range(2)])
+    after = np.concatenate([per_rank_order(n, 1, 7, r, 3, True, skip=done) for r in range(3)])
+    full2 = np.stack([per_rank_order(n, 1, 7, r, 2, True) for r in range(2)], axis=1).reshape(-1)
+    seen = set(full2[:done])
+    assert seen | set(after) == set(range(n)) == set(before)
+    # only world-3 padding (the epoch order's first two samples, repeated) is seen twice
+    assert seen & set(after) <= set(full2[:2]) and len(after) == 105 - done
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

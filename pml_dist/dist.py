@@ -1,0 +1,185 @@
+"""Where this process sits in the job, and the process group. The only module that reads SLURM_*.
+
+Resolution order (as torchtitan / dinov2 do):
+1. a complete torchrun (or `deepspeed` launcher) environment: RANK, WORLD_SIZE, LOCAL_RANK,
+   MASTER_ADDR, MASTER_PORT all set;
+2. Slurm (`srun`, one task per rank): SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_JOB_NODELIST;
+   the master is the first host of the node list, the port is derived from the job id;
+3. neither: one process.
+A partial environment is an error naming what is missing, never a silent fallback to one process.
+The five torch variables are exported before DeepSpeed initialises: it reads only those and
+otherwise tries mpi4py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from pml_dist.errors import PmlError
+
+TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+SLURM_VARS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_JOB_NODELIST")
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve(env: dict[str, str] | None = None) -> RankInfo:
+    """Work out rank, world size and rendezvous from the environment (os.environ by default)."""
+    env = dict(os.environ if env is None else env)
+    present = [v for v in TORCH_VARS if v in env]
+    if present:
+        missing = [v for v in TORCH_VARS if v not in env]
+        if missing:
+            raise PmlError(
+                f"incomplete torch distributed environment: {', '.join(present)} set but "
+                f"{', '.join(missing)} missing"
+            )
+        world = _int(env, "WORLD_SIZE")
+        return _checked(RankInfo(
+            rank=_int(env, "RANK"),
+            world_size=world,
+            local_rank=_int(env, "LOCAL_RANK"),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+            master_addr=env["MASTER_ADDR"],
+            master_port=_int(env, "MASTER_PORT"),
+            source="torchrun",
+        ))
+    if "SLURM_PROCID" in env:
+        missing = [v for v in SLURM_VARS if v not in env]
+        if "SLURM_JOB_ID" not in env:
+            missing.append("SLURM_JOB_ID")
+        if missing:
+            raise PmlError(f"incomplete Slurm environment: {', '.join(missing)} missing")
+        hosts = expand_nodelist(env["SLURM_JOB_NODELIST"])
+        ntasks = _int(env, "SLURM_NTASKS")
+        return _checked(RankInfo(
+            rank=_int(env, "SLURM_PROCID"),
+            world_size=ntasks,
+            local_rank=_int(env, "SLURM_LOCALID"),
+            local_world_size=_tasks_on_this_node(env, ntasks, len(hosts)),
+            master_addr=hosts[0],
+            # one port per job, so two jobs sharing a node do not collide
+            master_port=int(env.get("PML_DIST_MASTER_PORT", 0)) or 15000 + _int(env, "SLURM_JOB_ID") % 20000,
+            source="slurm",
+        ))
+    return RankInfo(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
+
+
+def _checked(info: RankInfo) -> RankInfo:
+    if not 0 <= info.rank < info.world_size:
+        raise PmlError(f"rank {info.rank} is outside world size {info.world_size} ({info.source})")
+    if not 0 <= info.local_rank < max(info.local_world_size, 1):
+        raise PmlError(f"local rank {info.local_rank} is outside {info.local_world_size} ({info.source})")
+    return info
+
+
+def _int(env: dict[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise PmlError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def _tasks_on_this_node(env: dict[str, str], ntasks: int, nodes: int) -> int:
+    """SLURM_TASKS_PER_NODE looks like '2(x3),1'; without it assume an even spread."""
+    spec = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
+    first = re.match(r"(\d+)", spec)
+    return int(first.group(1)) if first else max(1, ntasks // max(nodes, 1))
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand Slurm's compressed host list: 'gpu[01-03,07],login1' -> gpu01 gpu02 gpu03 gpu07 login1."""
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            lo, _, hi = item.partition("-")
+            for n in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{str(n).zfill(len(lo))}{suffix}")
+    if not hosts:
+        raise PmlError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    return hosts
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_torch_env(info: RankInfo) -> None:
+    """Set the five variables torch.distributed and DeepSpeed read (plus LOCAL_WORLD_SIZE)."""
+    os.environ.update({
+        "RANK": str(info.rank),
+        "WORLD_SIZE": str(info.world_size),
+        "LOCAL_RANK": str(info.local_rank),
+        "LOCAL_WORLD_SIZE": str(info.local_world_size),
+        "MASTER_ADDR": info.master_addr,
+        "MASTER_PORT": str(info.master_port),
+    })
+
+
+def get_rank() -> int:
+    """This process's rank, with or without a process group."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def slurm_job_id() -> str | None:
+    """The Slurm job (and array task) this process runs in, for logs; None outside Slurm."""
+    job = os.environ.get("SLURM_JOB_ID")
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{job}_{task}" if job and task else job
+
+
+def init_process_group(info: RankInfo, timeout_s: float = 600.0):
+    """Export the environment, pick the backend (nccl on GPUs, gloo on CPU) and initialise torch's
+    process group. Returns the device this rank computes on."""
+    import datetime
+
+    import torch
+    import torch.distributed as tdist
+
+    export_torch_env(info)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not tdist.is_initialized():
+        tdist.init_process_group(
+            backend, rank=info.rank, world_size=info.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return device
