@@ -141,7 +141,9 @@ def threads_per_rank(requested: int, local_world_size: int = 1) -> int:
     """FFCV's numba threads also set torch's thread count; oversubscribing cores made steps 11x slower."""
     if requested > 0:
         return requested
-    return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    # The cores this process may run on (Slurm and taskset restrict them), not the machine's.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))
 
 
 def _field_ops(device: torch.device | None, squeeze: bool = False) -> list:
