@@ -274,12 +274,14 @@ def eval_loader(
     workers: int = 0,
     local_world_size: int = 1,
     indices: np.ndarray | None = None,
+    padded: bool = False,
     jit: bool = True,
 ) -> BatchLoader:
-    """Center-cropped batches in file order; rank r gets `indices[r::world]`, never padded.
+    """Center-cropped batches in file order; rank r gets `indices[r::world]`.
 
     indices: the subset to shard (default: the whole file). with_labels=False leaves out the full
-    labels (evaluation against observed labels only).
+    labels (evaluation against observed labels only). padded: pad like DistributedSampler so every
+    rank gets ceil(n / world) samples (the padding repeats the first ones; whoever merges drops it).
     """
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, NDArrayDecoder
     from ffcv.loader import OrderOption
@@ -300,7 +302,10 @@ def eval_loader(
         OrderOption.SEQUENTIAL,
         workers=threads_per_rank(workers, local_world_size),
         drop_last=False,
-        indices=np.asarray(indices, dtype=np.uint64)[rank::world_size],
+        indices=np.asarray(indices, dtype=np.uint64)[
+            per_rank_order(len(indices), 0, 0, rank, world_size, shuffle=False)
+            if padded else slice(rank, None, world_size)
+        ],
         jit=jit,
     )
 

@@ -33,8 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sub.add_parser("prepare", help="encode train/val/test .beton files"))
     p = sub.add_parser("train", help="train the teacher or one student (run once per rank)")
     p.add_argument("--stage", choices=("teacher", "student"), required=True)
-    p.add_argument("--tau", type=float, default=None, help="the student's threshold")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--tau", type=float, default=None, help="student on the hard labels p > tau")
+    which.add_argument("--pseudo", choices=("soft", "class_prior"), default=None,
+                       help="student on the soft or per-class-threshold pseudo labels")
     _add_config_args(p)
+    _add_config_args(sub.add_parser("infer", help="score this rank's shard of the training split"))
+    _add_config_args(sub.add_parser("merge", help="check and merge the shards, write pseudo labels"))
     _add_config_args(sub.add_parser("run", help="the whole pipeline (so far: prepare + a loader check)"))
     return parser
 
@@ -81,22 +86,42 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from pml_dist.layout import tau_name
     from pml_dist.trainer import EXIT_STOPPED, StopFlag, Stopped, train
 
-    if args.stage == "student" and args.tau is None:
-        raise PmlError("--stage student needs --tau")
-    if args.stage == "teacher" and args.tau is not None:
-        raise PmlError("--tau applies to --stage student only")
+    target = tau_name(args.tau) if args.tau is not None else args.pseudo
+    if args.stage == "student" and target is None:
+        raise PmlError("--stage student needs --tau T or --pseudo soft|class_prior")
+    if args.stage == "teacher" and target is not None:
+        raise PmlError("--tau and --pseudo apply to --stage student only")
     cfg = _config(args)
     if args.tau is not None and not any(abs(args.tau - t) < 1e-9 for t in cfg.pseudo.taus):
         raise PmlError(f"--tau {args.tau} is not one of pseudo.taus {cfg.pseudo.taus}")
     stop = StopFlag()
     stop.install()
     try:
-        train(cfg, args.stage, args.tau, stop)
+        train(cfg, args.stage, target, stop)
     except Stopped as exc:
         log.info("%s", exc)
         return EXIT_STOPPED
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from pml_dist.infer import infer
+
+    infer(_config(args))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from pml_dist.merge_job import merge
+
+    summary = merge(_config(args))
+    for name, target in summary["targets"].items():
+        extra = (f", precision {target['precision']:.3f}, recall {target['recall']:.3f}"
+                 if target.get("precision") is not None else "")
+        log.info("%-12s %.2f positives/image%s", name, target["mean_positives_per_image"], extra)
     return 0
 
 
@@ -120,5 +145,7 @@ COMMANDS = {
     "make-synthetic": cmd_make_synthetic,
     "prepare": cmd_prepare,
     "train": cmd_train,
+    "infer": cmd_infer,
+    "merge": cmd_merge,
     "run": cmd_run,
 }

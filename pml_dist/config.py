@@ -27,6 +27,7 @@ LOSSES = ("bce", "an", "an_ls", "wan", "epr", "role", "em", "em_apl")
 SMALL_MODEL = "small_resnet"
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 ORDERS = ("random", "sequential", "quasi_random")
+PSEUDO_MODES = ("hard", "soft", "class_prior")
 
 
 @dataclass
@@ -111,8 +112,18 @@ class DistSection:
 
 
 @dataclass
+class InferSection:
+    batch: int = 256
+    hflip_tta: bool = False  # average the probabilities of the image and its mirror image
+
+
+@dataclass
 class PseudoSection:
     taus: list[float] = field(default_factory=lambda: [0.55, 0.65, 0.75, 0.85, 0.95])
+    # hard: one target set per tau, y = p > tau; soft: y = p; class_prior: per-class thresholds
+    # matching each class's estimated prior. Each becomes its own student.
+    modes: list[str] = field(default_factory=lambda: ["hard", "soft", "class_prior"])
+    dup_tolerance: float = 2e-3  # max |difference| of a sample scored twice (sampler padding)
 
 
 @dataclass
@@ -124,6 +135,7 @@ class Config:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     dist: DistSection = field(default_factory=DistSection)
+    infer: InferSection = field(default_factory=InferSection)
     pseudo: PseudoSection = field(default_factory=PseudoSection)
 
     @property
@@ -285,6 +297,9 @@ def validate(cfg: Config) -> None:
         (Path(cfg.dist.deepspeed_config).is_file(), "dist.deepspeed_config",
          f"names no file ({cfg.dist.deepspeed_config})"),
         (len(cfg.pseudo.taus) > 0, "pseudo.taus", "must not be empty"),
+        (set(cfg.pseudo.modes) <= set(PSEUDO_MODES) and cfg.pseudo.modes, "pseudo.modes",
+         f"must be a non-empty list of {', '.join(PSEUDO_MODES)}"),
+        (cfg.infer.batch >= 1, "infer.batch", "must be >= 1"),
     ]
     for ok, key, message in checks:
         if not ok:

@@ -11,13 +11,16 @@ import torch
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device, num_classes: int,
-            hflip_tta: bool = False) -> tuple[np.ndarray, dict]:
+            hflip_tta: bool = False, progress: str | None = None) -> tuple[np.ndarray, dict]:
     """(indices, {field: array}) for this rank's shard: 'probs' plus the loader's label fields.
-    A rank whose shard is empty (more ranks than samples) returns empty arrays of the right width."""
+    A rank whose shard is empty (more ranks than samples) returns empty arrays of the right width.
+    progress: a label for a progress bar (None: no bar, e.g. on ranks other than 0)."""
+    from tqdm import tqdm
+
     was_training = model.training
     model.eval()
     idx, probs, fields = [], [], {}
-    for batch in loader:
+    for batch in tqdm(loader, desc=progress, disable=progress is None, leave=False):
         images = batch["image"].to(device, non_blocking=True)
         logits = model(images).float()
         if hflip_tta:

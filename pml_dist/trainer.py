@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pml_dist import checkpoint
+from pml_dist import checkpoint, layout
 from pml_dist.config import Config
 from pml_dist.errors import PmlError
 
@@ -40,16 +40,12 @@ class Stopped(Exception):
     """All ranks saved a checkpoint after a stop request; rerun the same command to resume."""
 
 
-def tau_name(tau: float) -> str:
-    return f"tau-{tau:g}"
-
-
-def stage_dir(cfg: Config, stage: str, tau: float | None = None) -> Path:
+def stage_dir(cfg: Config, stage: str, target: str | None = None) -> Path:
     if stage == "teacher":
-        return cfg.run_dir / "teacher"
-    if tau is None:
-        raise PmlError("--stage student needs --tau")
-    return cfg.run_dir / "students" / tau_name(tau)
+        return layout.teacher_dir(cfg.run_dir)
+    if target is None:
+        raise PmlError("--stage student needs --tau or --pseudo")
+    return layout.student_dir(cfg.run_dir, target)
 
 
 class TrainModule(nn.Module):
@@ -92,12 +88,12 @@ class StopFlag:
         return bool(flag.item())
 
 
-def _targets(cfg: Config, stage: str, tau: float | None, num_train: int):
+def _targets(cfg: Config, stage: str, target: str | None, num_train: int):
     """What the loss is trained against: a function of the batch.
 
     teacher + SPML loss: the single observed positive (the loader carries nothing else);
     teacher + bce: the full labels (the upper-bound reference), read by index from the meta file;
-    student: the pseudo labels of its tau, read by index.
+    student: its pseudo labels (`target`: tau-T, soft or class_prior), read by index.
     """
     if stage == "teacher" and cfg.loss.name != "bce":
         return "observed", lambda batch: batch["observed"].float()
@@ -105,7 +101,7 @@ def _targets(cfg: Config, stage: str, tau: float | None, num_train: int):
         matrix = np.load(cfg.run_dir / "data" / "train.meta.npz")["labels"]
         source = "full labels (loss.name=bce: the full-label upper bound)"
     else:
-        path = cfg.run_dir / "pseudo" / tau_name(tau) / "labels.npy"
+        path = layout.target_labels(cfg.run_dir, target)
         if not path.is_file():
             raise PmlError(f"no pseudo labels at {path} (run `pml-dist merge` first)")
         matrix = np.load(path)
@@ -153,8 +149,9 @@ def _broadcast_buffers(model: nn.Module) -> None:
             tdist.broadcast(buffer, src=0)
 
 
-def train(cfg: Config, stage: str, tau: float | None = None, stop: StopFlag | None = None) -> dict:
-    """Train one stage to completion (or to a stop request); returns result.json's content."""
+def train(cfg: Config, stage: str, target: str | None = None, stop: StopFlag | None = None) -> dict:
+    """Train one stage to completion (or to a stop request); returns result.json's content.
+    target: the student's pseudo-label set (layout.tau_name(tau), 'soft' or 'class_prior')."""
     from ffcv_data.loaders import threads_per_rank, train_loader
     from ffcv_data.prepare import beton_path
     from pml_dist import dist, engine
@@ -163,7 +160,7 @@ def train(cfg: Config, stage: str, tau: float | None = None, stop: StopFlag | No
     from pml_dist.losses import build_loss, param_groups_lr_mult
     from pml_dist.models import build_model, param_groups
 
-    out = stage_dir(cfg, stage, tau)
+    out = stage_dir(cfg, stage, target)
     info = dist.resolve()
     setup_logging(info.rank, out / "logs" / f"rank-{info.rank}.log")
     if (out / "result.json").is_file():
@@ -179,7 +176,7 @@ def train(cfg: Config, stage: str, tau: float | None = None, stop: StopFlag | No
     torch.set_num_threads(threads)
     device = dist.init_process_group(info, cfg.dist.timeout_s)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    target_source, targets_of = _targets(cfg, stage, tau, num_train)
+    target_source, targets_of = _targets(cfg, stage, target, num_train)
     log.info("%s: rank %d/%d (%s) on %s, %d threads; targets: %s", out, info.rank, info.world_size,
              info.source, device, threads, target_source)
     log.info("derived: %s", derived.to_dict())
@@ -271,7 +268,7 @@ def train(cfg: Config, stage: str, tau: float | None = None, stop: StopFlag | No
         save(epoch + 1, 0)
 
     return _finish(cfg, out, info, device, ds_engine.module.model, num_classes, best, metrics,
-                   stage, tau, derived, time.perf_counter() - t_start, samples_trained)
+                   stage, target, derived, time.perf_counter() - t_start, samples_trained)
 
 
 def _apl_update(loss, model, cfg: Config, info, device, num_classes: int) -> None:
@@ -369,7 +366,7 @@ def _digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _finish(cfg, out, info, device, model, num_classes, best, metrics, stage, tau, derived,
+def _finish(cfg, out, info, device, model, num_classes, best, metrics, stage, target, derived,
             seconds, samples) -> dict:
     """Test mAP of the best epoch's weights, then result.json (the stage's completion marker)."""
     import torch.distributed as tdist
@@ -389,7 +386,7 @@ def _finish(cfg, out, info, device, model, num_classes, best, metrics, stage, ta
     test = evaluate(model, split_loader(cfg, "test", info, device), device, num_classes)
     metrics.write({"kind": "test", "step": best["step"], "epoch": best["epoch"], "map": test["map"]})
     result = {
-        "stage": stage, "tau": tau, "loss": cfg.loss.name if stage == "teacher" else "bce",
+        "stage": stage, "target": target, "loss": cfg.loss.name if stage == "teacher" else "bce",
         "best_epoch": best["epoch"], "best_step": best["step"], "val_map": best["val_map"],
         "test_map": test["map"], "test_ap": test["ap"],
         "test_classes_without_positives": test["classes_without_positives"],
