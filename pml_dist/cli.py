@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_config_args(sub.add_parser("infer", help="score this rank's shard of the training split"))
     _add_config_args(sub.add_parser("merge", help="check and merge the shards, write pseudo labels"))
-    _add_config_args(sub.add_parser("run", help="the whole pipeline (so far: prepare + a loader check)"))
+    p = sub.add_parser("run", help="the whole pipeline as one dependency graph of jobs")
+    p.add_argument("--executor", choices=("local", "slurm"), default=None,
+                   help="default: slurm when a working Slurm is found, else local")
+    p.add_argument("--wait", action="store_true", help="(slurm) wait for every job, showing progress")
+    _add_config_args(p)
+    _add_config_args(sub.add_parser("status", help="each stage's state: done, running, failed + log"))
     return parser
 
 
@@ -126,18 +131,25 @@ def cmd_merge(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from ffcv_data.loaders import train_loader
-    from ffcv_data.prepare import beton_path, prepare
+    from pml_dist.schedule import default_executor, run_pipeline
 
     cfg = _config(args)
+    kind = args.executor or default_executor()
     t0 = time.perf_counter()
-    prepare(cfg)
-    log.info("prepare: %.1f s", time.perf_counter() - t0)
-    loader = train_loader(beton_path(cfg, "train"), cfg.train.micro_batch, cfg.data.image_size,
-                          order=cfg.data.order, workers=cfg.data.loader_workers)
-    batch = next(iter(loader))
-    log.info("one training batch: %s", {k: tuple(v.shape) for k, v in batch.items()})
-    log.info("teacher, inference, pseudo labels, students and report are not built yet")
+    record = run_pipeline(cfg, kind, args.wait)
+    if kind == "slurm" and not args.wait:
+        log.info("submitted; `pml-dist status` shows progress; job ids in %s", cfg.run_dir / "jobs.json")
+    else:
+        log.info("pipeline finished in %.0f s (%s executor)", time.perf_counter() - t0, record["executor"])
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pml_dist.schedule import status
+
+    cfg = _config(args)
+    for name, state, detail in status(cfg):
+        print(f"{name:14s} {state:14s} {detail}")
     return 0
 
 
@@ -148,4 +160,5 @@ COMMANDS = {
     "infer": cmd_infer,
     "merge": cmd_merge,
     "run": cmd_run,
+    "status": cmd_status,
 }

@@ -127,6 +127,32 @@ class PseudoSection:
 
 
 @dataclass
+class SlurmSection:
+    """Resources per stage for `pml-dist run --executor slurm` (and tasks for the local executor)."""
+
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    cpus_per_task: int = 1
+    mem_gb: int = 0  # 0 = the partition's default
+    gpus_per_node: int = 0  # teacher, inference and students; one task per GPU when > 0
+    signal_delay_s: int = 120  # USR2 this long before the time limit: save, then requeue
+    max_requeues: int = 3  # timeouts/preemptions a job may be requeued after
+    array_parallelism: int = 0  # students running at once (0 = no limit)
+    extra: list[str] = field(default_factory=list)  # more sbatch options, "key=value"
+    cpu_time_min: int = 60  # prepare, merge, report
+    teacher_nodes: int = 1
+    teacher_tasks_per_node: int = 2
+    teacher_time_min: int = 240
+    infer_nodes: int = 1
+    infer_tasks_per_node: int = 2
+    infer_time_min: int = 60
+    student_nodes: int = 1
+    student_tasks_per_node: int = 1
+    student_time_min: int = 240
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -136,6 +162,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     dist: DistSection = field(default_factory=DistSection)
     infer: InferSection = field(default_factory=InferSection)
+    slurm: SlurmSection = field(default_factory=SlurmSection)
     pseudo: PseudoSection = field(default_factory=PseudoSection)
 
     @property
@@ -161,6 +188,7 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[s
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    raw.pop("meta", None)  # the provenance block of a resolved <run>/config.yaml
 
     cfg = Config()
     for section, values in raw.items():
@@ -300,6 +328,10 @@ def validate(cfg: Config) -> None:
         (set(cfg.pseudo.modes) <= set(PSEUDO_MODES) and cfg.pseudo.modes, "pseudo.modes",
          f"must be a non-empty list of {', '.join(PSEUDO_MODES)}"),
         (cfg.infer.batch >= 1, "infer.batch", "must be >= 1"),
+        (all("=" in e for e in cfg.slurm.extra), "slurm.extra", "entries must look like key=value"),
+        (min(cfg.slurm.teacher_nodes, cfg.slurm.teacher_tasks_per_node, cfg.slurm.infer_nodes,
+             cfg.slurm.infer_tasks_per_node, cfg.slurm.student_nodes, cfg.slurm.student_tasks_per_node,
+             cfg.slurm.cpus_per_task) >= 1, "slurm.*_nodes/*_tasks_per_node/cpus_per_task", "must be >= 1"),
     ]
     for ok, key, message in checks:
         if not ok:

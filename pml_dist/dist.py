@@ -140,6 +140,30 @@ def export_torch_env(info: RankInfo) -> None:
     })
 
 
+def export_submitit_env() -> RankInfo | None:
+    """Inside a submitit job (Slurm or its local executor), export the torch variables from
+    submitit's view of the job, so every launcher leads to the same complete environment.
+    Returns None outside submitit."""
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+    except (ImportError, RuntimeError):
+        return None
+    digits = re.sub(r"\D", "", str(env.job_id)) or "0"
+    info = RankInfo(
+        rank=env.global_rank,
+        world_size=env.num_tasks,
+        local_rank=env.local_rank,
+        local_world_size=max(1, env.num_tasks // max(1, env.num_nodes)),
+        master_addr=env.hostnames[0] if env.hostnames else "127.0.0.1",
+        master_port=15000 + int(digits[-6:]) % 20000,  # array tasks of one job get different ports
+        source="submitit",
+    )
+    export_torch_env(info)
+    return info
+
+
 def get_rank() -> int:
     """This process's rank, with or without a process group."""
     import torch.distributed as tdist

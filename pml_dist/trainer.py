@@ -62,21 +62,35 @@ class TrainModule(nn.Module):
 
 
 class StopFlag:
-    """Set from a signal handler; read only at step boundaries (never save inside a handler)."""
+    """Set from a signal handler; read only at step boundaries (never save inside a handler).
+
+    The handlers it replaces (submitit's checkpoint-and-requeue on USR2, for one) are kept and
+    called by `hand_over()` once every rank has saved.
+    """
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
 
     def install(self, signals=(signal.SIGUSR2, signal.SIGTERM)) -> None:
         for sig in signals:
-            previous = signal.getsignal(sig)
+            self.previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handler)
 
-            def handler(signum, frame, previous=previous):
-                self.requested = True
-                if callable(previous):  # keep e.g. submitit's own handler working
-                    previous(signum, frame)
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+        self.signum = signum
 
-            signal.signal(sig, handler)
+    def hand_over(self) -> None:
+        """After the collective save: let the previous handler of the received signal act (e.g.
+        submitit requeues the job and exits on rank 0). A rank that stopped only because another
+        rank was signalled acts as if it got USR2 (Slurm's preemption signal). No-op for default
+        handlers."""
+        signum = self.signum if self.signum is not None else signal.SIGUSR2
+        previous = self.previous.get(signum)
+        if callable(previous):
+            previous(signum, None)
 
     def agreed(self, device) -> bool:
         """True on every rank as soon as any rank was asked to stop (one tiny all-reduce)."""

@@ -1,0 +1,303 @@
+#!/bin/bash
+# Start a throw-away Slurm cluster on loopback for tests: munged, MariaDB + slurmdbd (real accounting,
+# so `sacct` works), slurmctld and two slurmd ("$(hostname -s)" and "localhost": two nodes whose names
+# resolve, on one machine). Written for Debian 12's Slurm 22.05; needs root and the packages
+#     slurmctld slurmd slurm-client munge slurmdbd mariadb-server
+# See README.md next to this file.
+#
+#   start.sh               start, wait until every node is idle, return (the cluster keeps running)
+#   start.sh --foreground  same, but stay in the foreground as the daemons' parent until they exit
+#                          (tests/slurm_cluster.py uses this: the daemons get reaped, no zombies)
+# Afterwards:  source "$SLURM_TEST_DIR/env.sh"     and to stop:  stop.sh
+#
+# Environment knobs (all optional):
+#   SLURM_TEST_DIR         config, state, logs, database   (default ${TMPDIR:-/tmp}/pml-dist-slurm)
+#   SLURM_TEST_PORT        first of the ports used: slurmctld PORT, slurmd's PORT+1.., slurmdbd PORT+50,
+#                          mariadbd PORT+60 (all on 127.0.0.1)                        (default 26817)
+#   SLURM_TEST_NODE_NAMES  space-separated node names, one slurmd each; they must resolve to this
+#                          machine                                    (default "$(hostname -s) localhost")
+#   SLURM_TEST_CPUS        CPUs per node (every node gets the whole machine)          (default nproc)
+#   SLURM_TEST_REQUEUE_DELAY  seconds before a requeued job may start again (cred_expire; Slurm's
+#                          default 120, minimum 5)                                    (default 10)
+#   SLURM_TEST_TIMEOUT     seconds each start-up stage may take                       (default 60)
+#   SLURM_TEST_TOKEN       written to $SLURM_TEST_DIR/ready once the cluster is up    (default: own pid)
+# Exit status: 0 up; 1 failed (daemon logs on stderr); 2 usage or missing programs;
+#              75 busy: another cluster holds this directory, or a port is taken (try another
+#              SLURM_TEST_DIR / SLURM_TEST_PORT).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+D=${SLURM_TEST_DIR:-${TMPDIR:-/tmp}/pml-dist-slurm}
+PORT=${SLURM_TEST_PORT:-26817}
+HOST=$(hostname -s)
+NAMES=${SLURM_TEST_NODE_NAMES:-"$HOST localhost"}
+CPUS=${SLURM_TEST_CPUS:-$(nproc)}
+REQUEUE_DELAY=${SLURM_TEST_REQUEUE_DELAY:-10}
+TIMEOUT=${SLURM_TEST_TIMEOUT:-60}
+MEM_MB=$(( $(awk '/^MemTotal:/{print $2}' /proc/meminfo) / 1024 * 8 / 10 ))   # 80% of RAM, per node
+DBD_PORT=$((PORT + 50))
+DB_PORT=$((PORT + 60))
+
+case "${1:-}" in
+    --foreground) FOREGROUND=1 ;;
+    "") FOREGROUND=0 ;;
+    *) echo "usage: $0 [--foreground]" >&2; exit 2 ;;
+esac
+
+missing=""
+for p in munged mariadb-install-db mariadbd mariadb slurmdbd slurmctld slurmd sinfo scontrol flock; do
+    command -v "$p" >/dev/null 2>&1 || missing+=" $p"
+done
+if [ -n "$missing" ]; then
+    echo "start.sh: missing programs:$missing (apt-get install slurmctld slurmd slurm-client munge" \
+         "slurmdbd mariadb-server; the daemons are in /usr/sbin)" >&2
+    exit 2
+fi
+[ "$(id -u)" = 0 ] || { echo "start.sh: needs root (the daemons and jobs run as root)" >&2; exit 2; }
+# shellcheck disable=SC2086
+if [ "$(printf '%s\n' $NAMES | sort | uniq -d)" != "" ]; then
+    echo "start.sh: duplicate node names in '$NAMES'; set SLURM_TEST_NODE_NAMES" >&2; exit 2
+fi
+
+# ------------------------------------------------------------------ default mode: run the foreground
+# mode detached (its own session) and return once it reports the cluster up.
+if [ "$FOREGROUND" = 0 ]; then
+    mkdir -p "$(dirname "$D")"
+    out=$(mktemp "${TMPDIR:-/tmp}/pml-dist-slurm-start.XXXXXX")
+    token="$$-$RANDOM$RANDOM"
+    SLURM_TEST_TOKEN=$token setsid bash "${BASH_SOURCE[0]}" --foreground </dev/null >"$out" 2>&1 &
+    sup=$!
+    while :; do
+        if [ "$(cat "$D/ready" 2>/dev/null)" = "$token" ]; then cat "$out"; rm -f "$out"; exit 0; fi
+        if ! kill -0 "$sup" 2>/dev/null; then
+            rc=0; wait "$sup" || rc=$?
+            cat "$out" >&2; rm -f "$out"; exit "$rc"
+        fi
+        sleep 0.1
+    done
+fi
+
+# ------------------------------------------------------------------ foreground mode
+t0=$(date +%s.%N)
+mkdir -p "$(dirname "$D")"
+# The lock is held by this shell for the cluster's lifetime (the daemons do not inherit it), so a
+# second start on the same directory is refused while this one runs ...
+exec 9>"$D.lock"
+if ! flock -n 9; then
+    echo "start.sh: a test cluster is already running in $D (lock $D.lock is held); run stop.sh" \
+         "first, or use another SLURM_TEST_DIR and SLURM_TEST_PORT" >&2
+    exit 75
+fi
+
+alive() {   # alive PID: running and not a zombie (stat field 3)
+    local st
+    st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+alive_pidfile() {   # alive_pidfile DIR/run/NAME.pid: alive, and its command is NAME without "-node"
+    local pid
+    pid=$(cat "$1" 2>/dev/null) || return 1
+    [ -n "$pid" ] && alive "$pid" || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid | sed 's/-.*//')" ]
+}
+
+# ... and daemons still alive without a lock holder are a stale cluster (its supervisor was killed).
+stale=""
+for f in "$D"/run/*.pid; do
+    alive_pidfile "$f" && stale+=" $(basename "$f" .pid)"
+done
+if [ -n "$stale" ]; then
+    echo "start.sh: stopping a stale cluster in $D:$stale"
+    SLURM_TEST_DIR=$D bash "$HERE/stop.sh" || true
+fi
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+ports="$PORT $DBD_PORT $DB_PORT"
+i=0
+for _ in $NAMES; do i=$((i + 1)); ports+=" $((PORT + i))"; done
+for p in $ports; do
+    if port_busy "$p"; then
+        echo "start.sh: port $p on 127.0.0.1 is in use; set SLURM_TEST_PORT (uses PORT..PORT+60)" >&2
+        exit 75
+    fi
+done
+for n in $NAMES; do
+    getent hosts "$n" >/dev/null || echo "start.sh: warning: node name '$n' does not resolve" >&2
+done
+
+rm -rf "$D"
+mkdir -p "$D"/{etc,state,log,run,spool,munge/key,munge/sock,db}
+chmod 755 "$D" "$D/munge" "$D/munge/sock"   # munged wants every directory above its socket searchable
+chmod 700 "$D/munge/key"
+echo "$$" > "$D/supervisor.pid"
+export SLURM_CONF=$D/etc/slurm.conf   # the daemons inherit it; slurmdbd finds slurmdbd.conf beside it
+
+LAUNCHED=()
+launch() {   # launch NAME CMD...: run a daemon in the foreground as a child of this shell
+    local name=$1
+    shift
+    "$@" </dev/null >"$D/log/$name.out" 2>&1 9>&- &
+    echo "$!" > "$D/run/$name.pid"
+    LAUNCHED+=("$name")
+}
+
+fail() {
+    echo "start.sh: $*" >&2
+    for f in "$D"/log/*; do
+        [ -s "$f" ] || continue
+        echo "---- $f (last 15 lines)" >&2
+        tail -n 15 "$f" >&2
+    done
+    SLURM_TEST_DIR=$D bash "$HERE/stop.sh" >&2 || true
+    wait || true
+    exit 1
+}
+
+check_launched() {   # fail fast when a daemon has exited
+    local name
+    for name in "${LAUNCHED[@]}"; do
+        alive "$(cat "$D/run/$name.pid")" || fail "$name exited during start-up"
+    done
+}
+
+wait_for() {   # wait_for WHAT CMD...: poll CMD every 0.1 s for at most TIMEOUT seconds
+    local what=$1 deadline=$((SECONDS + TIMEOUT))
+    shift
+    until "$@" >/dev/null 2>&1; do
+        check_launched
+        [ "$SECONDS" -lt "$deadline" ] || fail "timed out after ${TIMEOUT}s waiting for $what"
+        sleep 0.1
+    done
+}
+
+on_signal() {
+    trap - TERM INT HUP
+    echo "start.sh: signal received, stopping the cluster in $D" >&2
+    SLURM_TEST_DIR=$D bash "$HERE/stop.sh" >&2 || true
+    wait || true
+    exit 143
+}
+trap on_signal TERM INT HUP
+
+# ------------------------------------------------------------------ munge
+dd if=/dev/urandom of="$D/munge/key/munge.key" bs=1024 count=1 status=none
+chmod 400 "$D/munge/key/munge.key"
+SOCK=$D/munge/sock/munge.socket
+launch munged munged --foreground --key-file="$D/munge/key/munge.key" \
+    --seed-file="$D/munge/key/munged.seed" --socket="$SOCK" --pid-file="$D/munge/munged.pid" \
+    --log-file="$D/log/munged.log"
+wait_for "munged" test -S "$SOCK"
+
+# ------------------------------------------------------------------ MariaDB
+mariadb-install-db --no-defaults --datadir="$D/db/data" --user=root --skip-test-db \
+    --auth-root-authentication-method=normal > "$D/log/mariadb-install.log" 2>&1 \
+    || fail "mariadb-install-db failed"
+# --skip-grant-tables: no passwords at all; acceptable for a loopback-only throw-away database
+launch mariadbd mariadbd --no-defaults --user=root --datadir="$D/db/data" --socket="$D/db/mysqld.sock" \
+    --pid-file="$D/db/mariadbd.pid" --port="$DB_PORT" --bind-address=127.0.0.1 --skip-grant-tables \
+    --innodb-buffer-pool-size=64M --log-error="$D/log/mariadbd.log"
+wait_for "mariadbd" mariadb --no-defaults --socket="$D/db/mysqld.sock" -e 'select 1'
+
+# ------------------------------------------------------------------ slurmdbd
+cat > "$D/etc/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+AuthInfo=socket=$SOCK
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=root
+StorageLoc=slurm_acct_db
+LogFile=$D/log/slurmdbd.log
+PidFile=$D/state/slurmdbd.pid
+EOF
+chmod 600 "$D/etc/slurmdbd.conf"   # slurmdbd refuses a slurmdbd.conf that others can read
+launch slurmdbd slurmdbd -D
+wait_for "slurmdbd on port $DBD_PORT" port_busy "$DBD_PORT"
+
+# ------------------------------------------------------------------ slurm.conf
+NODE_LINES=""
+i=0
+for n in $NAMES; do
+    i=$((i + 1))
+    NODE_LINES+="NodeName=$n NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((PORT + i)) CPUs=$CPUS"
+    NODE_LINES+=" RealMemory=$MEM_MB State=UNKNOWN"$'\n'
+done
+# Notes on the choices (README.md has more):
+# - AuthInfo socket=: clients and daemons use our munged, not /run/munge; cred_expire: requeue delay.
+# - AccountingStoragePass: the munge socket slurmctld/sacct use towards slurmdbd (without it they
+#   try /run/munge/munge.socket.2 and slurmctld dies with "we have no TRES").
+# - DependencyParameters=kill_invalid_depend: a job whose dependency can never be satisfied (afterok
+#   on a failed job) is cancelled instead of pending forever with DependencyNeverSatisfied (Slurm's
+#   default). Since 20.02 this is no longer read from SchedulerParameters.
+# - MinJobAge=600: finished jobs stay visible to squeue/scontrol for 10 minutes.
+cat > "$SLURM_CONF" <<EOF
+ClusterName=testcluster
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 1))
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$SOCK,cred_expire=$REQUEUE_DELAY
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation=$D/state
+SlurmdSpoolDir=$D/spool/slurmd-%n
+SlurmctldPidFile=$D/state/slurmctld.pid
+SlurmdPidFile=$D/state/slurmd-%n.pid
+SlurmctldLogFile=$D/log/slurmctld.log
+SlurmdLogFile=$D/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
+DependencyParameters=kill_invalid_depend
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+AccountingStoragePass=$SOCK
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=30
+JobCompType=jobcomp/none
+MpiDefault=none
+MailProg=/bin/true
+SwitchType=switch/none
+ReturnToService=2
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+MinJobAge=600
+KillWait=5
+Waittime=0
+$NODE_LINES
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+EOF
+
+# ------------------------------------------------------------------ slurmctld, slurmd's
+launch slurmctld slurmctld -D -f "$SLURM_CONF"
+wait_for "slurmctld" scontrol ping
+for n in $NAMES; do
+    mkdir -p "$D/spool/slurmd-$n"
+    launch "slurmd-$n" slurmd -D -f "$SLURM_CONF" -N "$n"
+done
+all_idle() { [ "$(timeout 5 sinfo -h -N -o '%T' 2>/dev/null | sort -u)" = idle ]; }
+wait_for "every node to be idle" all_idle
+
+printf '%s\n' $NAMES > "$D/nodes"
+cat > "$D/env.sh" <<EOF
+# source this to use the test cluster
+export SLURM_CONF=$SLURM_CONF
+EOF
+echo "${SLURM_TEST_TOKEN:-$$}" > "$D/ready"
+# shellcheck disable=SC2086
+echo "slurm test cluster up in $(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN{printf "%.2f", a-b}')s:" \
+     "nodes:" $NAMES "(${CPUS} CPUs each), slurmctld on 127.0.0.1:$PORT; source $D/env.sh"
+
+# Supervise: wait until every daemon has exited (stop.sh, or a signal to this shell), reaping them.
+wait || true
+rm -f "$D/ready" "$D/supervisor.pid"
