@@ -214,7 +214,8 @@ def wait_for(cfg: Config, jobs: dict, poll_s: float = 2.0) -> None:
                 states[name] = state
                 log.info("%-20s %s", name, state)
             if state in TERMINAL_BAD:
-                rest = [j.job_id for n, j in jobs.items() if states.get(n) not in TERMINAL_OK and j is not job]
+                rest = [j.job_id for n, j in jobs.items()
+                        if states.get(n) not in TERMINAL_OK and j is not job]
                 if rest:
                     subprocess.run(["scancel", *map(str, rest)], capture_output=True)
                 raise PmlError(f"{name} (job {job.job_id}) ended {state}; log: {job.paths.stderr}")

@@ -189,13 +189,15 @@ launch munged munged --foreground --key-file="$D/munge/key/munge.key" \
 wait_for "munged" test -S "$SOCK"
 
 # ------------------------------------------------------------------ MariaDB
-mariadb-install-db --no-defaults --datadir="$D/db/data" --user=root --skip-test-db \
-    --auth-root-authentication-method=normal > "$D/log/mariadb-install.log" 2>&1 \
-    || fail "mariadb-install-db failed"
+# Small InnoDB files and no durability: 26 MB and 1 s to create instead of 114 MB and 2.3 s.
+DB_OPTS=(--no-defaults --user=root --datadir="$D/db/data" --innodb-buffer-pool-size=64M
+         --innodb-log-file-size=8M --innodb-flush-log-at-trx-commit=0 --innodb-doublewrite=0
+         --skip-name-resolve)
+mariadb-install-db "${DB_OPTS[@]}" --skip-test-db --auth-root-authentication-method=normal \
+    > "$D/log/mariadb-install.log" 2>&1 || fail "mariadb-install-db failed"
 # --skip-grant-tables: no passwords at all; acceptable for a loopback-only throw-away database
-launch mariadbd mariadbd --no-defaults --user=root --datadir="$D/db/data" --socket="$D/db/mysqld.sock" \
-    --pid-file="$D/db/mariadbd.pid" --port="$DB_PORT" --bind-address=127.0.0.1 --skip-grant-tables \
-    --innodb-buffer-pool-size=64M --log-error="$D/log/mariadbd.log"
+launch mariadbd mariadbd "${DB_OPTS[@]}" --socket="$D/db/mysqld.sock" --pid-file="$D/db/mariadbd.pid" \
+    --port="$DB_PORT" --bind-address=127.0.0.1 --skip-grant-tables --log-error="$D/log/mariadbd.log"
 wait_for "mariadbd" mariadb --no-defaults --socket="$D/db/mysqld.sock" -e 'select 1'
 
 # ------------------------------------------------------------------ slurmdbd
