@@ -32,8 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_config_args(sub.add_parser("prepare", help="encode train/val/test .beton files"))
     p = sub.add_parser("train", help="train the teacher or one student (run once per rank)")
-    p.add_argument("--stage", choices=("teacher", "student"), required=True)
+    p.add_argument("--stage", choices=("teacher", "student", "reference"), required=True,
+                   help="reference: a teacher trained with --loss, for the report")
     which = p.add_mutually_exclusive_group()
+    which.add_argument("--loss", default=None, help="(reference) its loss, e.g. bce or em")
+    which.add_argument("--index", type=int, default=None,
+                       help="(student) the N-th target: pseudo.taus in order, then soft, class_prior "
+                            "(for job arrays: --index $SLURM_ARRAY_TASK_ID)")
     which.add_argument("--tau", type=float, default=None, help="student on the hard labels p > tau")
     which.add_argument("--pseudo", choices=("soft", "class_prior"), default=None,
                        help="student on the soft or per-class-threshold pseudo labels")
@@ -46,13 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="(slurm) wait for every job, showing progress")
     _add_config_args(p)
     _add_config_args(sub.add_parser("status", help="each stage's state: done, running, failed + log"))
+    _add_config_args(sub.add_parser("report", help="report.md/json and the Figure 1 plots"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import faulthandler
+
     from pml_dist.log import setup_logging
 
+    try:  # a crash in native code (torch, numba) still prints the Python stack
+        faulthandler.enable()
+    except (OSError, ValueError, AttributeError):  # stderr is not a real file (e.g. captured)
+        pass
     setup_logging()
     try:
         return COMMANDS[args.command](args)
@@ -94,12 +106,24 @@ def cmd_train(args) -> int:
     from pml_dist.layout import tau_name
     from pml_dist.trainer import EXIT_STOPPED, StopFlag, Stopped, train
 
-    target = tau_name(args.tau) if args.tau is not None else args.pseudo
-    if args.stage == "student" and target is None:
-        raise PmlError("--stage student needs --tau T or --pseudo soft|class_prior")
-    if args.stage == "teacher" and target is not None:
-        raise PmlError("--tau and --pseudo apply to --stage student only")
     cfg = _config(args)
+    target = tau_name(args.tau) if args.tau is not None else (args.pseudo or args.loss)
+    if args.index is not None:
+        from pml_dist.pseudo import target_names
+
+        names = target_names(cfg.pseudo.taus, cfg.pseudo.modes)
+        if not 0 <= args.index < len(names):
+            raise PmlError(f"--index {args.index}: there are {len(names)} targets (0..{len(names) - 1}: "
+                           f"{', '.join(names)})")
+        target = names[args.index]
+    if args.stage == "student" and (target is None or args.loss):
+        raise PmlError("--stage student needs --tau T or --pseudo soft|class_prior")
+    if args.stage == "reference" and not args.loss:
+        raise PmlError("--stage reference needs --loss")
+    if args.stage == "teacher" and target is not None:
+        raise PmlError("--tau, --pseudo, --index and --loss do not apply to --stage teacher")
+    if args.loss and args.loss not in cfg.report.references:
+        raise PmlError(f"--loss {args.loss} is not one of report.references {cfg.report.references}")
     if args.tau is not None and not any(abs(args.tau - t) < 1e-9 for t in cfg.pseudo.taus):
         raise PmlError(f"--tau {args.tau} is not one of pseudo.taus {cfg.pseudo.taus}")
     stop = StopFlag()
@@ -153,6 +177,16 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pml_dist.report import report
+
+    text, plots = report(_config(args))
+    print(text)
+    for path in plots:
+        print(path)
+    return 0
+
+
 COMMANDS = {
     "make-synthetic": cmd_make_synthetic,
     "prepare": cmd_prepare,
@@ -161,4 +195,5 @@ COMMANDS = {
     "merge": cmd_merge,
     "run": cmd_run,
     "status": cmd_status,
+    "report": cmd_report,
 }

@@ -127,6 +127,12 @@ class PseudoSection:
 
 
 @dataclass
+class ReportSection:
+    references: list[str] = field(default_factory=lambda: ["bce", "em"])  # extra teachers' losses
+    published_coco: bool = False  # print the published COCO mAPs beside the measured ones
+
+
+@dataclass
 class SlurmSection:
     """Resources per stage for `pml-dist run --executor slurm` (and tasks for the local executor)."""
 
@@ -163,6 +169,7 @@ class Config:
     dist: DistSection = field(default_factory=DistSection)
     infer: InferSection = field(default_factory=InferSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)
+    report: ReportSection = field(default_factory=ReportSection)
     pseudo: PseudoSection = field(default_factory=PseudoSection)
 
     @property
@@ -328,6 +335,7 @@ def validate(cfg: Config) -> None:
         (set(cfg.pseudo.modes) <= set(PSEUDO_MODES) and cfg.pseudo.modes, "pseudo.modes",
          f"must be a non-empty list of {', '.join(PSEUDO_MODES)}"),
         (cfg.infer.batch >= 1, "infer.batch", "must be >= 1"),
+        (set(cfg.report.references) <= set(LOSSES), "report.references", f"must be losses among {LOSSES}"),
         (all("=" in e for e in cfg.slurm.extra), "slurm.extra", "entries must look like key=value"),
         (min(cfg.slurm.teacher_nodes, cfg.slurm.teacher_tasks_per_node, cfg.slurm.infer_nodes,
              cfg.slurm.infer_tasks_per_node, cfg.slurm.student_nodes, cfg.slurm.student_tasks_per_node,

@@ -29,9 +29,15 @@ class StageJob:
         return submitit.helpers.DelayedSubmission(type(self)(**self.__dict__), *args, **kwargs)
 
     def _setup(self) -> None:
+        import faulthandler
+
         from pml_dist import dist
         from pml_dist.log import setup_logging
 
+        try:  # a crash in native code (torch, numba) still prints the Python stack
+            faulthandler.enable()
+        except (OSError, ValueError, AttributeError):  # stderr is not a real file (e.g. captured)
+            pass
         info = dist.export_submitit_env()
         setup_logging(info.rank if info else 0)
 
@@ -85,3 +91,13 @@ class MergeJob(StageJob):
         self._setup()
         stats = merge(self.config())
         return {name: t["mean_positives_per_image"] for name, t in stats["targets"].items()}
+
+
+@dataclass
+class ReportJob(StageJob):
+    def __call__(self) -> str:
+        from pml_dist.report import report
+
+        self._setup()
+        text, _ = report(self.config())
+        return text

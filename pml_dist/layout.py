@@ -5,6 +5,7 @@
     <run>/pseudo/probs.npy         merged teacher probabilities, N x L float16
     <run>/pseudo/<target>/labels.npy   one target set per student: tau-0.75, soft, class_prior
     <run>/students/<target>/       the student trained on it
+    <run>/references/<loss>/       reference teachers (full-label BCE, EM, ...) for the report
 """
 
 from __future__ import annotations
@@ -35,3 +36,8 @@ def target_labels(run_dir: Path, target: str) -> Path:
 
 def student_dir(run_dir: Path, target: str) -> Path:
     return run_dir / "students" / target
+
+
+def reference_dir(run_dir: Path, loss: str) -> Path:
+    """A reference teacher trained with another loss (full BCE, EM, ...), for the report."""
+    return run_dir / "references" / loss

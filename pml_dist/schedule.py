@@ -21,7 +21,7 @@ import time
 from pml_dist import layout
 from pml_dist.config import Config
 from pml_dist.errors import PmlError
-from pml_dist.jobs import InferJob, MergeJob, PrepareJob, TrainJob
+from pml_dist.jobs import InferJob, MergeJob, PrepareJob, ReportJob, TrainJob
 
 log = logging.getLogger(__name__)
 TERMINAL_OK = {"COMPLETED"}
@@ -60,6 +60,8 @@ def done(cfg: Config, stage: str, target: str | None = None) -> bool:
         return json.loads(merged.read_text()).get("teacher_id") == teacher_id(cfg)
     if stage == "student":
         return (layout.student_dir(run, target) / "result.json").is_file()
+    if stage == "reference":
+        return (layout.reference_dir(run, target) / "result.json").is_file()
     raise ValueError(stage)
 
 
@@ -145,6 +147,7 @@ def run_pipeline(cfg: Config, kind: str, wait: bool) -> dict:
     if not done(cfg, "prepare"):
         pending = True
         submit("prepare", PrepareJob(*args), 1, 1, s.cpu_time_min)
+    after_prepare = list(after)
     if pending or not done(cfg, "teacher"):
         pending = True
         submit("teacher", TrainJob(*args, stage="teacher"), s.teacher_nodes, s.teacher_tasks_per_node,
@@ -175,6 +178,26 @@ def run_pipeline(cfg: Config, kind: str, wait: bool) -> dict:
                 record["stages"]["students"][target] = _job_record(j)
                 log.info("student %-12s job %s  log %s", target, j.job_id, j.paths.stdout)
         _save_record(cfg, record)
+    # Reference teachers (full BCE, EM, ...) need only the data: on Slurm they run beside the chain.
+    record["stages"]["references"] = {}
+    refs_after = []
+    for loss in cfg.report.references:
+        if loss == cfg.loss.name or done(cfg, "reference", loss):
+            continue
+        executor = sub.executor(f"reference-{loss}", s.teacher_nodes, s.teacher_tasks_per_node,
+                                s.teacher_time_min, after=[] if local else after_prepare, gpus=True)
+        j = executor.submit(TrainJob(*args, stage="reference", target=loss))
+        jobs[f"reference:{loss}"] = j
+        record["stages"]["references"][loss] = _job_record(j)
+        _save_record(cfg, record)
+        log.info("reference %-10s job %s  log %s", loss, j.job_id, j.paths.stdout)
+        if local:
+            _wait_one(f"reference {loss}", j)
+        else:
+            refs_after.append(str(j.job_id).split("_")[0])
+    student_ids = sorted({str(j.job_id).split("_")[0] for n, j in jobs.items() if n.startswith("student:")})
+    after = [*after, *refs_after, *student_ids] if not local else []
+    submit("report", ReportJob(*args), 1, 1, s.cpu_time_min)
     if wait and not local:
         wait_for(cfg, jobs)
     return record

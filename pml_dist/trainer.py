@@ -40,9 +40,14 @@ class Stopped(Exception):
     """All ranks saved a checkpoint after a stop request; rerun the same command to resume."""
 
 
+STAGES = ("teacher", "student", "reference")
+
+
 def stage_dir(cfg: Config, stage: str, target: str | None = None) -> Path:
     if stage == "teacher":
         return layout.teacher_dir(cfg.run_dir)
+    if stage == "reference":
+        return layout.reference_dir(cfg.run_dir, target)
     if target is None:
         raise PmlError("--stage student needs --tau or --pseudo")
     return layout.student_dir(cfg.run_dir, target)
@@ -105,13 +110,14 @@ class StopFlag:
 def _targets(cfg: Config, stage: str, target: str | None, num_train: int):
     """What the loss is trained against: a function of the batch.
 
-    teacher + SPML loss: the single observed positive (the loader carries nothing else);
-    teacher + bce: the full labels (the upper-bound reference), read by index from the meta file;
+    teacher / reference + SPML loss: the single observed positive (the loader carries nothing else);
+    teacher / reference + bce: the full labels (the upper bound), read by index from the meta file;
     student: its pseudo labels (`target`: tau-T, soft or class_prior), read by index.
     """
-    if stage == "teacher" and cfg.loss.name != "bce":
+    loss = _loss_name(cfg, stage, target)
+    if stage != "student" and loss != "bce":
         return "observed", lambda batch: batch["observed"].float()
-    if stage == "teacher":
+    if stage != "student":
         matrix = np.load(cfg.run_dir / "data" / "train.meta.npz")["labels"]
         source = "full labels (loss.name=bce: the full-label upper bound)"
     else:
@@ -124,6 +130,11 @@ def _targets(cfg: Config, stage: str, target: str | None, num_train: int):
         raise PmlError(f"{source}: {matrix.shape[0]} rows, but the training split has {num_train}")
     table = torch.from_numpy(np.asarray(matrix, dtype=np.float32))
     return source, lambda batch: table[batch["index"].cpu()].to(batch["image"].device)
+
+
+def _loss_name(cfg: Config, stage: str, target: str | None) -> str:
+    """teacher: loss.name; reference: its own loss (the target); student: always full BCE."""
+    return {"teacher": cfg.loss.name, "reference": target, "student": "bce"}[stage]
 
 
 class _Metrics:
@@ -200,7 +211,7 @@ def train(cfg: Config, stage: str, target: str | None = None, stop: StopFlag | N
                         width=cfg.model.width, norm=cfg.model.norm, sync_bn=cfg.model.sync_bn)
     # Students always train with full BCE on their pseudo labels; observed positives are training
     # information (ROLE and EM+APL initialise from them), unlike the full labels.
-    loss_name = cfg.loss.name if stage == "teacher" else "bce"
+    loss_name = _loss_name(cfg, stage, target)
     observed = np.load(cfg.run_dir / "data" / "train.meta.npz")["observed"]
     loss = build_loss(loss_name, num_classes, num_train, _loss_params(cfg), seed=cfg.train.seed,
                       observed_labels=observed if loss_name in ("role", "em_apl") else None)
@@ -400,7 +411,7 @@ def _finish(cfg, out, info, device, model, num_classes, best, metrics, stage, ta
     test = evaluate(model, split_loader(cfg, "test", info, device), device, num_classes)
     metrics.write({"kind": "test", "step": best["step"], "epoch": best["epoch"], "map": test["map"]})
     result = {
-        "stage": stage, "target": target, "loss": cfg.loss.name if stage == "teacher" else "bce",
+        "stage": stage, "target": target, "loss": _loss_name(cfg, stage, target),
         "best_epoch": best["epoch"], "best_step": best["step"], "val_map": best["val_map"],
         "test_map": test["map"], "test_ap": test["ap"],
         "test_classes_without_positives": test["classes_without_positives"],

@@ -47,3 +47,44 @@ def coco_mini_overrides(coco_mini, tmp_path) -> list[str]:
 def synthetic_overrides(synthetic_root, tmp_path) -> list[str]:
     return [f"run.dir={tmp_path / 'run'}", f"data.root={synthetic_root}", "data.max_resolution=48",
             "data.image_size=48", "data.write_workers=2"]
+
+
+# ---------------------------------------------------------------- the real Slurm test cluster
+# tests/slurm_cluster.py drives slurm/testcluster/start.sh and stop.sh. It is loaded by file path:
+# with --import-mode=importlib the tests folder is not on sys.path.
+def _slurm_cluster_module():
+    import importlib.util
+    import sys
+
+    name = "pml_dist_tests_slurm_cluster"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("slurm_cluster.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real Slurm cluster (two nodes on this machine), started once per session on first use.
+
+    Skips when the machine cannot run it (not root, Slurm/munge/MariaDB not installed). For the session
+    os.environ gets SLURM_CONF (and PATH with the Slurm clients), and loses any other SLURM_* /
+    SBATCH_* / SRUN_* / SALLOC_* variables, so sbatch, srun, sacct and submitit in the test process and
+    its subprocesses talk to this cluster. Stopped at the end of the session, also after failures.
+    """
+    mod = _slurm_cluster_module()
+    ok, reason = mod.SlurmCluster.available()
+    if not ok:
+        pytest.skip(reason)
+    cluster = mod.SlurmCluster().start()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key in [k for k in os.environ if mod.is_foreign_slurm_var(k)]:
+                mp.delenv(key)
+            for key, value in cluster.env.items():
+                mp.setenv(key, value)
+            yield cluster
+    finally:
+        cluster.stop()

@@ -8,6 +8,10 @@
 #   start.sh               start, wait until every node is idle, return (the cluster keeps running)
 #   start.sh --foreground  same, but stay in the foreground as the daemons' parent until they exit
 #                          (tests/slurm_cluster.py uses this: the daemons get reaped, no zombies)
+#   start.sh --foreground --stop-on-eof
+#                          and stop the cluster when stdin reaches end of file: give it a pipe and
+#                          the cluster goes away with the process holding the other end, even after
+#                          a SIGKILL (tests/slurm_cluster.py does)
 # Afterwards:  source "$SLURM_TEST_DIR/env.sh"     and to stop:  stop.sh
 #
 # Environment knobs (all optional):
@@ -38,11 +42,16 @@ MEM_MB=$(( $(awk '/^MemTotal:/{print $2}' /proc/meminfo) / 1024 * 8 / 10 ))   # 
 DBD_PORT=$((PORT + 50))
 DB_PORT=$((PORT + 60))
 
-case "${1:-}" in
-    --foreground) FOREGROUND=1 ;;
-    "") FOREGROUND=0 ;;
-    *) echo "usage: $0 [--foreground]" >&2; exit 2 ;;
-esac
+FOREGROUND=0
+STOP_ON_EOF=0
+for arg in "$@"; do
+    case "$arg" in
+        --foreground) FOREGROUND=1 ;;
+        --stop-on-eof) STOP_ON_EOF=1 ;;
+        *) echo "usage: $0 [--foreground [--stop-on-eof]]" >&2; exit 2 ;;
+    esac
+done
+[ "$STOP_ON_EOF" = 0 ] || [ "$FOREGROUND" = 1 ] || { echo "$0: --stop-on-eof needs --foreground" >&2; exit 2; }
 
 missing=""
 for p in munged mariadb-install-db mariadbd mariadb slurmdbd slurmctld slurmd sinfo scontrol flock; do
@@ -79,6 +88,7 @@ fi
 
 # ------------------------------------------------------------------ foreground mode
 t0=$(date +%s.%N)
+exec 8<&0 </dev/null   # keep the caller's stdin as fd 8 (--stop-on-eof); nothing else reads it
 mkdir -p "$(dirname "$D")"
 # The lock is held by this shell for the cluster's lifetime (the daemons do not inherit it), so a
 # second start on the same directory is refused while this one runs ...
@@ -133,12 +143,14 @@ echo "$$" > "$D/supervisor.pid"
 export SLURM_CONF=$D/etc/slurm.conf   # the daemons inherit it; slurmdbd finds slurmdbd.conf beside it
 
 LAUNCHED=()
+LAUNCHED_PIDS=()
 launch() {   # launch NAME CMD...: run a daemon in the foreground as a child of this shell
     local name=$1
     shift
-    "$@" </dev/null >"$D/log/$name.out" 2>&1 9>&- &
+    "$@" </dev/null >"$D/log/$name.out" 2>&1 8<&- 9>&- &
     echo "$!" > "$D/run/$name.pid"
     LAUNCHED+=("$name")
+    LAUNCHED_PIDS+=("$!")
 }
 
 fail() {
@@ -295,11 +307,27 @@ cat > "$D/env.sh" <<EOF
 # source this to use the test cluster
 export SLURM_CONF=$SLURM_CONF
 EOF
-echo "${SLURM_TEST_TOKEN:-$$}" > "$D/ready"
 # shellcheck disable=SC2086
 echo "slurm test cluster up in $(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN{printf "%.2f", a-b}')s:" \
      "nodes:" $NAMES "(${CPUS} CPUs each), slurmctld on 127.0.0.1:$PORT; source $D/env.sh"
+echo "${SLURM_TEST_TOKEN:-$$}" > "$D/ready"
 
 # Supervise: wait until every daemon has exited (stop.sh, or a signal to this shell), reaping them.
+any_launched_alive() {
+    local pid
+    for pid in "${LAUNCHED_PIDS[@]}"; do alive "$pid" && return 0; done
+    return 1
+}
+if [ "$STOP_ON_EOF" = 1 ]; then
+    while any_launched_alive; do
+        rc=0
+        read -r -t 1 -u 8 _ || rc=$?
+        if [ "$rc" -gt 0 ] && [ "$rc" -le 128 ]; then   # end of file (> 128: timeout)
+            echo "start.sh: stdin closed, stopping the cluster in $D" >&2
+            SLURM_TEST_DIR=$D bash "$HERE/stop.sh" >&2 || true
+            break
+        fi
+    done
+fi
 wait || true
 rm -f "$D/ready" "$D/supervisor.pid"

@@ -42,6 +42,8 @@ def test_training_batches_cannot_carry_full_labels(betons):
     batch = next(iter(loader))
     assert set(batch) == {"image", "observed", "index"}
     assert batch["image"].shape == (16, 3, 32, 32) and batch["image"].dtype == torch.float32
+    # NCHW on CPU: channels_last input crashes torch 2.14.1's CPU backward of narrow convolutions
+    assert batch["image"].is_contiguous()
     assert batch["observed"].shape == (16, 20) and batch["index"].shape == (16,)
     # what the batch carries is the single observed positive of each index, nothing more
     observed = read_fields(betons["train"], ("observed",))["observed"]

@@ -1,0 +1,279 @@
+"""A throw-away real Slurm cluster for the tests (used by the ``slurm_cluster`` fixture in conftest.py).
+
+``SlurmCluster.start()`` runs ``slurm/testcluster/start.sh --foreground --stop-on-eof`` under
+``subprocess.Popen``: that shell starts munged, MariaDB, slurmdbd, slurmctld and one slurmd per node in
+the foreground as its own children, reports the cluster up by writing a token to ``<dir>/ready``, and
+then waits for them, so stopped daemons are reaped at once (this machine's PID 1 reaps orphans late).
+Its stdin is a pipe from this process: if this process dies, even by SIGKILL, the shell stops the
+cluster. ``stop()`` runs ``stop.sh`` (cancel every job, SIGTERM each daemon by PID file, SIGKILL
+after a bounded wait) and then waits for that shell, killing its process group as the last resort.
+
+When neither a directory nor a port is given (arguments or SLURM_TEST_DIR / SLURM_TEST_PORT), a busy
+slot (another session's cluster, or a port in use) makes ``start()`` try the next one: directory
+suffix ``-1``, ``-2``, ... and ports 100 higher each, so concurrent test sessions on one machine work.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Self
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "slurm" / "testcluster"
+DEFAULT_PORT = 26817
+SLOTS = 4
+BUSY = 75  # start.sh's exit status when the directory or a port is taken
+DAEMONS = ("munged", "mariadb-install-db", "mariadbd", "mariadb", "slurmdbd", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "srun", "squeue", "sacct", "sinfo", "scontrol", "scancel")
+SYSTEM_PACKAGES = "slurmctld slurmd slurm-client munge slurmdbd mariadb-server"
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+# Job states after which a job never runs again (``squeue --states`` / ``sacct`` spelling).
+TERMINAL_STATES = frozenset({
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+    "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT",
+})
+# Variables from an enclosing Slurm job or a user's shell that would steer sbatch/srun/submitit away
+# from the test cluster (SLURM_JOB_ID makes submitit and srun believe they run inside a job).
+FOREIGN_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "SQUEUE_", "SACCT_", "SINFO_")
+
+
+def is_foreign_slurm_var(name: str) -> bool:
+    return name.startswith(FOREIGN_PREFIXES)
+
+
+def _which(program: str) -> str | None:
+    path = os.environ.get("PATH", os.defpath) + os.pathsep + os.pathsep.join(SBIN_DIRS)
+    return shutil.which(program, path=path)
+
+
+def _state_word(state: str) -> str:
+    """``CANCELLED by 0`` -> ``CANCELLED``."""
+    return state.split()[0].upper() if state.strip() else ""
+
+
+class SlurmCluster:
+    """Start with ``start()`` (or ``with SlurmCluster() as c:``); stop with ``stop()``."""
+
+    def __init__(self, directory: str | os.PathLike | None = None, port: int | None = None) -> None:
+        env_dir, env_port = os.environ.get("SLURM_TEST_DIR"), os.environ.get("SLURM_TEST_PORT")
+        self._fixed = directory is not None or port is not None or bool(env_dir) or bool(env_port)
+        base = directory or env_dir or Path(os.environ.get("TMPDIR") or "/tmp") / "pml-dist-slurm"
+        self._base_dir = Path(base)
+        self._base_port = int(port or env_port or DEFAULT_PORT)
+        self.directory = self._base_dir
+        self.port = self._base_port
+        self.start_seconds: float | None = None
+        self.stop_seconds: float | None = None
+        self._proc: subprocess.Popen | None = None
+        self._log = None
+
+    # ------------------------------------------------------------------ availability
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """(True, "") when this machine can run the cluster, else (False, why not)."""
+        if os.name != "posix" or not Path("/proc/self/stat").exists():
+            return False, "the Slurm test cluster needs Linux"
+        if os.geteuid() != 0:
+            return False, "the Slurm test cluster needs root (its daemons and jobs run as root)"
+        missing = [p for p in (*DAEMONS, *CLIENTS, "bash", "flock", "setsid") if _which(p) is None]
+        if missing:
+            return False, (f"Slurm test cluster programs not installed: {' '.join(missing)} "
+                           f"(apt-get install {SYSTEM_PACKAGES}; `make setup` does it as root)")
+        for script in ("start.sh", "stop.sh"):
+            if not (SCRIPTS / script).is_file():
+                return False, f"{SCRIPTS / script} is missing"
+        return True, ""
+
+    # ------------------------------------------------------------------ what tests use
+    @property
+    def conf(self) -> Path:
+        return self.directory / "etc" / "slurm.conf"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables a test process or subprocess needs to use this cluster."""
+        path = os.environ.get("PATH", os.defpath)
+        dirs = path.split(os.pathsep)
+        for program in CLIENTS:
+            found = _which(program)
+            if found and str(Path(found).parent) not in dirs:
+                dirs.append(str(Path(found).parent))
+        return {"SLURM_CONF": str(self.conf), "PATH": os.pathsep.join(dirs)}
+
+    @property
+    def nodes(self) -> list[str]:
+        """Node names, in slurm.conf order (they resolve to this machine)."""
+        return (self.directory / "nodes").read_text().split()
+
+    def subprocess_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not is_foreign_slurm_var(k)}
+        env.update(self.env)
+        return env
+
+    def run(self, *args: str, check: bool = True, timeout: float = 30,
+            **kwargs) -> subprocess.CompletedProcess:
+        """Run a Slurm client (``cluster.run("squeue", "-h")``) against this cluster; text output."""
+        res = subprocess.run(list(args), env=self.subprocess_env(), capture_output=True, text=True,
+                             check=False, timeout=timeout, **kwargs)
+        if check and res.returncode != 0:
+            err = subprocess.CalledProcessError(res.returncode, list(args), res.stdout, res.stderr)
+            err.add_note(f"stderr: {res.stderr.strip()}")
+            raise err
+        return res
+
+    def sbatch(self, *args: str, cwd: str | os.PathLike | None = None) -> str:
+        """``sbatch --parsable ARGS``; returns the job id."""
+        out = self.run("sbatch", "--parsable", *args, cwd=cwd).stdout.strip()
+        return out.split(";")[0]
+
+    def squeue_states(self, job_id: str) -> list[str]:
+        """States squeue knows for JOB_ID (one per array element); [] once purged (MinJobAge=600)."""
+        res = self.run("squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T", check=False)
+        return [_state_word(s) for s in res.stdout.split()] if res.returncode == 0 else []
+
+    def sacct_states(self, job_id: str) -> list[str]:
+        """States in the accounting database (one per job or array element, no steps)."""
+        res = self.run("sacct", "-X", "-n", "-P", "-o", "State", "-j", str(job_id), check=False)
+        return [_state_word(s) for s in res.stdout.splitlines() if s.strip()] if res.returncode == 0 else []
+
+    def wait_for_job(self, job_id: str, timeout: float = 60, source: str = "squeue") -> str:
+        """Wait until JOB_ID (all its array elements) has ended; return its state.
+
+        ``source`` is "squeue" (slurmctld: immediate; falls back to sacct for a purged job) or
+        "sacct" (the accounting database: a second or so later). For an array the result is the
+        first state that is not COMPLETED, else COMPLETED. Raises TimeoutError.
+        """
+        deadline = time.monotonic() + timeout
+        states: list[str] = []
+        while True:
+            states = self.sacct_states(job_id) if source == "sacct" else (
+                self.squeue_states(job_id) or self.sacct_states(job_id))
+            if states and all(s in TERMINAL_STATES for s in states):
+                return next((s for s in states if s != "COMPLETED"), "COMPLETED")
+            if time.monotonic() > deadline:
+                queue = self.run("squeue", "-t", "all", "-o", "%i %T %r %N", check=False).stdout
+                raise TimeoutError(f"job {job_id} not finished after {timeout}s ({source} states: "
+                                   f"{states or 'none'}); squeue:\n{queue}")
+            time.sleep(0.2)
+
+    def log_tail(self, lines: int = 20) -> str:
+        parts = []
+        for f in sorted((self.directory / "log").glob("*")):
+            text = f.read_text(errors="replace").splitlines()[-lines:]
+            if text:
+                parts.append(f"---- {f}\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------------ start / stop
+    def _script_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not is_foreign_slurm_var(k) or k.startswith("SLURM_TEST_")}
+        env["PATH"] = os.pathsep.join([env.get("PATH", os.defpath), *SBIN_DIRS])
+        env["SLURM_TEST_DIR"] = str(self.directory)
+        env["SLURM_TEST_PORT"] = str(self.port)
+        return env
+
+    def start(self, timeout: float = 180) -> Self:
+        if self._proc is not None:
+            raise RuntimeError("cluster already started")
+        slots = 1 if self._fixed else SLOTS
+        t0 = time.monotonic()
+        for slot in range(slots):
+            self.directory = self._base_dir.with_name(self._base_dir.name + (f"-{slot}" if slot else ""))
+            self.port = self._base_port + 100 * slot
+            if self._start_one(t0 + timeout):
+                self.start_seconds = time.monotonic() - t0
+                atexit.register(self.stop)
+                return self
+        raise RuntimeError(f"no free Slurm test cluster slot (tried {slots}):\n{self._read_log()}")
+
+    def _start_one(self, deadline: float) -> bool:
+        """True once up, False when the slot is busy; raises on failure."""
+        token = uuid.uuid4().hex
+        if self._log is not None:
+            self._log.close()
+        # start.sh's output; kept open (and read on failure) until stop()
+        self._log = tempfile.TemporaryFile(mode="w+", prefix="pml-dist-slurm-start-")  # noqa: SIM115
+        env = self._script_env()
+        env["SLURM_TEST_TOKEN"] = token
+        # stdin is a pipe nobody writes to: when this process dies, even by SIGKILL, start.sh sees
+        # end of file and stops the cluster (--stop-on-eof)
+        self._proc = subprocess.Popen(["bash", str(SCRIPTS / "start.sh"), "--foreground", "--stop-on-eof"],
+                                      env=env, stdin=subprocess.PIPE, stdout=self._log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        ready = self.directory / "ready"
+        while True:
+            try:
+                if ready.read_text().strip() == token:
+                    return True
+            except OSError:
+                pass
+            rc = self._proc.poll()
+            if rc is not None:
+                self._proc.stdin.close()
+                self._proc = None
+                if rc == BUSY and not self._fixed:
+                    return False
+                raise RuntimeError(f"start.sh failed (exit {rc}):\n{self._read_log()}")
+            if time.monotonic() > deadline:
+                self._terminate(15)
+                raise RuntimeError(f"Slurm test cluster not up in time:\n{self._read_log()}")
+            time.sleep(0.1)
+
+    def _read_log(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read()
+
+    def _terminate(self, timeout: float) -> None:
+        """SIGTERM start.sh (its trap runs stop.sh), then SIGKILL its process group."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.stdin.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(10)
+
+    def stop(self, timeout: float = 60) -> None:
+        """Stop every daemon; bounded by about timeout + 30 s. Safe to call twice."""
+        atexit.unregister(self.stop)
+        proc = self._proc
+        if proc is None:
+            return
+        t0 = time.monotonic()
+        try:
+            res = subprocess.run(["bash", str(SCRIPTS / "stop.sh")], env=self._script_env(), check=False,
+                                 capture_output=True, text=True, timeout=timeout)
+            self._log.write(res.stdout + res.stderr)
+            proc.stdin.close()
+            proc.wait(15)
+            self._proc = None
+        except subprocess.TimeoutExpired:
+            self._terminate(15)
+        self.stop_seconds = time.monotonic() - t0
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
