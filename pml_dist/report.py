@@ -113,8 +113,10 @@ def figures(r: dict, out: Path) -> tuple[Path, Path]:
     title = f"{Path(r['data_root']).name}, seed {r['seed']}"
     fig, ax = plt.subplots(figsize=(6, 4))
     taus = [tau for tau, s in hard if s["test_map"] is not None]
-    ax.plot(taus, [s["test_map"] for _, s in hard if s["test_map"] is not None], "o-", label="student (y = p > tau)")
-    styles = {"an": ("AN", "tab:red", "--"), "em": ("EM", "tab:green", "-."), "bce": ("full BCE", "black", ":")}
+    maps = [s["test_map"] for _, s in hard if s["test_map"] is not None]
+    ax.plot(taus, maps, "o-", label="student (y = p > tau)")
+    styles = {"an": ("AN", "tab:red", "--"), "em": ("EM", "tab:green", "-."),
+              "bce": ("full BCE", "black", ":")}
     for loss, ref in r["references"].items():
         label, color, style = styles.get(loss, (REFERENCE_NAMES.get(loss, loss), "gray", "--"))
         ax.axhline(ref["test_map"], color=color, linestyle=style, label=label)
