@@ -90,7 +90,8 @@ class Submitter:
         import submitit
 
         s = self.cfg.slurm
-        executor = submitit.AutoExecutor(folder=self.folder / "%j", cluster=self.kind)
+        requeues = {"slurm_max_num_timeout": s.max_requeues} if self.kind == "slurm" else {}
+        executor = submitit.AutoExecutor(folder=self.folder / "%j", cluster=self.kind, **requeues)
         params = {"name": f"pml-{name}", "timeout_min": time_min, "tasks_per_node": tasks, "nodes": nodes}
         if gpus and s.gpus_per_node:
             params["gpus_per_node"] = s.gpus_per_node
@@ -103,7 +104,7 @@ class Submitter:
                 if getattr(s, key):
                     extra[key] = getattr(s, key)
             params.update(cpus_per_task=s.cpus_per_task, slurm_signal_delay_s=s.signal_delay_s,
-                          slurm_max_num_timeout=s.max_requeues, slurm_additional_parameters=extra)
+                          slurm_additional_parameters=extra)
             if s.partition:
                 params["slurm_partition"] = s.partition
             if s.mem_gb:

@@ -88,14 +88,15 @@ class StopFlag:
         self.signum = signum
 
     def hand_over(self) -> None:
-        """After the collective save: let the previous handler of the received signal act (e.g.
-        submitit requeues the job and exits on rank 0). A rank that stopped only because another
-        rank was signalled acts as if it got USR2 (Slurm's preemption signal). No-op for default
-        handlers."""
-        signum = self.signum if self.signum is not None else signal.SIGUSR2
-        previous = self.previous.get(signum)
-        if callable(previous):
-            previous(signum, None)
+        """After the collective save: let the scheduler's own handler act. USR2's comes first
+        (submitit checkpoints, requeues on rank 0 and exits; Slurm preempts with SIGTERM then USR2,
+        and a rank may have stopped only because another rank was signalled); otherwise the
+        received signal's. No-op where those are the default handlers (plain CLI: exit status 3)."""
+        for signum in (signal.SIGUSR2, self.signum):
+            previous = self.previous.get(signum)
+            if callable(previous):
+                previous(signum, None)
+                return
 
     def agreed(self, device) -> bool:
         """True on every rank as soon as any rank was asked to stop (one tiny all-reduce)."""

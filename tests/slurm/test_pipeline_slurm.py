@@ -1,0 +1,138 @@
+"""The pipeline on the real two-node Slurm test cluster: the dependency graph, the students array,
+a two-node teacher, afterok on failure, preemption / timeout requeue, and the plain sbatch scripts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pml_dist.cli import main
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
+REPO = Path(__file__).resolve().parents[2]
+SMALL = ["data.image_size=32", "data.max_resolution=48", "data.jit=false", "data.loader_workers=1",
+         "model.width=16", "train.epochs=1", "train.micro_batch=16", "pseudo.taus=[0.5, 0.7]",
+         "pseudo.modes=[hard]", "report.references=[]", "slurm.teacher_nodes=2",
+         "slurm.teacher_tasks_per_node=1", "slurm.infer_tasks_per_node=2", "slurm.cpu_time_min=10",
+         "slurm.teacher_time_min=20", "slurm.infer_time_min=10", "slurm.student_time_min=20"]
+
+
+def sacct(job_id: str) -> dict[str, str]:
+    """JobID -> State for a job and its array tasks (steps left out)."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_id],
+                         capture_output=True, text=True, check=True).stdout
+    return dict(line.split("|")[:2] for line in out.splitlines() if line)
+
+
+def test_whole_graph_on_slurm_with_a_two_node_teacher(slurm_cluster, synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *SMALL]
+    assert main(["run", "--executor", "slurm", "--wait", *overrides]) == 0
+    jobs = json.loads((run / "jobs.json").read_text())
+    assert jobs["executor"] == "slurm"
+    assert set(jobs["stages"]["students"]) == {"tau-0.5", "tau-0.7"}
+    # one array, one task per tau
+    array_ids = {j["job_id"].split("_")[0] for j in jobs["stages"]["students"].values()}
+    assert len(array_ids) == 1
+    assert set(sacct(array_ids.pop()).values()) == {"COMPLETED"}
+    teacher = json.loads((run / "teacher" / "result.json").read_text())
+    assert teacher["world_size"] == 2 and len(set(teacher["rank_weight_digests"])) == 1
+    for target in ("tau-0.5", "tau-0.7"):
+        assert json.loads((run / "students" / target / "result.json").read_text())["target"] == target
+    assert (run / "report.md").is_file()
+    # afterok order: each stage started after the one before it ended
+    times = {}
+    for stage in ("prepare", "teacher", "infer", "merge"):
+        job_id = jobs["stages"][stage]["job_id"]
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "Start,End", "-j", job_id],
+                             capture_output=True, text=True, check=True).stdout.split("|")
+        times[stage] = (out[0], out[1].strip())
+    order = ["prepare", "teacher", "infer", "merge"]
+    for a, b in zip(order, order[1:], strict=False):
+        assert times[a][1] <= times[b][0], (a, b, times)
+
+
+def test_a_failing_teacher_starts_nothing_downstream(slurm_cluster, synthetic_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *SMALL,
+                 f"model.pretrained={tmp_path / 'no-such-weights.pth'}"]  # fails inside the teacher job
+    assert main(["run", "--executor", "slurm", "--wait", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "teacher (job" in err and "FAILED" in err and ".err" in err
+    jobs = json.loads((run / "jobs.json").read_text())["stages"]
+    assert sacct(jobs["prepare"]["job_id"]) == {jobs["prepare"]["job_id"]: "COMPLETED"}
+    deadline = time.time() + 60
+    while time.time() < deadline:  # dependants are cancelled, never run
+        states = {s: sacct(jobs[s]["job_id"]).get(jobs[s]["job_id"], "") for s in ("infer", "merge")}
+        if all(v.startswith("CANCELLED") for v in states.values()):
+            break
+        time.sleep(1)
+    assert all(v.startswith("CANCELLED") for v in states.values()), states
+    assert not (run / "teacher" / "probs").exists() and not (run / "students").exists()
+    assert main(["status", *overrides]) == 0
+    status = capsys.readouterr().out
+    assert "teacher" in status and "failed" in status and "log" in status
+
+
+@pytest.mark.parametrize("timeout", [False, True], ids=["preemption", "timeout"])
+def test_interrupted_training_job_requeues_and_matches_an_uninterrupted_run(slurm_cluster, synthetic_root,
+                                                                            tmp_path, timeout):
+    import submitit
+
+    from pml_dist.config import load_config, write_resolved
+    from pml_dist.jobs import TrainJob
+
+    common = [f"data.root={synthetic_root}", *SMALL[:-7], "train.epochs=3", "data.augment=false",
+              "train.ckpt_every=2", "train.log_every=1"]
+    results = {}
+    for name in ("whole", "interrupted"):
+        cfg = load_config(None, [f"run.dir={tmp_path / name}", *common])
+        write_resolved(cfg)
+        assert main(["prepare", f"run.dir={tmp_path / name}", *common]) == 0
+        executor = submitit.AutoExecutor(folder=tmp_path / name / "submitit", cluster="slurm")
+        executor.update_parameters(timeout_min=20, tasks_per_node=1, nodes=1, slurm_signal_delay_s=30)
+        job = executor.submit(TrainJob(str(tmp_path / name / "config.yaml"), stage="teacher"))
+        if name == "interrupted":
+            marker = tmp_path / name / "teacher" / "ckpt" / "step-2" / "COMPLETE"
+            deadline = time.time() + 300
+            while not marker.exists() and time.time() < deadline:
+                time.sleep(0.2)
+            job._interrupt(timeout=timeout)  # what Slurm does on preemption / at the time limit
+        results[name] = job.result()
+        state_log = (tmp_path / name / "teacher" / "logs" / "rank-0.log").read_text()
+        if name == "interrupted":
+            assert "resumed from" in state_log  # it really was stopped and requeued
+    assert results["whole"] == results["interrupted"]
+    ckpts = [max((tmp_path / n / "teacher" / "ckpt").glob("step-*"), key=lambda p: int(p.name[5:]))
+             for n in ("whole", "interrupted")]
+    a, b = (torch.load(c / "mp_rank_00_model_states.pt", weights_only=False)["module"] for c in ckpts)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plain_sbatch_scripts(slurm_cluster, synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *SMALL]
+    assert main(["prepare", *overrides]) == 0
+    config = str(run / "config.yaml")
+
+    def sbatch(*args: str) -> str:
+        log = str(tmp_path / "slurm-%x-%A_%a.out")
+        out = subprocess.run(["sbatch", "--parsable", "--wait", "--output", log, *args, config],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr + "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+        return out.stdout.strip().split(";")[0]
+
+    teacher = sbatch("--nodes=2", "--ntasks-per-node=1", "slurm/teacher.sbatch")
+    assert sacct(teacher)[teacher] == "COMPLETED"
+    assert json.loads((run / "teacher" / "result.json").read_text())["world_size"] == 2
+    infer = sbatch("slurm/infer.sbatch")
+    assert sacct(infer)[infer] == "COMPLETED" and (run / "pseudo" / "tau-0.7" / "labels.npy").is_file()
+    students = sbatch("--array=0-1", "slurm/students.sbatch")
+    assert set(sacct(students).values()) == {"COMPLETED"}
+    for target in ("tau-0.5", "tau-0.7"):
+        assert (run / "students" / target / "result.json").is_file()
