@@ -163,8 +163,11 @@ def cmd_run(args) -> int:
     record = run_pipeline(cfg, kind, args.wait)
     if kind == "slurm" and not args.wait:
         log.info("submitted; `pml-dist status` shows progress; job ids in %s", cfg.run_dir / "jobs.json")
-    else:
-        log.info("pipeline finished in %.0f s (%s executor)", time.perf_counter() - t0, record["executor"])
+        return 0
+    log.info("pipeline finished in %.0f s (%s executor)", time.perf_counter() - t0, record["executor"])
+    print((cfg.run_dir / "report.md").read_text())
+    for figure in ("figure1a.png", "figure1b.png"):
+        print(cfg.run_dir / figure)
     return 0
 
 

@@ -379,7 +379,9 @@ def write_resolved(cfg: Config) -> Path:
         saved = yaml.safe_load(path.read_text()) or {}
         saved.pop("meta", None)
         old, new = _flatten(saved), _flatten(current)
-        diffs = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+        defaults = _flatten(Config().to_dict())
+        # A key the saved config lacks (added to the code since) is fine at its default value.
+        diffs = {k for k in old.keys() | new.keys() if old.get(k, defaults.get(k)) != new.get(k)}
         if diffs:
             raise ConfigError(
                 f"{path} was written by a run with different settings ({', '.join(sorted(diffs))}); "

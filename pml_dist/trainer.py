@@ -286,7 +286,8 @@ def train(cfg: Config, stage: str, target: str | None = None, stop: StopFlag | N
         step = ds_engine.global_steps
         metrics.write({"kind": "val", "step": step, "epoch": epoch, "map": val["map"],
                        "targets": val["targets"]})
-        log.info("epoch %d step %d: val mAP %.2f (%s labels)", epoch, step, val["map"], val["targets"])
+        log.info("epoch %d step %d: val mAP %.2f (against %s)", epoch, step, val["map"],
+                 "full labels" if val["targets"] == "labels" else "observed labels")
         if best is None or val["map"] > best["val_map"]:
             best = {"epoch": epoch, "step": step, "val_map": val["map"]}
             if info.is_main:

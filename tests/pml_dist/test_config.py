@@ -91,3 +91,14 @@ def test_resolved_config_written_once_and_a_different_one_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"different settings \(train.epochs\)"):
         write_resolved(load_config(None, [f"run.dir={tmp_path}", "train.epochs=99"]))
     assert path.read_text() == before
+
+
+def test_a_key_added_to_the_code_since_is_accepted_at_its_default(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    path = write_resolved(cfg)
+    saved = yaml.safe_load(path.read_text())
+    del saved["infer"]["hflip_tta"]  # as if written before the key existed
+    path.write_text(yaml.safe_dump(saved))
+    write_resolved(load_config(None, [f"run.dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"\(infer.hflip_tta\)"):
+        write_resolved(load_config(None, [f"run.dir={tmp_path}", "infer.hflip_tta=true"]))

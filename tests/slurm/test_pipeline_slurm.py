@@ -102,7 +102,11 @@ def test_interrupted_training_job_requeues_and_matches_an_uninterrupted_run(slur
             deadline = time.time() + 300
             while not marker.exists() and time.time() < deadline:
                 time.sleep(0.2)
-            job._interrupt(timeout=timeout)  # what Slurm does on preemption / at the time limit
+            # Slurm's time limit: USR2 (signal_delay_s early); preemption: SIGTERM. (submitit's
+            # job._interrupt() sends SIGTERM then USR2, and the second scancel can find the job
+            # already requeued by the first.)
+            signal = "USR2" if timeout else "TERM"
+            subprocess.run(["scancel", "--signal", signal, job.job_id], check=True)
         results[name] = job.result()
         state_log = (tmp_path / name / "teacher" / "logs" / "rank-0.log").read_text()
         if name == "interrupted":
