@@ -84,11 +84,13 @@ def cmd_make_synthetic(args) -> int:
     return 0
 
 
-def _config(args):
+def _config(args, write: bool = True):
+    """The experiment config; commands that produce artefacts record it in the run directory."""
     from pml_dist.config import load_config, write_resolved
 
     cfg = load_config(args.config, args.overrides)
-    write_resolved(cfg)
+    if write:
+        write_resolved(cfg)
     return cfg
 
 
@@ -174,7 +176,7 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     from pml_dist.schedule import status
 
-    cfg = _config(args)
+    cfg = _config(args, write=False)
     for name, state, detail in status(cfg):
         print(f"{name:14s} {state:14s} {detail}")
     return 0

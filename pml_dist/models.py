@@ -87,9 +87,14 @@ def _load_imagenet(model: nn.Module, path: Path) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
     # The ImageNet head (fc) is replaced afterwards; anything else missing means the wrong file.
-    if [k for k in missing if not k.startswith("fc.")] or [k for k in unexpected if not k.startswith("fc.")]:
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same names, other shapes
+        raise ConfigError(f"config key 'model.pretrained': {path} does not fit "
+                          f"{type(model).__name__}: {str(exc).splitlines()[1].strip()}") from None
+    if [k for k in missing if not k.startswith("fc.")] or unexpected:
         raise ConfigError(
             f"config key 'model.pretrained': {path} does not fit {type(model).__name__} "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"

@@ -124,14 +124,8 @@ def figures(r: dict, out: Path) -> tuple[Path, Path]:
         s = r["students"].get(name)
         if s and s["test_map"] is not None and taus:
             ax.plot([min(taus)], [s["test_map"]], marker, label=f"student ({name.replace('_', ' ')})")
-    ax.set_xlabel("tau (pseudo-label threshold)")
-    ax.set_ylabel("test mAP (%)")
-    ax.set_title(f"Figure 1a: student mAP vs tau ({title})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    a = out / "figure1a.png"
-    fig.savefig(a, dpi=120)
-    plt.close(fig)
+    a = _save_figure(fig, ax, "test mAP (%)", f"Figure 1a: student mAP vs tau ({title})",
+                     out / "figure1a.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([tau for tau, _ in hard], [s["mean_positives_per_image"] for _, s in hard], "o-",
@@ -139,15 +133,22 @@ def figures(r: dict, out: Path) -> tuple[Path, Path]:
     if r["true_labels_per_image"] is not None:
         ax.axhline(r["true_labels_per_image"], color="black", linestyle=":", label="true labels")
     ax.axhline(1.0, color="tab:red", linestyle="--", label="observed (single positive)")
+    b = _save_figure(fig, ax, "mean positives per image",
+                     f"Figure 1b: positives per image vs tau ({title})", out / "figure1b.png")
+    return a, b
+
+
+def _save_figure(fig, ax, ylabel: str, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("tau (pseudo-label threshold)")
-    ax.set_ylabel("mean positives per image")
-    ax.set_title(f"Figure 1b: positives per image vs tau ({title})")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    b = out / "figure1b.png"
-    fig.savefig(b, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return a, b
+    return path
 
 
 def report(cfg: Config) -> tuple[str, list[Path]]:

@@ -219,12 +219,13 @@ def _save_record(cfg: Config, record: dict) -> None:
 def _wait_one(name: str, job) -> None:
     """Wait for a job and turn its failure into an error that names the stage and the log."""
     try:
-        job.results()  # one result per task (multi-task jobs refuse .result())
+        results = job.results()  # one result per task (multi-task jobs refuse .result())
     except Exception as exc:  # submitit wraps the job's traceback: name its last exception line
         errors = [ln.strip() for ln in str(exc).splitlines()
                   if re.match(r"\s*[\w.]+(Error|Exception): ", ln)]
         cause = errors[-1] if errors else type(exc).__name__
         raise PmlError(f"{name} (job {job.job_id}) failed: {cause}; log: {job.paths.stderr}") from None
+    log.info("%-20s done: %s", name, results[0])
 
 
 def wait_for(cfg: Config, jobs: dict, poll_s: float = 2.0) -> None:

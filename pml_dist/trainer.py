@@ -201,6 +201,9 @@ def train(cfg: Config, stage: str, target: str | None = None, stop: StopFlag | N
     threads = threads_per_rank(cfg.data.loader_workers, info.local_world_size)
     torch.set_num_threads(threads)
     device = dist.init_process_group(info, cfg.dist.timeout_s)
+    if cfg.model.sync_bn and device.type == "cpu":
+        raise PmlError("model.sync_bn=true needs GPUs: torch's SyncBatchNorm runs only on CUDA/XPU. On "
+                       "CPU every rank gets rank 0's BatchNorm statistics before each evaluation instead")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     target_source, targets_of = _targets(cfg, stage, target, num_train)
     log.info("%s: rank %d/%d (%s) on %s, %d threads; targets: %s", out, info.rank, info.world_size,
