@@ -87,13 +87,14 @@ def records(run_dir: Path) -> list[dict]:
 
 def test_two_ranks_agree_and_a_stopped_run_resumes_exactly(run):
     """Uninterrupted vs stopped (SIGUSR2 to one rank only) + resumed: same weights, same metrics."""
-    overrides, whole = run("train.epochs=3", "train.ckpt_every=2")
+    # 5 epochs of 7 steps: the signal sent at the first checkpoint (step 2) finds the run mid-way
+    overrides, whole = run("train.epochs=5", "train.ckpt_every=2")
     assert wait(launch(2, overrides)) == [0, 0]
     result = json.loads((whole / "teacher" / "result.json").read_text())
     assert len(result["rank_weight_digests"]) == 2
     assert len(set(result["rank_weight_digests"])) == 1, "ranks ended with different weights"
 
-    overrides2, parts = run("train.epochs=3", "train.ckpt_every=2")
+    overrides2, parts = run("train.epochs=5", "train.ckpt_every=2")
     procs = launch(2, overrides2)
     marker = parts / "teacher" / "ckpt" / "step-2" / "COMPLETE"
     deadline = time.time() + 300

@@ -87,8 +87,11 @@ def test_interrupted_training_job_requeues_and_matches_an_uninterrupted_run(slur
     from pml_dist.config import load_config, write_resolved
     from pml_dist.jobs import TrainJob
 
-    common = [f"data.root={synthetic_root}", *SMALL[:-7], "train.epochs=3", "data.augment=false",
-              "train.ckpt_every=2", "train.log_every=1"]
+    # 8 epochs of 7 steps of a wider model at 48 px: after the first checkpoint (step 2) the job
+    # trains for many more seconds, so the signal lands inside training, not after its last step
+    # (a stop request during the final evaluation is rightly ignored: the job is finishing anyway).
+    common = [f"data.root={synthetic_root}", *SMALL[:-7], "train.epochs=8", "data.augment=false",
+              "train.ckpt_every=2", "train.log_every=1", "model.width=32", "data.image_size=48"]
     results = {}
     for name in ("whole", "interrupted"):
         cfg = load_config(None, [f"run.dir={tmp_path / name}", *common])
@@ -101,7 +104,7 @@ def test_interrupted_training_job_requeues_and_matches_an_uninterrupted_run(slur
             marker = tmp_path / name / "teacher" / "ckpt" / "step-2" / "COMPLETE"
             deadline = time.time() + 300
             while not marker.exists() and time.time() < deadline:
-                time.sleep(0.2)
+                time.sleep(0.05)
             # Slurm's time limit: USR2 (signal_delay_s early); preemption: SIGTERM. (submitit's
             # job._interrupt() sends SIGTERM then USR2, and the second scancel can find the job
             # already requeued by the first.)
