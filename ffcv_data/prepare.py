@@ -7,9 +7,7 @@ last and marks the data stage as done.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import numpy as np
 from ffcv_data.beton import write_beton
 from ffcv_data.coco import CocoSplit, read_split
 from ffcv_data.protocol import draw_observed, split_train_val
+from pml_dist.atomic import save_with, write_json
 from pml_dist.config import Config
 from pml_dist.errors import DataError
 
@@ -65,12 +64,12 @@ def prepare(cfg: Config) -> dict:
             continue
         log.info("writing %s (%d images from %s)", path, len(rows), source.annotation_file)
         # The side file first: a .beton under its final name always has its metadata beside it.
-        _atomic_savez(
-            meta,
+        save_with(meta, lambda tmp, rows=rows, source=source, observed=observed: np.savez(
+            tmp,
             image_ids=source.image_ids[rows],
             labels=source.labels[rows],
             observed=observed,
-        )
+        ))
         write_beton(
             path,
             [source.files[i] for i in rows],
@@ -95,9 +94,7 @@ def prepare(cfg: Config) -> dict:
         },
         "splits": {name: _label_stats(src.labels[rows], src) for name, (src, rows, _) in parts.items()},
     }
-    tmp = out / "stats.json.tmp"
-    tmp.write_text(json.dumps(stats, indent=2))
-    tmp.replace(out / "stats.json")
+    write_json(out / "stats.json", stats)
     return stats
 
 
@@ -141,9 +138,3 @@ def _label_stats(labels: np.ndarray, split: CocoSplit) -> dict:
             name for name, c in zip(split.category_names, per_class, strict=True) if c == 0
         ],
     }
-
-
-def _atomic_savez(path: Path, **arrays) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)

@@ -12,6 +12,8 @@ import re
 import shutil
 from pathlib import Path
 
+from pml_dist.atomic import write_json
+
 MARKER = "COMPLETE"
 _TAG = re.compile(r"step-(\d+)$")
 
@@ -21,10 +23,7 @@ def tag(step: int) -> str:
 
 
 def write_marker(ckpt_root: Path, step: int, info: dict) -> None:
-    folder = ckpt_root / tag(step)
-    tmp = folder / f"{MARKER}.tmp"
-    tmp.write_text(json.dumps({"step": step, **info}, indent=2))
-    tmp.replace(folder / MARKER)
+    write_json(ckpt_root / tag(step) / MARKER, {"step": step, **info})
 
 
 def complete_steps(ckpt_root: Path) -> list[int]:

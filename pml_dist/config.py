@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from pml_dist.atomic import write_text
 from pml_dist.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -389,9 +390,7 @@ def write_resolved(cfg: Config) -> Path:
             )
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump({**current, "meta": {"git": git_revision()}}, sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump({**current, "meta": {"git": git_revision()}}, sort_keys=False))
     return path
 
 

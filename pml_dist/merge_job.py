@@ -8,6 +8,7 @@ import logging
 import numpy as np
 
 from pml_dist import layout
+from pml_dist.atomic import write_json
 from pml_dist.config import Config
 from pml_dist.infer import data_id, teacher_id
 from pml_dist.merge import merge_shards
@@ -32,5 +33,5 @@ def merge(cfg: Config) -> dict:
     result = write_pseudo_labels(np.asarray(probs), meta["observed"], out, cfg.pseudo.taus,
                                  cfg.pseudo.modes, cfg.loss.expected_positives, full=meta["labels"])
     result["merge"] = summary
-    (out / "merge.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "merge.json", summary)  # `done("merge")` reads it: never half-written
     return result

@@ -16,12 +16,11 @@ are used for the statistics alone.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from pml_dist.atomic import save_with, write_json
 from pml_dist.layout import tau_name
 
 
@@ -91,14 +90,10 @@ def write_pseudo_labels(probs: np.ndarray, observed: np.ndarray, out_dir: Path, 
         stats["targets"]["class_prior"] = {"mode": "class_prior", "k": k,
                                            "thresholds": thresholds.tolist(), **quality(labels, full)}
     stats["teacher"] = quality(probs, full)  # the teacher's own expected positives per image
-    tmp = out_dir / f".stats.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(stats, indent=2))
-    os.replace(tmp, out_dir / "stats.json")
+    write_json(out_dir / "stats.json", stats)
     return stats
 
 
 def _save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    save_with(path, lambda tmp: np.save(tmp, array))

@@ -8,10 +8,10 @@ pseudo-label statistics, as report.md + report.json, and the paper's Figure 1 as
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from pml_dist import layout
+from pml_dist.atomic import write_json, write_text
 from pml_dist.config import Config, git_revision
 from pml_dist.errors import PmlError
 from pml_dist.pseudo import target_names
@@ -155,8 +155,6 @@ def report(cfg: Config) -> tuple[str, list[Path]]:
     r = collect(cfg)
     out = cfg.run_dir
     text = markdown(r)
-    for name, content in (("report.md", text), ("report.json", json.dumps(r, indent=2))):
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(content)
-        tmp.replace(out / name)
+    write_text(out / "report.md", text)
+    write_json(out / "report.json", r)
     return text, list(figures(r, out))

@@ -19,6 +19,7 @@ import subprocess
 import time
 
 from pml_dist import layout
+from pml_dist.atomic import write_json
 from pml_dist.config import Config
 from pml_dist.errors import PmlError
 from pml_dist.jobs import InferJob, MergeJob, PrepareJob, ReportJob, TrainJob
@@ -209,11 +210,8 @@ def _job_record(job) -> dict:
 
 
 def _save_record(cfg: Config, record: dict) -> None:
-    path = cfg.run_dir / "jobs.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(cfg.run_dir / "jobs.json", record)
 
 
 def _wait_one(name: str, job) -> None:

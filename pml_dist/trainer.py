@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pml_dist import checkpoint, layout
+from pml_dist.atomic import save_with, write_json
 from pml_dist.config import Config
 from pml_dist.errors import PmlError
 
@@ -216,9 +217,10 @@ def train(cfg: Config, stage: str, target: str | None = None, stop: StopFlag | N
     # Students always train with full BCE on their pseudo labels; observed positives are training
     # information (ROLE and EM+APL initialise from them), unlike the full labels.
     loss_name = _loss_name(cfg, stage, target)
-    observed = np.load(cfg.run_dir / "data" / "train.meta.npz")["observed"]
+    observed = (np.load(cfg.run_dir / "data" / "train.meta.npz")["observed"]
+                if loss_name in ("role", "em_apl") else None)
     loss = build_loss(loss_name, num_classes, num_train, _loss_params(cfg), seed=cfg.train.seed,
-                      observed_labels=observed if loss_name in ("role", "em_apl") else None)
+                      observed_labels=observed)
     groups = param_groups(model, cfg.optim.weight_decay)
     groups += [{"params": list(p), "weight_decay": 0.0, "lr_mult": m} for p, m in param_groups_lr_mult(loss)]
     ds_engine = engine.initialize(cfg, TrainModule(model, loss), groups, derived, device)
@@ -227,7 +229,7 @@ def train(cfg: Config, stage: str, target: str | None = None, stop: StopFlag | N
     state = _resume(ds_engine, ckpt_root, info, cfg)
     metrics = _Metrics(out / "metrics.jsonl", info.is_main, state["step"])
     if info.is_main:
-        (out / "derived.json").write_text(json.dumps(derived.to_dict(), indent=2))
+        write_json(out / "derived.json", derived.to_dict())
 
     loader = train_loader(
         beton_path(cfg, "train"), cfg.train.micro_batch, cfg.data.image_size, rank=info.rank,
@@ -381,10 +383,8 @@ def _export(model: nn.Module, out: Path, best: dict) -> None:
     """best.pt: the plain fp32 state dict of the network (no DeepSpeed needed to load it)."""
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
              for k, v in model.state_dict().items()}
-    tmp = out / "best.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(out / "best.pt")
-    (out / "best.json").write_text(json.dumps(best, indent=2))
+    save_with(out / "best.pt", lambda tmp: torch.save(state, tmp))
+    write_json(out / "best.json", best)
 
 
 def _digest(model: nn.Module) -> str:
@@ -426,9 +426,7 @@ def _finish(cfg, out, info, device, model, num_classes, best, metrics, stage, ta
         info.world_size / max(seconds, 1e-9),
     }
     if info.is_main:
-        tmp = out / "result.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out / "result.json")
+        write_json(out / "result.json", result)
         log.info("%s done: best epoch %d, val mAP %.2f, test mAP %.2f", out, best["epoch"],
                  best["val_map"], test["map"])
     if tdist.is_initialized():
