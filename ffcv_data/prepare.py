@@ -8,6 +8,7 @@ last and marks the data stage as done.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +24,13 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def data_dir(cfg: Config) -> Path:
-    return cfg.run_dir / "data"
-
-
 def beton_path(cfg: Config, split: str) -> Path:
-    return data_dir(cfg) / f"{split}.beton"
+    return cfg.data_dir / f"{split}.beton"
 
 
 def prepare(cfg: Config) -> dict:
     """Write the three .beton files and stats.json; returns the stats."""
+    t0 = time.perf_counter()
     root = Path(cfg.data.root)
     if not root.exists():
         _generate(cfg)
@@ -54,7 +52,7 @@ def prepare(cfg: Config) -> dict:
         "test": (test, np.arange(len(test)), draw_observed(test.labels, test.image_ids, d.observed_seed)),
     }
 
-    out = data_dir(cfg)
+    out = cfg.data_dir
     out.mkdir(parents=True, exist_ok=True)
     for name, (source, rows, observed) in parts.items():
         path = beton_path(cfg, name)
@@ -93,6 +91,7 @@ def prepare(cfg: Config) -> dict:
             "test": _source_stats(test),
         },
         "splits": {name: _label_stats(src.labels[rows], src) for name, (src, rows, _) in parts.items()},
+        "seconds": time.perf_counter() - t0,  # wall time of this call (files already there are skipped)
     }
     write_json(out / "stats.json", stats)
     return stats

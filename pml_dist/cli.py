@@ -14,8 +14,12 @@ from pml_dist.errors import PmlError
 log = logging.getLogger("pml_dist")
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, seeds: bool = False) -> None:
     p.add_argument("--config", default=None, help="YAML preset (default: configs/demo.yaml)")
+    if seeds:
+        p.add_argument("--seeds", type=int, default=None, metavar="N",
+                       help="repeat the experiment with N training seeds (same as run.seeds=N): mean and "
+                            "std in the report, error bars in the plots")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
@@ -49,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("local", "slurm"), default=None,
                    help="default: slurm when a working Slurm is found, else local")
     p.add_argument("--wait", action="store_true", help="(slurm) wait for every job, showing progress")
-    _add_config_args(p)
-    _add_config_args(sub.add_parser("status", help="each stage's state: done, running, failed + log"))
-    _add_config_args(sub.add_parser("report", help="report.md/json and the Figure 1 plots"))
+    _add_config_args(p, seeds=True)
+    _add_config_args(sub.add_parser("status", help="each stage's state: done, running, failed + log"),
+                     seeds=True)
+    _add_config_args(sub.add_parser("report", help="report.md/json and the Figure 1 plots"), seeds=True)
     return parser
 
 
@@ -88,7 +93,8 @@ def _config(args, write: bool = True):
     """The experiment config; commands that produce artefacts record it in the run directory."""
     from pml_dist.config import load_config, write_resolved
 
-    cfg = load_config(args.config, args.overrides)
+    seeds = [f"run.seeds={args.seeds}"] if getattr(args, "seeds", None) is not None else []
+    cfg = load_config(args.config, [*args.overrides, *seeds])
     if write:
         write_resolved(cfg)
     return cfg

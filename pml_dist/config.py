@@ -34,6 +34,10 @@ PSEUDO_MODES = ("hard", "soft", "class_prior")
 @dataclass
 class RunSection:
     dir: str = "runs/demo"  # the run directory: every artefact of one experiment lives under it
+    # Repeats of the whole experiment with train.seed, seed+1, ... in <dir>/seed-<s>/, sharing the
+    # prepared data; the report gives mean and standard deviation (`pml-dist run --seeds N`).
+    seeds: int = 1
+    data_dir: str = ""  # the prepared .beton files; "" = <dir>/data (sub-runs name their parent's)
 
 
 @dataclass
@@ -125,6 +129,11 @@ class PseudoSection:
     # matching each class's estimated prior. Each becomes its own student.
     modes: list[str] = field(default_factory=lambda: ["hard", "soft", "class_prior"])
     dup_tolerance: float = 2e-3  # max |difference| of a sample scored twice (sampler padding)
+    # Beyond the paper: a second teacher trained with this loss ("" = none) makes its own pseudo
+    # labels (beyond_modes) and students, in <run>/beyond-<loss>/. When the loss is also one of
+    # report.references, that chain's teacher is the reference (it is trained once).
+    beyond_teacher: str = ""
+    beyond_modes: list[str] = field(default_factory=lambda: ["soft", "class_prior"])
 
 
 @dataclass
@@ -176,6 +185,10 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.run.data_dir) if self.run.data_dir else self.run_dir / "data"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -284,6 +297,8 @@ def _type_name(hint: Any) -> str:
 
 def _make_paths_absolute(cfg: Config) -> None:
     cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    if cfg.run.data_dir:
+        cfg.run.data_dir = str(Path(cfg.run.data_dir).expanduser().resolve())
     cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     if cfg.model.pretrained:
         cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
@@ -336,6 +351,11 @@ def validate(cfg: Config) -> None:
         (set(cfg.pseudo.modes) <= set(PSEUDO_MODES) and cfg.pseudo.modes, "pseudo.modes",
          f"must be a non-empty list of {', '.join(PSEUDO_MODES)}"),
         (cfg.infer.batch >= 1, "infer.batch", "must be >= 1"),
+        (cfg.run.seeds >= 1, "run.seeds", "must be >= 1"),
+        (cfg.pseudo.beyond_teacher in ("", *LOSSES), "pseudo.beyond_teacher",
+         f"must be empty or one of {', '.join(LOSSES)}"),
+        (set(cfg.pseudo.beyond_modes) <= set(PSEUDO_MODES) and cfg.pseudo.beyond_modes,
+         "pseudo.beyond_modes", f"must be a non-empty list of {', '.join(PSEUDO_MODES)}"),
         (set(cfg.report.references) <= set(LOSSES), "report.references", f"must be losses among {LOSSES}"),
         (all("=" in e for e in cfg.slurm.extra), "slurm.extra", "entries must look like key=value"),
         (min(cfg.slurm.teacher_nodes, cfg.slurm.teacher_tasks_per_node, cfg.slurm.infer_nodes,

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -52,10 +53,10 @@ def teacher_id(cfg: Config) -> str:
 def data_id(cfg: Config) -> str:
     """Identifies the training split: its per-index metadata and the size of its .beton (hashing a
     COCO-sized .beton would take minutes; the metadata already changes with any re-preparation)."""
-    meta = cfg.run_dir / "data" / "train.meta.npz"
-    beton = cfg.run_dir / "data" / "train.beton"
+    meta = cfg.data_dir / "train.meta.npz"
+    beton = cfg.data_dir / "train.beton"
     if not meta.is_file() or not beton.is_file():
-        raise PmlError(f"no prepared training split in {cfg.run_dir / 'data'} (run `pml-dist prepare`)")
+        raise PmlError(f"no prepared training split in {cfg.data_dir} (run `pml-dist prepare`)")
     return f"{file_id(meta)}-{beton.stat().st_size}"
 
 
@@ -98,7 +99,7 @@ def shard_is_complete(manifest: Path, expected: dict) -> bool:
 
 
 def write_shard(folder: Path, rank: int, world: int, indices: np.ndarray, probs: np.ndarray,
-                ids: dict) -> Path:
+                ids: dict, seconds: float | None = None) -> Path:
     """npz first, manifest last, each via a temporary name and an atomic rename."""
     folder.mkdir(parents=True, exist_ok=True)
     name = shard_name(rank, world)
@@ -113,6 +114,7 @@ def write_shard(folder: Path, rank: int, world: int, indices: np.ndarray, probs:
         "index_min": int(indices.min()) if len(indices) else None,
         "index_max": int(indices.max()) if len(indices) else None,
         "num_classes": int(probs.shape[1]), "checksum": checksum, **ids,
+        "seconds": seconds,  # scoring wall time, for the report
     }
     tmp_json = folder / f".{name}.tmp-{os.getpid()}.json"
     tmp_json.write_text(json.dumps(manifest, indent=2))
@@ -143,7 +145,7 @@ def infer(cfg: Config) -> Path:
     torch.set_num_threads(threads_per_rank(cfg.data.loader_workers, info.local_world_size))
     device = (torch.device("cuda", info.local_rank % torch.cuda.device_count())
               if torch.cuda.is_available() else torch.device("cpu"))
-    num_classes = json.loads((cfg.run_dir / "data" / "stats.json").read_text())["num_classes"]
+    num_classes = json.loads((cfg.data_dir / "stats.json").read_text())["num_classes"]
     model = build_model(cfg.model.name, num_classes, width=cfg.model.width, norm=cfg.model.norm)
     state = torch.load(teacher_dir(cfg.run_dir) / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
@@ -156,9 +158,11 @@ def infer(cfg: Config) -> Path:
     )
     log.info("rank %d/%d scoring %d training samples with teacher %s", info.rank, info.world_size,
              len(loader.loader.indices), ids["teacher_id"])
+    t0 = time.perf_counter()
     indices, arrays = predict(model, loader, device, num_classes, hflip_tta=cfg.infer.hflip_tta,
                               progress="infer" if info.is_main else None)
-    path = write_shard(folder, info.rank, info.world_size, indices, arrays["probs"], ids)
+    path = write_shard(folder, info.rank, info.world_size, indices, arrays["probs"], ids,
+                       seconds=time.perf_counter() - t0)
     log.info("wrote %s (%d samples)", path, len(indices))
     return path
 

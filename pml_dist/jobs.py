@@ -50,7 +50,7 @@ class PrepareJob(StageJob):
         self._setup()
         cfg = self.config()
         prepare(cfg)
-        return str(cfg.run_dir / "data" / "stats.json")
+        return str(cfg.data_dir / "stats.json")
 
 
 @dataclass

@@ -53,8 +53,11 @@ def merge_shards(folder: Path, out: Path, num_samples: int, num_classes: int,
     finally:
         if tmp.exists():
             tmp.unlink()
+    seconds = [info.get("seconds") for _, info in manifests]
+    infer_s = max(seconds) if None not in seconds else None  # the slowest rank ends the job
     return {"shards": len(manifests), "samples": num_samples, "padding_duplicates": duplicates,
-            "world_size": len(manifests), **(expected_ids or {})}
+            "world_size": len(manifests), **(expected_ids or {}), "infer_seconds": infer_s,
+            "infer_samples_per_s": num_samples / infer_s if infer_s else None}
 
 
 def _read_manifests(folder: Path, expected_ids: dict) -> list[tuple[Path, dict]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import numpy as np
 
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def merge(cfg: Config) -> dict:
     """Verify and merge the shards, then write every pseudo-label target; returns pseudo/stats.json."""
-    stats = json.loads((cfg.run_dir / "data" / "stats.json").read_text())
+    t0 = time.perf_counter()
+    stats = json.loads((cfg.data_dir / "stats.json").read_text())
     n, num_classes = stats["splits"]["train"]["images"], stats["num_classes"]
     out = layout.pseudo_dir(cfg.run_dir)
     ids = {"teacher_id": teacher_id(cfg), "data_id": data_id(cfg)}
@@ -28,10 +30,11 @@ def merge(cfg: Config) -> dict:
     log.info("merged %d shards: %d samples, %d padding duplicates dropped", summary["shards"], n,
              summary["padding_duplicates"])
     probs = np.load(out / "probs.npy", mmap_mode="r")
-    meta = np.load(cfg.run_dir / "data" / "train.meta.npz")
+    meta = np.load(cfg.data_dir / "train.meta.npz")
     # Full labels are used only for the statistics (every COCO-format set here has them).
     result = write_pseudo_labels(np.asarray(probs), meta["observed"], out, cfg.pseudo.taus,
                                  cfg.pseudo.modes, cfg.loss.expected_positives, full=meta["labels"])
+    summary["merge_seconds"] = time.perf_counter() - t0
     result["merge"] = summary
     write_json(out / "merge.json", summary)  # `done("merge")` reads it: never half-written
     return result

@@ -1,5 +1,7 @@
-"""`pml-dist report`: test mAP of the teacher, every student and the reference runs, with the
-pseudo-label statistics, as report.md + report.json, and the paper's Figure 1 as two plots.
+"""`pml-dist report`: test mAP of the teacher, every student, the reference runs and the beyond-paper
+chain, with the pseudo-label statistics and stage timings, as report.md + report.json, and the
+paper's Figure 1 as two plots. With run.seeds > 1, every number is a mean with its standard
+deviation over the seeds, and the plots carry error bars.
 
     figure1a.png   student test mAP vs tau, horizontal lines for the AN / EM / full-BCE references
     figure1b.png   mean positives per image of the pseudo labels vs tau (and the true mean)
@@ -8,6 +10,7 @@ pseudo-label statistics, as report.md + report.json, and the paper's Figure 1 as
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from pml_dist import layout
@@ -15,90 +18,283 @@ from pml_dist.atomic import write_json, write_text
 from pml_dist.config import Config, git_revision
 from pml_dist.errors import PmlError
 from pml_dist.pseudo import target_names
+from pml_dist.subruns import beyond_run, reference_result, seed_runs
 
 # Test mAP on COCO 2014 (val2014) with ResNet-50 at 448 px: Cole et al. 2021 (full BCE, AN),
 # Zhou et al. 2022 (EM, EM+APL). Printed beside measured values when report.published_coco is set.
 PUBLISHED_COCO = {"bce": 76.78, "an": 64.92, "em": 70.70, "em_apl": 70.87}
-REFERENCE_NAMES = {"an": "AN", "bce": "full BCE", "em": "EM", "an_ls": "AN-LS", "wan": "WAN", "epr": "EPR",
-                   "role": "ROLE", "em_apl": "EM+APL"}
+REFERENCE_NAMES = {
+    "an": "AN",
+    "bce": "full BCE",
+    "em": "EM",
+    "an_ls": "AN-LS",
+    "wan": "WAN",
+    "epr": "EPR",
+    "role": "ROLE",
+    "em_apl": "EM+APL",
+}
+NUMBERS = ("test_map", "val_map", "positives", "precision", "recall", "train_seconds", "samples_per_s")
 
 
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _name(loss: str) -> str:
+    return REFERENCE_NAMES.get(loss, loss)
+
+
+def _trained(result: dict | None) -> dict:
+    keys = {
+        "test_map": "test_map",
+        "val_map": "val_map",
+        "train_seconds": "train_seconds",
+        "samples_per_s": "train_samples_per_s",
+    }
+    return {k: (result or {}).get(v) for k, v in keys.items()}
+
+
+def _students(cfg: Config, kind: str, label: str) -> list[dict]:
+    pseudo = _read(layout.pseudo_dir(cfg.run_dir) / "stats.json") or {"targets": {}}
+    rows = []
+    for name in target_names(cfg.pseudo.taus, cfg.pseudo.modes):
+        stats = pseudo["targets"].get(name, {})
+        rows.append(
+            {
+                "kind": kind,
+                "name": f"{label}{name}",
+                "mode": stats.get("mode"),
+                "tau": stats.get("tau"),
+                **_trained(_read(layout.student_dir(cfg.run_dir, name) / "result.json")),
+                "positives": stats.get("mean_positives_per_image"),
+                "precision": stats.get("precision"),
+                "recall": stats.get("recall"),
+            }
+        )
+    return rows
+
+
 def collect(cfg: Config) -> dict:
-    """Everything the report shows, from the run directory."""
+    """Everything the report shows for one run (one seed), from its run directory."""
     run = cfg.run_dir
     teacher = _read(layout.teacher_dir(run) / "result.json")
     if teacher is None:
         raise PmlError(f"no {layout.teacher_dir(run) / 'result.json'}: the teacher has not finished")
-    pseudo = _read(layout.pseudo_dir(run) / "stats.json") or {"targets": {}}
-    data = _read(run / "data" / "stats.json") or {}
-    references = {cfg.loss.name: teacher}
-    for loss in cfg.report.references:
-        result = _read(layout.reference_dir(run, loss) / "result.json")
-        if result is not None:
-            references[loss] = result
-    students = {}
-    for name in target_names(cfg.pseudo.taus, cfg.pseudo.modes):
-        result = _read(layout.student_dir(run, name) / "result.json")
-        stats = pseudo["targets"].get(name, {})
-        students[name] = {
-            "mode": stats.get("mode"), "tau": stats.get("tau"),
-            "test_map": result["test_map"] if result else None,
-            "val_map": result["val_map"] if result else None,
-            "train_seconds": result["train_seconds"] if result else None,
-            "samples_per_s": result["train_samples_per_s"] if result else None,
-            "mean_positives_per_image": stats.get("mean_positives_per_image"),
-            "precision": stats.get("precision"), "recall": stats.get("recall"),
+    pseudo = _read(layout.pseudo_dir(run) / "stats.json") or {}
+    data = _read(cfg.data_dir / "stats.json") or {}
+    rows = [
+        {
+            "kind": "teacher",
+            "name": f"teacher ({_name(cfg.loss.name)})",
+            "loss": cfg.loss.name,
+            **_trained(teacher),
+            "positives": pseudo.get("teacher", {}).get("mean_positives_per_image"),
         }
-    true_mean = data.get("splits", {}).get("train", {}).get("labels_per_image", {}).get("mean")
+    ]
+    for loss in cfg.report.references:
+        result = _read(reference_result(cfg, loss))
+        if loss != cfg.loss.name and result is not None:
+            rows.append(
+                {"kind": "reference", "name": f"reference {_name(loss)}", "loss": loss, **_trained(result)}
+            )
+    rows += _students(cfg, "student", "student ")
+    beyond = beyond_run(cfg)
+    if beyond is not None:
+        loss = beyond.loss.name
+        if loss not in cfg.report.references:  # else the reference row above is this teacher
+            rows.append(
+                {
+                    "kind": "reference",
+                    "name": f"reference {_name(loss)}",
+                    "loss": loss,
+                    **_trained(_read(layout.teacher_dir(beyond.run_dir) / "result.json")),
+                }
+            )
+        rows += _students(beyond, "beyond", f"{_name(loss)} teacher -> student ")
+    merge = _read(layout.pseudo_dir(run) / "merge.json") or {}
+    students = [r for r in rows if r["kind"] == "student" and r["train_seconds"] is not None]
+    stages = {
+        "prepare_seconds": data.get("seconds"),
+        "teacher_seconds": teacher["train_seconds"],
+        "teacher_samples_per_s": teacher["train_samples_per_s"],
+        "infer_seconds": merge.get("infer_seconds"),
+        "infer_samples_per_s": merge.get("infer_samples_per_s"),
+        "merge_seconds": merge.get("merge_seconds"),
+        "students_seconds": sum(r["train_seconds"] for r in students) if students else None,
+        "student_samples_per_s": (
+            statistics.fmean(r["samples_per_s"] for r in students) if students else None
+        ),
+    }
     return {
         "data_root": cfg.data.root,
-        "seed": cfg.train.seed,
+        "seeds": [cfg.train.seed],
         "observed_seed": cfg.data.observed_seed,
-        "teacher": {"loss": cfg.loss.name, "test_map": teacher["test_map"], "val_map": teacher["val_map"],
-                    "train_seconds": teacher["train_seconds"],
-                    "samples_per_s": teacher["train_samples_per_s"], "world_size": teacher["world_size"]},
-        "references": {loss: {"test_map": r["test_map"], "val_map": r["val_map"],
-                              "train_seconds": r["train_seconds"]} for loss, r in references.items()},
+        "teacher_loss": cfg.loss.name,
+        "world_size": teacher["world_size"],
+        "rows": rows,
+        "stages": stages,
+        "findings": findings(rows, cfg),
+        "true_labels_per_image": data.get("splits", {})
+        .get("train", {})
+        .get("labels_per_image", {})
+        .get("mean"),
         "published_coco": PUBLISHED_COCO if cfg.report.published_coco else None,
-        "students": students,
-        "true_labels_per_image": true_mean,
-        "teacher_expected_positives": pseudo.get("teacher", {}).get("mean_positives_per_image"),
         "git": git_revision(),
         "config": cfg.to_dict(),
     }
 
 
-def _fmt(value, digits=2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def findings(rows: list[dict], cfg: Config) -> dict:
+    """The paper's claims and the beyond-paper one, measured on this run: margins in mAP points."""
+    by_kind = {
+        k: [r for r in rows if r["kind"] == k and r["test_map"] is not None]
+        for k in ("teacher", "reference", "student", "beyond")
+    }
+    out: dict = {}
+    teacher = by_kind["teacher"][0]["test_map"]
+    hard = sorted((r for r in by_kind["student"] if r["mode"] == "hard"), key=lambda r: r["tau"])
+    if hard:
+        out["hard_students_minus_teacher_min"] = min(r["test_map"] for r in hard) - teacher
+        positives = [r["positives"] for r in hard]
+        pairs = zip(positives, positives[1:], strict=False)
+        out["positives_fall_as_tau_rises"] = all(a >= b for a, b in pairs)
+    em = next((r["test_map"] for r in by_kind["reference"] if r["loss"] == "em"), None)
+    if em is not None and by_kind["student"]:
+        out["students_minus_em_max"] = max(r["test_map"] for r in by_kind["student"]) - em
+    beyond_loss = cfg.pseudo.beyond_teacher
+    beyond_teacher = next((r["test_map"] for r in by_kind["reference"] if r["loss"] == beyond_loss), None)
+    if beyond_teacher is not None and by_kind["beyond"]:
+        best = max(by_kind["beyond"], key=lambda r: r["test_map"])
+        out["beyond_best_student"] = best["name"]
+        out["beyond_student_minus_teacher"] = best["test_map"] - beyond_teacher
+    return out
+
+
+def summarize(reports: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of every number (fields `<x>` and `<x>_std`)."""
+    first = reports[0]
+
+    def mean_std(values: list) -> tuple:
+        values = [v for v in values if v is not None]
+        if not values:
+            return None, None
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    rows = []
+    for i, row in enumerate(first["rows"]):
+        merged = dict(row)
+        for key in NUMBERS:
+            merged[key], merged[f"{key}_std"] = mean_std([r["rows"][i].get(key) for r in reports])
+        rows.append(merged)
+    found = {}
+    for key, value in first["findings"].items():
+        values = [r["findings"].get(key) for r in reports]
+        if isinstance(value, bool):
+            found[key] = all(values)
+        elif isinstance(value, str):
+            found[key] = sorted(set(values))
+        else:
+            found[key], found[f"{key}_std"] = mean_std(values)
+            found[f"{key}_per_seed"] = values
+    stages = {}
+    for key in first["stages"]:
+        stages[key], _ = mean_std([r["stages"].get(key) for r in reports])
+    return {
+        **first,
+        "seeds": [s for r in reports for s in r["seeds"]],
+        "rows": rows,
+        "stages": stages,
+        "findings": found,
+    }
+
+
+def _fmt(row: dict, key: str, digits: int = 2) -> str:
+    value, std = row.get(key), row.get(f"{key}_std")
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# pml-dist report: {r['data_root']}", "",
-             f"seed {r['seed']}, observed-label seed {r['observed_seed']}, git {r['git']}", "",
-             "| run | test mAP | val mAP | positives / image | precision | recall | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    t = r["teacher"]
-    lines.append(f"| teacher ({REFERENCE_NAMES.get(t['loss'], t['loss'])}) | {_fmt(t['test_map'])} | "
-                 f"{_fmt(t['val_map'])} | {_fmt(r['teacher_expected_positives'])} (expected) | - | - | "
-                 f"{_fmt(t['train_seconds'], 0)} |")
-    for loss, ref in r["references"].items():
-        if loss == t["loss"]:
-            continue
-        lines.append(f"| reference {REFERENCE_NAMES.get(loss, loss)} | {_fmt(ref['test_map'])} | "
-                     f"{_fmt(ref['val_map'])} | - | - | - | {_fmt(ref['train_seconds'], 0)} |")
-    for name, s in r["students"].items():
-        lines.append(f"| student {name} | {_fmt(s['test_map'])} | {_fmt(s['val_map'])} | "
-                     f"{_fmt(s['mean_positives_per_image'])} | {_fmt(s['precision'], 3)} | "
-                     f"{_fmt(s['recall'], 3)} | {_fmt(s['train_seconds'], 0)} |")
+    seeds = r["seeds"]
+    spread = f" (mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+    lines = [
+        f"# pml-dist report: {r['data_root']}",
+        "",
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, observed-label seed "
+        f"{r['observed_seed']}, git {r['git']}{spread}",
+        "",
+        "| run | test mAP | val mAP | positives / image | precision | recall | train s | samples/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["rows"]:
+        positives = _fmt(row, "positives") + (" (expected)" if row["kind"] == "teacher" else "")
+        lines.append(
+            f"| {row['name']} | {_fmt(row, 'test_map')} | {_fmt(row, 'val_map')} | "
+            f"{positives if row.get('positives') is not None else '-'} | "
+            f"{_fmt(row, 'precision', 3)} | {_fmt(row, 'recall', 3)} | "
+            f"{_fmt(row, 'train_seconds', 0)} | {_fmt(row, 'samples_per_s', 0)} |"
+        )
     if r["true_labels_per_image"] is not None:
         lines += ["", f"True labels per training image: {r['true_labels_per_image']:.2f}."]
+    f = r["findings"]
+    claims = []
+    if "hard_students_minus_teacher_min" in f:
+        margin = _fmt(f, "hard_students_minus_teacher_min")
+        verdict = "yes" if f["hard_students_minus_teacher_min"] > 0 else "no"
+        claims.append(
+            f"- Every tau's student beats its {_name(r['teacher_loss'])} teacher: {verdict} "
+            f"(smallest margin {margin} mAP)"
+        )
+        claims.append(
+            f"- Mean positives per image fall as tau rises: "
+            f"{'yes' if f['positives_fall_as_tau_rises'] else 'no'}"
+        )
+    if "students_minus_em_max" in f:
+        verdict = "yes" if f["students_minus_em_max"] > 0 else "no"
+        claims.append(
+            f"- A student beats EM: {verdict} (best student - EM: {_fmt(f, 'students_minus_em_max')})"
+        )
+    if "beyond_student_minus_teacher" in f:
+        per_seed = f.get("beyond_student_minus_teacher_per_seed")
+        seeds_note = f"; per seed: {', '.join(f'{v:+.2f}' for v in per_seed)}" if per_seed else ""
+        best = f["beyond_best_student"]
+        claims.append(
+            f"- Beyond the paper, a student beats its own teacher: "
+            f"{'yes' if f['beyond_student_minus_teacher'] > 0 else 'no'} "
+            f"({', '.join(best) if isinstance(best, list) else best}: "
+            f"{_fmt(f, 'beyond_student_minus_teacher')} mAP{seeds_note})"
+        )
+    if claims:
+        lines += ["", "Findings (test mAP):", *claims]
+    s = r["stages"]
+    timing = [
+        f"{name} {s[key]:.0f} s"
+        for name, key in (
+            ("prepare", "prepare_seconds"),
+            ("teacher", "teacher_seconds"),
+            ("inference", "infer_seconds"),
+            ("merge", "merge_seconds"),
+            ("students", "students_seconds"),
+        )
+        if s.get(key) is not None
+    ]
+    rates = [
+        f"{name} {s[key]:.0f} samples/s"
+        for name, key in (
+            ("teacher", "teacher_samples_per_s"),
+            ("inference", "infer_samples_per_s"),
+            ("students", "student_samples_per_s"),
+        )
+        if s.get(key) is not None
+    ]
+    lines += ["", f"Stage wall time: {', '.join(timing)}; throughput: {', '.join(rates)}."]
     if r["published_coco"]:
-        lines += ["", "Published COCO test mAP (Cole et al. 2021; Zhou et al. 2022): " + ", ".join(
-            f"{REFERENCE_NAMES.get(k, k)} {v}" for k, v in r["published_coco"].items())]
+        lines += [
+            "",
+            "Published COCO test mAP (Cole et al. 2021; Zhou et al. 2022): "
+            + ", ".join(f"{_name(k)} {v}" for k, v in r["published_coco"].items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -108,34 +304,73 @@ def figures(r: dict, out: Path) -> tuple[Path, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    hard = [(s["tau"], s) for s in r["students"].values() if s["mode"] == "hard"]
-    hard.sort(key=lambda x: x[0])
-    title = f"{Path(r['data_root']).name}, seed {r['seed']}"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    taus = [tau for tau, s in hard if s["test_map"] is not None]
-    maps = [s["test_map"] for _, s in hard if s["test_map"] is not None]
-    ax.plot(taus, maps, "o-", label="student (y = p > tau)")
-    styles = {"an": ("AN", "tab:red", "--"), "em": ("EM", "tab:green", "-."),
-              "bce": ("full BCE", "black", ":")}
-    for loss, ref in r["references"].items():
-        label, color, style = styles.get(loss, (REFERENCE_NAMES.get(loss, loss), "gray", "--"))
-        ax.axhline(ref["test_map"], color=color, linestyle=style, label=label)
-    for name, marker in (("soft", "s"), ("class_prior", "^")):
-        s = r["students"].get(name)
-        if s and s["test_map"] is not None and taus:
-            ax.plot([min(taus)], [s["test_map"]], marker, label=f"student ({name.replace('_', ' ')})")
-    a = _save_figure(fig, ax, "test mAP (%)", f"Figure 1a: student mAP vs tau ({title})",
-                     out / "figure1a.png")
+    hard = sorted(
+        (row for row in r["rows"] if row["kind"] == "student" and row["mode"] == "hard"),
+        key=lambda row: row["tau"],
+    )
+    seeds = r["seeds"]
+    title = f"{Path(r['data_root']).name}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    done = [row for row in hard if row["test_map"] is not None]
+    taus = [row["tau"] for row in done]
+    ax.errorbar(
+        taus,
+        [row["test_map"] for row in done],
+        yerr=_err(done, "test_map"),
+        fmt="o-",
+        capsize=3,
+        label=f"student (y = p > tau), {_name(r['teacher_loss'])} teacher",
+    )
+    styles = {"an": ("tab:red", "--"), "em": ("tab:green", "-."), "bce": ("black", ":")}
+    for row in r["rows"]:
+        if row["kind"] in ("teacher", "reference") and row["test_map"] is not None:
+            color, style = styles.get(row["loss"], ("gray", "--"))
+            ax.axhline(row["test_map"], color=color, linestyle=style, label=_name(row["loss"]))
+    markers = iter("s^vD<>")
+    for row in r["rows"]:
+        if (
+            row["kind"] in ("student", "beyond")
+            and row["mode"] != "hard"
+            and row["test_map"] is not None
+            and taus
+        ):
+            ax.errorbar(
+                [min(taus)],
+                [row["test_map"]],
+                yerr=_err([row], "test_map"),
+                fmt=next(markers, "x"),
+                capsize=3,
+                label=row["name"].replace("student ", "").replace("_", " "),
+            )
+    a = _save_figure(
+        fig, ax, "test mAP (%)", f"Figure 1a: student mAP vs tau ({title})", out / "figure1a.png"
+    )
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([tau for tau, _ in hard], [s["mean_positives_per_image"] for _, s in hard], "o-",
-            label="pseudo labels")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.errorbar(
+        [row["tau"] for row in hard],
+        [row["positives"] for row in hard],
+        yerr=_err(hard, "positives"),
+        fmt="o-",
+        capsize=3,
+        label="pseudo labels",
+    )
     if r["true_labels_per_image"] is not None:
         ax.axhline(r["true_labels_per_image"], color="black", linestyle=":", label="true labels")
     ax.axhline(1.0, color="tab:red", linestyle="--", label="observed (single positive)")
-    b = _save_figure(fig, ax, "mean positives per image",
-                     f"Figure 1b: positives per image vs tau ({title})", out / "figure1b.png")
+    b = _save_figure(
+        fig,
+        ax,
+        "mean positives per image",
+        f"Figure 1b: positives per image vs tau ({title})",
+        out / "figure1b.png",
+    )
     return a, b
+
+
+def _err(rows: list[dict], key: str) -> list[float] | None:
+    stds = [row.get(f"{key}_std") for row in rows]
+    return None if any(s is None for s in stds) else stds
 
 
 def _save_figure(fig, ax, ylabel: str, title: str, path: Path) -> Path:
@@ -144,7 +379,7 @@ def _save_figure(fig, ax, ylabel: str, title: str, path: Path) -> Path:
     ax.set_xlabel("tau (pseudo-label threshold)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -152,7 +387,8 @@ def _save_figure(fig, ax, ylabel: str, title: str, path: Path) -> Path:
 
 
 def report(cfg: Config) -> tuple[str, list[Path]]:
-    r = collect(cfg)
+    runs = seed_runs(cfg)
+    r = collect(cfg) if len(runs) == 1 else summarize([collect(run) for run in runs])
     out = cfg.run_dir
     text = markdown(r)
     write_text(out / "report.md", text)

@@ -20,14 +20,22 @@ import time
 
 from pml_dist import layout
 from pml_dist.atomic import write_json
-from pml_dist.config import Config
+from pml_dist.config import Config, write_resolved
 from pml_dist.errors import PmlError
 from pml_dist.jobs import InferJob, MergeJob, PrepareJob, ReportJob, TrainJob
 
 log = logging.getLogger(__name__)
 TERMINAL_OK = {"COMPLETED"}
-TERMINAL_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
+TERMINAL_BAD = {
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def slurm_available() -> bool:
@@ -49,7 +57,7 @@ def done(cfg: Config, stage: str, target: str | None = None) -> bool:
     """Whether a stage's output is complete, from the run directory alone."""
     run = cfg.run_dir
     if stage == "prepare":
-        return (run / "data" / "stats.json").is_file()
+        return (cfg.data_dir / "stats.json").is_file()
     if stage == "teacher":
         return (layout.teacher_dir(run) / "result.json").is_file()
     if stage in ("infer", "merge"):
@@ -69,8 +77,9 @@ def done(cfg: Config, stage: str, target: str | None = None) -> bool:
 def max_array_size() -> int:
     """The cluster's MaxArraySize (an array may hold indices 0..MaxArraySize-1)."""
     try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
-                             timeout=10).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "config"], capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return 1001
     for line in out.splitlines():
@@ -86,8 +95,9 @@ class Submitter:
         self.cfg, self.kind = cfg, kind
         self.folder = cfg.run_dir / "logs" / "submitit"
 
-    def executor(self, name: str, nodes: int, tasks: int, time_min: int, after: list[str] = (),
-                 gpus: bool = False):
+    def executor(
+        self, name: str, nodes: int, tasks: int, time_min: int, after: list[str] = (), gpus: bool = False
+    ):
         import submitit
 
         s = self.cfg.slurm
@@ -104,8 +114,11 @@ class Submitter:
             for key in ("account", "qos"):
                 if getattr(s, key):
                     extra[key] = getattr(s, key)
-            params.update(cpus_per_task=s.cpus_per_task, slurm_signal_delay_s=s.signal_delay_s,
-                          slurm_additional_parameters=extra)
+            params.update(
+                cpus_per_task=s.cpus_per_task,
+                slurm_signal_delay_s=s.signal_delay_s,
+                slurm_additional_parameters=extra,
+            )
             if s.partition:
                 params["slurm_partition"] = s.partition
             if s.mem_gb:
@@ -116,173 +129,356 @@ class Submitter:
         return executor
 
 
+class Graph:
+    """Submits (Slurm) or runs (local) the stages of one experiment and its sub-runs, each stage
+    after the jobs it needs. A stage whose output is complete is skipped; on Slurm so is one whose
+    job from an earlier submission is still queued or running (its id becomes the dependency), so
+    resubmitting a config never starts a second copy of a job.
+
+    Jobs are named by the folder they fill, relative to the run directory: `data`, `teacher`,
+    `pseudo` (merge), `students/tau-0.75`, `references/bce`, `seed-1/beyond-em/teacher`, `report`."""
+
+    def __init__(self, cfg: Config, kind: str):
+        self.root, self.kind, self.local = cfg, kind, kind == "local"
+        self.sub = Submitter(cfg, kind)
+        self.previous = _load_record(cfg).get("jobs", {})
+        self.record: dict = {
+            "executor": kind,
+            "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "jobs": dict(self.previous),
+        }
+        self.jobs: dict = {}  # name -> submitit job, for --wait
+
+    def name(self, cfg: Config, what: str) -> str:
+        prefix = cfg.run_dir.relative_to(self.root.run_dir).as_posix()
+        return what if prefix == "." else f"{prefix}/{what}"
+
+    def active(self, name: str) -> str | None:
+        """The job id of `name` from an earlier submission if Slurm still has it queued or running."""
+        job = self.previous.get(name)
+        if self.local or job is None:
+            return None
+        state = _slurm_state(job["job_id"], queue_only=True)
+        return job["job_id"] if state not in ("UNKNOWN", *TERMINAL_OK, *TERMINAL_BAD) else None
+
+    def submit(
+        self,
+        cfg: Config,
+        what: str,
+        job,
+        nodes: int,
+        tasks: int,
+        time_min: int,
+        after: list[str],
+        gpus: bool = False,
+    ) -> list[str]:
+        """One job; returns the ids later stages must wait for ([] locally: it has finished)."""
+        name = self.name(cfg, what)
+        running = self.active(name)
+        if running:
+            log.info("%-24s job %s still queued or running: not submitted again", name, running)
+            return [running]
+        executor = self.sub.executor(
+            name.replace("/", "-"), nodes, tasks, time_min, after=[] if self.local else after, gpus=gpus
+        )
+        j = executor.submit(job)
+        self._submitted(name, j)
+        if self.local:
+            _wait_one(name, j)
+            return []
+        return [str(j.job_id)]
+
+    def submit_array(self, cfg: Config, job, targets: list[str], after: list[str]) -> list[str]:
+        """One student per target: locally one after the other (each uses every core), on Slurm one
+        job array, split in parts of at most MaxArraySize tasks when it is larger."""
+        s = self.root.slurm
+        names = {t: self.name(cfg, f"students/{t}") for t in targets}
+        ids = [r for r in (self.active(n) for n in names.values()) if r]
+        targets = [t for t in targets if not self.active(names[t])]
+        if ids:
+            log.info("%d student(s) still queued or running: not submitted again", len(ids))
+        if self.local:
+            for target in targets:
+                executor = self.sub.executor(
+                    names[target].replace("/", "-"),
+                    s.student_nodes,
+                    s.student_tasks_per_node,
+                    s.student_time_min,
+                    gpus=True,
+                )
+                j = executor.submit(job, target)
+                self._submitted(names[target], j)
+                _wait_one(names[target], j)
+            return []
+        chunk = max_array_size()
+        for start in range(0, len(targets), chunk):
+            part = targets[start : start + chunk]
+            executor = self.sub.executor(
+                self.name(cfg, "students").replace("/", "-"),
+                s.student_nodes,
+                s.student_tasks_per_node,
+                s.student_time_min,
+                after=after,
+                gpus=True,
+            )
+            for target, j in zip(part, executor.map_array(job, part), strict=True):
+                self._submitted(names[target], j)
+                ids.append(str(j.job_id).split("_")[0])
+        return sorted(set(ids))
+
+    def _submitted(self, name: str, job) -> None:
+        self.jobs[name] = job
+        self.record["jobs"][name] = {
+            "job_id": str(job.job_id),
+            "stdout": str(job.paths.stdout),
+            "stderr": str(job.paths.stderr),
+        }
+        log.info("%-24s job %-10s log %s", name, job.job_id, job.paths.stdout)
+        write_json(self.root.run_dir / "jobs.json", self.record)
+
+    def experiment(self, cfg: Config, after: list[str]) -> list[str]:
+        """teacher -> infer -> merge -> students, references beside them, and the beyond chain;
+        returns what the experiment's report waits for."""
+        from pml_dist.subruns import beyond_run
+
+        s = self.root.slurm
+        resolved = str(write_resolved(cfg))
+        chain = list(after)
+        # Which stages to (re)submit is decided from the run directory as it is now; on Slurm the later
+        # stages cannot know yet, so a stage is submitted when it or any stage before it is unfinished.
+        pending = bool(after)
+        if pending or not done(cfg, "teacher"):
+            pending = True
+            chain = self.submit(
+                cfg,
+                "teacher",
+                TrainJob(resolved, stage="teacher"),
+                s.teacher_nodes,
+                s.teacher_tasks_per_node,
+                s.teacher_time_min,
+                chain,
+                gpus=True,
+            )
+        if pending or not done(cfg, "merge"):
+            chain = self.submit(
+                cfg,
+                "teacher/probs",
+                InferJob(resolved),
+                s.infer_nodes,
+                s.infer_tasks_per_node,
+                s.infer_time_min,
+                chain,
+                gpus=True,
+            )
+            chain = self.submit(cfg, "pseudo", MergeJob(resolved), 1, 1, s.cpu_time_min, chain)
+        todo = [t for t in students(cfg) if not done(cfg, "student", t)]
+        ends = list(chain)
+        if todo:
+            ends += self.submit_array(cfg, TrainJob(resolved, stage="student"), todo, chain)
+        # Reference teachers (full BCE, EM, ...) need only the data: on Slurm they run beside the chain.
+        for loss in cfg.report.references:
+            if loss in (cfg.loss.name, cfg.pseudo.beyond_teacher) or done(cfg, "reference", loss):
+                continue  # the teacher itself, or the beyond chain's teacher, is that reference
+            job = TrainJob(resolved, stage="reference", target=loss)
+            ends += self.submit(
+                cfg,
+                f"references/{loss}",
+                job,
+                s.teacher_nodes,
+                s.teacher_tasks_per_node,
+                s.teacher_time_min,
+                after,
+                gpus=True,
+            )
+        beyond = beyond_run(cfg)
+        if beyond is not None:
+            ends += self.experiment(beyond, after)
+        return sorted(set(ends))
+
+
 def run_pipeline(cfg: Config, kind: str, wait: bool) -> dict:
     """Submit (slurm) or run (local) every unfinished stage; returns the jobs record.
     The jobs read the run's resolved config (`write_resolved` must have written it)."""
+    from pml_dist.subruns import seed_runs
+
     if kind == "slurm" and not slurm_available():
         raise PmlError("--executor slurm: no working Slurm here (sbatch/sinfo failed); use --executor local")
-    sub = Submitter(cfg, kind)
+    graph = Graph(cfg, kind)
     s = cfg.slurm
-    record: dict = {"executor": kind, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": {}}
-    jobs: dict = {}
-    after: list[str] = []
-    local = kind == "local"
-    # Which stages to (re)submit is decided from the run directory as it is now; on Slurm the later
-    # stages cannot know yet, so a stage is submitted when it or any stage before it is unfinished.
-    pending = False
-
-    def submit(stage, job, nodes, tasks, time_min, gpus=False):
-        nonlocal after
-        executor = sub.executor(stage, nodes, tasks, time_min, after=after, gpus=gpus)
-        j = executor.submit(job)
-        jobs[stage] = j
-        record["stages"][stage] = _job_record(j)
-        log.info("%-8s job %s  log %s", stage, j.job_id, j.paths.stdout)
-        _save_record(cfg, record)
-        if local:
-            _wait_one(stage, j)
-            after = []
+    resolved = str(cfg.run_dir / "config.yaml")
+    after = (
+        []
+        if done(cfg, "prepare")
+        else graph.submit(cfg, "data", PrepareJob(resolved), 1, 1, s.cpu_time_min, [])
+    )
+    runs = seed_runs(cfg)
+    reports = []
+    for run in runs:
+        ends = graph.experiment(run, after)
+        if len(runs) > 1:  # each seed's own report, then the summary over seeds
+            reports += graph.submit(
+                run,
+                "report",
+                ReportJob(str(run.run_dir / "config.yaml")),
+                1,
+                1,
+                s.cpu_time_min,
+                [*after, *ends],
+            )
         else:
-            after = [str(j.job_id)]
-
-    args = (str(cfg.run_dir / "config.yaml"),)
-    if not done(cfg, "prepare"):
-        pending = True
-        submit("prepare", PrepareJob(*args), 1, 1, s.cpu_time_min)
-    after_prepare = list(after)
-    if pending or not done(cfg, "teacher"):
-        pending = True
-        submit("teacher", TrainJob(*args, stage="teacher"), s.teacher_nodes, s.teacher_tasks_per_node,
-               s.teacher_time_min, gpus=True)
-    if pending or not done(cfg, "merge"):
-        submit("infer", InferJob(*args), s.infer_nodes, s.infer_tasks_per_node, s.infer_time_min, gpus=True)
-        submit("merge", MergeJob(*args), 1, 1, s.cpu_time_min)
-    todo = [t for t in students(cfg) if not done(cfg, "student", t)]
-    record["stages"]["students"] = {}
-    if local:
-        for target in todo:  # one at a time: each student uses every core of this machine
-            submit_student = sub.executor(f"student-{target}", s.student_nodes, s.student_tasks_per_node,
-                                          s.student_time_min, gpus=True)
-            j = submit_student.submit(TrainJob(*args, stage="student"), target)
-            record["stages"]["students"][target] = _job_record(j)
-            _save_record(cfg, record)
-            log.info("student %-12s job %s  log %s", target, j.job_id, j.paths.stdout)
-            _wait_one(f"student {target}", j)
-    elif todo:
-        chunk = max_array_size()
-        for start in range(0, len(todo), chunk):  # arrays above MaxArraySize are split
-            part = todo[start:start + chunk]
-            executor = sub.executor("students", s.student_nodes, s.student_tasks_per_node,
-                                    s.student_time_min, after=after, gpus=True)
-            array = executor.map_array(TrainJob(*args, stage="student"), part)
-            for target, j in zip(part, array, strict=True):
-                jobs[f"student:{target}"] = j
-                record["stages"]["students"][target] = _job_record(j)
-                log.info("student %-12s job %s  log %s", target, j.job_id, j.paths.stdout)
-        _save_record(cfg, record)
-    # Reference teachers (full BCE, EM, ...) need only the data: on Slurm they run beside the chain.
-    record["stages"]["references"] = {}
-    refs_after = []
-    for loss in cfg.report.references:
-        if loss == cfg.loss.name or done(cfg, "reference", loss):
-            continue
-        executor = sub.executor(f"reference-{loss}", s.teacher_nodes, s.teacher_tasks_per_node,
-                                s.teacher_time_min, after=[] if local else after_prepare, gpus=True)
-        j = executor.submit(TrainJob(*args, stage="reference", target=loss))
-        jobs[f"reference:{loss}"] = j
-        record["stages"]["references"][loss] = _job_record(j)
-        _save_record(cfg, record)
-        log.info("reference %-10s job %s  log %s", loss, j.job_id, j.paths.stdout)
-        if local:
-            _wait_one(f"reference {loss}", j)
-        else:
-            refs_after.append(str(j.job_id).split("_")[0])
-    student_ids = sorted({str(j.job_id).split("_")[0] for n, j in jobs.items() if n.startswith("student:")})
-    after = [*after, *refs_after, *student_ids] if not local else []
-    submit("report", ReportJob(*args), 1, 1, s.cpu_time_min)
-    if wait and not local:
-        wait_for(cfg, jobs)
-    return record
+            reports = [*after, *ends]
+    graph.submit(cfg, "report", ReportJob(resolved), 1, 1, s.cpu_time_min, reports)
+    if wait and not graph.local:
+        wait_for(cfg, graph.jobs)
+    return graph.record
 
 
-def _job_record(job) -> dict:
-    return {"job_id": str(job.job_id), "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}
+def _load_record(cfg: Config) -> dict:
+    path = cfg.run_dir / "jobs.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _save_record(cfg: Config, record: dict) -> None:
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(cfg.run_dir / "jobs.json", record)
+def _cause(text: str) -> str | None:
+    """The last `SomethingError: message` line of a traceback (submitit's or a log's)."""
+    errors = [ln.strip() for ln in text.splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", ln)]
+    return errors[-1] if errors else None
 
 
 def _wait_one(name: str, job) -> None:
-    """Wait for a job and turn its failure into an error that names the stage and the log."""
+    """Wait for a local job and turn its failure into an error that names the stage and the log."""
     try:
         results = job.results()  # one result per task (multi-task jobs refuse .result())
     except Exception as exc:  # submitit wraps the job's traceback: name its last exception line
-        errors = [ln.strip() for ln in str(exc).splitlines()
-                  if re.match(r"\s*[\w.]+(Error|Exception): ", ln)]
-        cause = errors[-1] if errors else type(exc).__name__
+        cause = _cause(str(exc)) or type(exc).__name__
         raise PmlError(f"{name} (job {job.job_id}) failed: {cause}; log: {job.paths.stderr}") from None
-    log.info("%-20s done: %s", name, results[0])
+    log.info("%-24s done: %s", name, results[0])
 
 
-def wait_for(cfg: Config, jobs: dict, poll_s: float = 2.0) -> None:
-    """Wait for every Slurm job, printing each state change; on the first failure cancel what
-    depends on it and report the stage (the student's target) and its log."""
+def wait_for(
+    cfg: Config, jobs: dict, poll_s: float = 2.0, result_grace_s: float = 15.0, unknown_s: float = 300.0
+) -> None:
+    """Wait until every Slurm job has ended, logging each state change, then report every failure.
+
+    Nothing is waited on forever: a failed job's dependants are cancelled by Slurm
+    (--kill-on-invalid-dep); a failed student or reference leaves the others running, since each
+    can be retried alone; a job that ends COMPLETED without submitit's result file (killed after
+    its last line, or by a node dying) is a failure once `result_grace_s` have passed (shared file
+    systems can lag); a job that neither squeue nor sacct knows for `unknown_s` is reported."""
     states: dict[str, str] = {}
+    first_seen: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    cancelled: list[str] = []
     while True:
+        now = time.time()
         for name, job in jobs.items():
+            if name in failed or name in cancelled or states.get(name) == "OK":
+                continue
             state = job.state.split()[0] if job.state else "UNKNOWN"
             if states.get(name) != state:
                 states[name] = state
-                log.info("%-20s %s", name, state)
-            if state in TERMINAL_BAD:
-                rest = [j.job_id for n, j in jobs.items()
-                        if states.get(n) not in TERMINAL_OK and j is not job]
-                if rest:
-                    subprocess.run(["scancel", *map(str, rest)], capture_output=True)
-                raise PmlError(f"{name} (job {job.job_id}) ended {state}; log: {job.paths.stderr}")
-        if all(states.get(n) in TERMINAL_OK for n in jobs):
-            return
+                first_seen[name] = now
+                log.info("%-24s %s", name, state)
+            if state in TERMINAL_OK:
+                if job.paths.result_pickle.exists():
+                    states[name] = "OK"
+                elif now - first_seen[name] > result_grace_s:
+                    failed[name] = "ended COMPLETED without a result (the job died after its last line)"
+            elif state.startswith("CANCELLED") and not job.paths.result_pickle.exists():
+                cancelled.append(name)
+            elif state in TERMINAL_BAD:
+                cause = _cause(_read(job.paths.stderr)) or "no Python error in the log"
+                failed[name] = f"ended {state} ({cause})"
+            elif state == "UNKNOWN" and now - first_seen[name] > unknown_s:
+                failed[name] = f"unknown to Slurm (neither squeue nor sacct) for {unknown_s:.0f} s"
+        if len(failed) + len(cancelled) + sum(v == "OK" for v in states.values()) == len(jobs):
+            break
         time.sleep(poll_s)
+    if failed or cancelled:
+        lines = [
+            f"{name} (job {jobs[name].job_id}) {why}; log: {jobs[name].paths.stderr}"
+            for name, why in failed.items()
+        ]
+        if cancelled:
+            named = ", ".join(f"{name} (job {jobs[name].job_id})" for name in cancelled)
+            lines.append(f"cancelled (a job they depend on failed, or scancel): {named}")
+        retry = f"pml-dist run --executor slurm --config {cfg.run_dir / 'config.yaml'}"
+        lines.append(f"retry what failed (finished, queued and running jobs are not resubmitted): {retry}")
+        raise PmlError("\n".join(lines))
+
+
+def _read(path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def status(cfg: Config) -> list[tuple[str, str, str]]:
-    """(stage, state, detail) rows from the run directory and, for unfinished stages, Slurm."""
-    jobs_file = cfg.run_dir / "jobs.json"
-    record = json.loads(jobs_file.read_text()) if jobs_file.is_file() else {"stages": {}}
-    rows = []
-    entries = [("prepare", None), ("teacher", None), ("merge", None)]
-    entries += [("student", t) for t in students(cfg)]
-    for stage, target in entries:
-        name = target if target else stage
-        job = record["stages"].get("students", {}).get(target) if target else record["stages"].get(stage)
-        try:
-            finished = done(cfg, stage, target)
-        except PmlError:
-            finished = False
+    """(job name, state, detail) rows from the run directory and, for unfinished stages, Slurm;
+    when something failed, a last row with the command that retries just that."""
+    record = _load_record(cfg)
+    jobs = record.get("jobs", {})
+    rows, failed = [], False
+    for name, finished in _outputs(cfg):
+        job = jobs.get(name)
         if finished:
             rows.append((name, "done", ""))
         elif job is None:
             rows.append((name, "not submitted", ""))
         else:
-            state = _slurm_state(job["job_id"]) if record.get("executor") == "slurm" else "not done"
-            detail = f"job {job['job_id']}"
-            if state in TERMINAL_BAD or state == "not done":
-                detail += f", log {job['stderr']}"
-                if target:
-                    detail += f", retry: pml-dist train --stage student {_student_flag(target)}"
-            rows.append((name, state.lower() if state in TERMINAL_BAD else state, detail))
+            state = _slurm_state(job["job_id"]) if record.get("executor") == "slurm" else "NOT DONE"
+            bad = state in TERMINAL_BAD or state == "NOT DONE"
+            failed |= bad
+            rows.append(
+                (
+                    name,
+                    state.lower() if bad else state,
+                    f"job {job['job_id']}" + (f", log {job['stderr']}" if bad else ""),
+                )
+            )
+    if failed:
+        rows.append(
+            (
+                "retry",
+                "",
+                f"pml-dist run --executor {record['executor']} --config {cfg.run_dir / 'config.yaml'}",
+            )
+        )
     return rows
 
 
-def _student_flag(target: str) -> str:
-    return f"--tau {target[4:]}" if target.startswith("tau-") else f"--pseudo {target}"
+def _outputs(cfg: Config):
+    """(job name, finished) for every stage of the experiment, its seeds and beyond chains."""
+    from pml_dist.subruns import beyond_run, seed_runs
+
+    yield "data", done(cfg, "prepare")
+    for run in seed_runs(cfg):
+        for sub in filter(None, (run, beyond_run(run))):
+            prefix = sub.run_dir.relative_to(cfg.run_dir).as_posix()
+            prefix = "" if prefix == "." else prefix + "/"
+            entries = [("teacher", "teacher", None), ("pseudo", "merge", None)]
+            entries += [(f"students/{t}", "student", t) for t in students(sub)]
+            entries += [
+                (f"references/{loss}", "reference", loss)
+                for loss in sub.report.references
+                if loss not in (sub.loss.name, sub.pseudo.beyond_teacher)
+            ]
+            for what, stage, target in entries:
+                try:
+                    finished = done(sub, stage, target)
+                except PmlError:  # e.g. a merge record whose teacher is gone
+                    finished = False
+                yield prefix + what, finished
+    yield "report", (cfg.run_dir / "report.json").is_file()
 
 
-def _slurm_state(job_id: str) -> str:
-    for cmd in (["squeue", "-h", "-j", job_id, "-o", "%T"],
-                ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]):
+def _slurm_state(job_id: str, queue_only: bool = False) -> str:
+    """A job's state from squeue, else (it has left the queue) from sacct; UNKNOWN when neither has it."""
+    cmds = [
+        ["squeue", "-h", "-j", job_id, "-o", "%T"],
+        ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+    ]
+    for cmd in cmds[:1] if queue_only else cmds:
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.split()
         except (OSError, subprocess.TimeoutExpired):

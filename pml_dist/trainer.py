@@ -120,7 +120,7 @@ def _targets(cfg: Config, stage: str, target: str | None, num_train: int):
     if stage != "student" and loss != "bce":
         return "observed", lambda batch: batch["observed"].float()
     if stage != "student":
-        matrix = np.load(cfg.run_dir / "data" / "train.meta.npz")["labels"]
+        matrix = np.load(cfg.data_dir / "train.meta.npz")["labels"]
         source = "full labels (loss.name=bce: the full-label upper bound)"
     else:
         path = layout.target_labels(cfg.run_dir, target)
@@ -193,7 +193,7 @@ def train(cfg: Config, stage: str, target: str | None = None, stop: StopFlag | N
     if (out / "result.json").is_file():
         log.info("%s is already trained (%s exists)", out, out / "result.json")
         return json.loads((out / "result.json").read_text())
-    stats_file = cfg.run_dir / "data" / "stats.json"
+    stats_file = cfg.data_dir / "stats.json"
     if not stats_file.is_file():
         raise PmlError(f"no {stats_file} (run `pml-dist prepare` first)")
     stats = json.loads(stats_file.read_text())
@@ -217,7 +217,7 @@ def train(cfg: Config, stage: str, target: str | None = None, stop: StopFlag | N
     # Students always train with full BCE on their pseudo labels; observed positives are training
     # information (ROLE and EM+APL initialise from them), unlike the full labels.
     loss_name = _loss_name(cfg, stage, target)
-    observed = (np.load(cfg.run_dir / "data" / "train.meta.npz")["observed"]
+    observed = (np.load(cfg.data_dir / "train.meta.npz")["observed"]
                 if loss_name in ("role", "em_apl") else None)
     loss = build_loss(loss_name, num_classes, num_train, _loss_params(cfg), seed=cfg.train.seed,
                       observed_labels=observed)

@@ -248,6 +248,8 @@ done
 #   on a failed job) is cancelled instead of pending forever with DependencyNeverSatisfied (Slurm's
 #   default). Since 20.02 this is no longer read from SchedulerParameters.
 # - MinJobAge=600: finished jobs stay visible to squeue/scontrol for 10 minutes.
+# - MaxArraySize=5: small, so that the tests exercise splitting larger student arrays, yet large
+#   enough for `sbatch --array=0-4 slurm/students.sbatch` (indices must be below MaxArraySize).
 cat > "$SLURM_CONF" <<EOF
 ClusterName=testcluster
 SlurmctldHost=$HOST(127.0.0.1)
@@ -286,6 +288,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
 MinJobAge=600
+MaxArraySize=5
 KillWait=5
 Waittime=0
 $NODE_LINES

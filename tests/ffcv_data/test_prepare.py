@@ -21,11 +21,11 @@ pytestmark = pytest.mark.timeout(300)  # FFCV's writer hangs on some failures: n
 
 def _check_every_record(cfg, root, train_split, test_split):
     """Each split's records equal what the source annotations and the protocol say they should."""
-    stats = json.loads((cfg.run_dir / "data" / "stats.json").read_text())
+    stats = json.loads((cfg.data_dir / "stats.json").read_text())
     train, test = read_split(root, train_split), read_split(root, test_split)
     seen_train_ids = []
     for name, source in (("train", train), ("val", train), ("test", test)):
-        meta = np.load(cfg.run_dir / "data" / f"{name}.meta.npz")
+        meta = np.load(cfg.data_dir / f"{name}.meta.npz")
         records = read_fields(beton_path(cfg, name))
         n = len(meta["image_ids"])
         assert stats["splits"][name]["images"] == n
@@ -68,7 +68,7 @@ def test_images_survive_encoding(synthetic_root, synthetic_overrides):
     """Decoded pixels match the source JPEG up to FFCV's re-encoding at quality 90."""
     cfg = load_config(None, synthetic_overrides)
     prepare(cfg)
-    meta = np.load(cfg.run_dir / "data" / "test.meta.npz")
+    meta = np.load(cfg.data_dir / "test.meta.npz")
     batch = next(iter(eval_loader(beton_path(cfg, "test"), 8, 48, jit=False)))
     from ffcv_data.loaders import MEAN, STD
 
@@ -98,7 +98,7 @@ def test_bad_jpeg_is_named_and_no_beton_is_left(broken_copy, tmp_path, damage):
                              "data.max_resolution=48", "data.write_workers=2"])
     with pytest.raises(DataError, match=f"test.beton: 1 image\\(s\\) could not be read:\n  {victim}"):
         prepare(cfg)
-    data = cfg.run_dir / "data"
+    data = cfg.data_dir
     assert not (data / "test.beton").exists()
     assert not (data / "stats.json").exists()
     assert sorted(p.name for p in data.iterdir() if "tmp" in p.name or "errors" in p.name) == []

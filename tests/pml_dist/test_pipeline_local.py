@@ -1,5 +1,6 @@
 """The whole pipeline through submitit's local executor, on a small generated data set: every stage
-runs, the report and both figures appear, and a resubmission only redoes what is unfinished."""
+runs, the report and both figures appear, and a resubmission only redoes what is unfinished; the
+beyond-paper EM chain reuses its teacher as the EM reference; --seeds repeats the experiment."""
 
 from __future__ import annotations
 
@@ -11,16 +12,17 @@ import pytest
 from pml_dist.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+TINY = ["data.image_size=32", "data.max_resolution=48", "data.jit=false", "model.width=16", "train.epochs=1",
+        "train.micro_batch=16", "slurm.teacher_tasks_per_node=2", "slurm.infer_tasks_per_node=2"]
 
 
 @pytest.fixture(scope="module")
 def pipeline(synthetic_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("pipeline") / "run"
     overrides = [
-        f"run.dir={run}", f"data.root={synthetic_root}", "data.image_size=32", "data.max_resolution=48",
-        "data.jit=false", "model.width=16", "train.epochs=1", "train.micro_batch=16",
-        "pseudo.taus=[0.5, 0.7]", "pseudo.modes=[hard, soft]", "report.references=[bce]",
-        "slurm.teacher_tasks_per_node=2", "slurm.infer_tasks_per_node=2",
+        f"run.dir={run}", f"data.root={synthetic_root}", *TINY, "pseudo.taus=[0.5, 0.7]",
+        "pseudo.modes=[hard, soft]", "report.references=[bce, em]", "pseudo.beyond_teacher=em",
+        "pseudo.beyond_modes=[soft]",
     ]
     assert main(["run", "--executor", "local", *overrides]) == 0
     return run, overrides
@@ -30,35 +32,69 @@ def test_every_stage_ran_and_the_report_lists_them(pipeline, capsys):
     run, overrides = pipeline
     for path in ["data/stats.json", "teacher/result.json", "pseudo/probs.npy", "pseudo/stats.json",
                  "students/tau-0.5/result.json", "students/tau-0.7/result.json",
-                 "students/soft/result.json", "references/bce/result.json", "report.md", "report.json"]:
+                 "students/soft/result.json", "references/bce/result.json", "report.md", "report.json",
+                 "beyond-em/teacher/result.json", "beyond-em/students/soft/result.json"]:
         assert (run / path).is_file(), path
+    assert not (run / "references" / "em").exists()  # the beyond chain's teacher is the EM reference
+    assert not (run / "beyond-em" / "data").exists()  # it reads the run's prepared data
     teacher = json.loads((run / "teacher/result.json").read_text())
     assert teacher["world_size"] == 2 and len(set(teacher["rank_weight_digests"])) == 1
     shards = sorted(p.name for p in (run / "teacher/probs").glob("*.json"))
     assert shards == ["shard-00000-of-00002.json", "shard-00001-of-00002.json"]
+
     report = json.loads((run / "report.json").read_text())
-    assert set(report["students"]) == {"tau-0.5", "tau-0.7", "soft"}
-    assert set(report["references"]) == {"an", "bce"}
-    assert all(s["test_map"] is not None for s in report["students"].values())
-    a = report["students"]["tau-0.5"]["mean_positives_per_image"]
-    b = report["students"]["tau-0.7"]["mean_positives_per_image"]
-    assert a >= b >= 1.0
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"teacher (AN)", "reference full BCE", "reference EM", "student tau-0.5",
+                         "student tau-0.7", "student soft", "EM teacher -> student soft"}
+    em = json.loads((run / "beyond-em/teacher/result.json").read_text())["test_map"]
+    assert rows["reference EM"]["test_map"] == em
+    assert all(r["test_map"] is not None for r in report["rows"])
+    assert rows["student tau-0.5"]["positives"] >= rows["student tau-0.7"]["positives"] >= 1.0
+    findings = report["findings"]
+    assert findings["beyond_student_minus_teacher"] == pytest.approx(
+        rows["EM teacher -> student soft"]["test_map"] - em)
+    hard = min(rows[f"student tau-{t}"]["test_map"] for t in ("0.5", "0.7"))
+    assert findings["hard_students_minus_teacher_min"] == pytest.approx(hard - teacher["test_map"])
+    assert all(report["stages"][k] > 0 for k in ("prepare_seconds", "teacher_seconds", "infer_seconds",
+                                                 "merge_seconds", "students_seconds", "infer_samples_per_s"))
     for figure in ("figure1a.png", "figure1b.png"):
         assert (run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (run / "report.md").read_text()
-    assert "| student tau-0.5 |" in md and "| reference full BCE |" in md
+    assert "| student tau-0.5 |" in md and "| reference full BCE |" in md and "Beyond the paper" in md
     assert main(["status", *overrides]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [ln.split()[1] for ln in lines] == ["done"] * len(lines) and len(lines) == 6
+    assert [ln.split()[0] for ln in lines] == [
+        "data", "teacher", "pseudo", "students/tau-0.5", "students/tau-0.7", "students/soft",
+        "references/bce", "beyond-em/teacher", "beyond-em/pseudo", "beyond-em/students/soft", "report"]
+    assert {ln.split()[1] for ln in lines} == {"done"}
 
 
 def test_resubmission_redoes_only_what_is_unfinished(pipeline):
     run, overrides = pipeline
+    before = json.loads((run / "jobs.json").read_text())["jobs"]
     shutil.rmtree(run / "students" / "tau-0.7")
-    before = (run / "students" / "tau-0.5" / "result.json").stat().st_mtime_ns
+    mtime = (run / "students" / "tau-0.5" / "result.json").stat().st_mtime_ns
     assert main(["run", "--executor", "local", *overrides]) == 0
-    jobs = json.loads((run / "jobs.json").read_text())["stages"]
-    assert set(jobs) == {"students", "references", "report"}
-    assert list(jobs["students"]) == ["tau-0.7"] and jobs["references"] == {}
+    after = json.loads((run / "jobs.json").read_text())["jobs"]
+    assert {name for name, job in after.items() if before.get(name) != job} == {"students/tau-0.7", "report"}
     assert (run / "students" / "tau-0.7" / "result.json").is_file()
-    assert (run / "students" / "tau-0.5" / "result.json").stat().st_mtime_ns == before
+    assert (run / "students" / "tau-0.5" / "result.json").stat().st_mtime_ns == mtime
+
+
+def test_seeds_repeat_the_experiment_and_report_mean_and_std(synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *TINY, "pseudo.taus=[0.5]",
+                 "pseudo.modes=[hard]", "report.references=[]", "train.seed=4"]
+    assert main(["run", "--executor", "local", "--seeds", "2", *overrides]) == 0
+    per_seed = [json.loads((run / f"seed-{s}" / "report.json").read_text()) for s in (4, 5)]
+    assert not (run / "seed-4" / "data").exists()  # one prepared data set for every seed
+    maps = [{r["name"]: r["test_map"] for r in rep["rows"]} for rep in per_seed]
+    assert maps[0] != maps[1]  # different seeds train different models
+    summary = json.loads((run / "report.json").read_text())
+    assert summary["seeds"] == [4, 5]
+    for row in summary["rows"]:
+        values = [m[row["name"]] for m in maps]
+        assert row["test_map"] == pytest.approx(sum(values) / 2)
+        assert row["test_map_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    assert "mean ± std over 2 seeds" in (run / "report.md").read_text()
+    assert " ± " in (run / "report.md").read_text().split("| student tau-0.5 |")[1].splitlines()[0]

@@ -15,60 +15,108 @@ from pml_dist.cli import main
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
-SMALL = ["data.image_size=32", "data.max_resolution=48", "data.jit=false", "data.loader_workers=1",
-         "model.width=16", "train.epochs=1", "train.micro_batch=16", "pseudo.taus=[0.5, 0.7]",
-         "pseudo.modes=[hard]", "report.references=[]", "slurm.teacher_nodes=2",
-         "slurm.teacher_tasks_per_node=1", "slurm.infer_tasks_per_node=2", "slurm.cpu_time_min=10",
-         "slurm.teacher_time_min=20", "slurm.infer_time_min=10", "slurm.student_time_min=20"]
+SMALL = [
+    "data.image_size=32",
+    "data.max_resolution=48",
+    "data.jit=false",
+    "data.loader_workers=1",
+    "model.width=16",
+    "train.epochs=1",
+    "train.micro_batch=16",
+    "pseudo.taus=[0.5, 0.7]",
+    "pseudo.modes=[hard]",
+    "report.references=[]",
+    "slurm.teacher_nodes=2",
+    "slurm.teacher_tasks_per_node=1",
+    "slurm.infer_tasks_per_node=2",
+    "slurm.cpu_time_min=10",
+    "slurm.teacher_time_min=20",
+    "slurm.infer_time_min=10",
+    "slurm.student_time_min=20",
+]
 
 
 def sacct(job_id: str) -> dict[str, str]:
     """JobID -> State for a job and its array tasks (steps left out)."""
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_id],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_id],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return dict(line.split("|")[:2] for line in out.splitlines() if line)
 
 
-def test_whole_graph_on_slurm_with_a_two_node_teacher(slurm_cluster, synthetic_root, tmp_path):
+def test_whole_graph_on_slurm_with_a_two_node_teacher(slurm_cluster, synthetic_root, tmp_path, capsys):
     run = tmp_path / "run"
     overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *SMALL]
-    assert main(["run", "--executor", "slurm", "--wait", *overrides]) == 0
+    # One student's folder is a file: its array task fails (as on a full or broken disk), the
+    # other student still finishes, and the report, which needs both, is cancelled.
+    (run / "students").mkdir(parents=True)
+    (run / "students" / "tau-0.7").write_text("in the way")
+    assert main(["run", "--executor", "slurm", "--wait", *overrides]) == 2
+    err = capsys.readouterr().err
+    failed_line = next(line for line in err.splitlines() if "students/tau-0.7 (job" in line)
+    assert "ended FAILED" in failed_line and "Error" in failed_line and ".err" in failed_line
+    assert "report (job" in err and "retry what failed" in err
+
     jobs = json.loads((run / "jobs.json").read_text())
     assert jobs["executor"] == "slurm"
-    assert set(jobs["stages"]["students"]) == {"tau-0.5", "tau-0.7"}
-    # one array, one task per tau
-    array_ids = {j["job_id"].split("_")[0] for j in jobs["stages"]["students"].values()}
-    assert len(array_ids) == 1
-    assert set(sacct(array_ids.pop()).values()) == {"COMPLETED"}
+    students = {t: jobs["jobs"][f"students/{t}"]["job_id"] for t in ("tau-0.5", "tau-0.7")}
+    array_id = students["tau-0.5"].split("_")[0]
+    assert students["tau-0.7"].split("_")[0] == array_id  # one array, one task per tau
+    assert sacct(array_id) == {students["tau-0.5"]: "COMPLETED", students["tau-0.7"]: "FAILED"}
+    assert json.loads((run / "students" / "tau-0.5" / "result.json").read_text())["target"] == "tau-0.5"
     teacher = json.loads((run / "teacher" / "result.json").read_text())
     assert teacher["world_size"] == 2 and len(set(teacher["rank_weight_digests"])) == 1
-    for target in ("tau-0.5", "tau-0.7"):
-        assert json.loads((run / "students" / target / "result.json").read_text())["target"] == target
-    assert (run / "report.md").is_file()
     # afterok order: each stage started after the one before it ended
     times = {}
-    for stage in ("prepare", "teacher", "infer", "merge"):
-        job_id = jobs["stages"][stage]["job_id"]
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "Start,End", "-j", job_id],
-                             capture_output=True, text=True, check=True).stdout.split("|")
+    order = ["data", "teacher", "teacher/probs", "pseudo"]
+    for stage in order:
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", "Start,End", "-j", jobs["jobs"][stage]["job_id"]],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("|")
         times[stage] = (out[0], out[1].strip())
-    order = ["prepare", "teacher", "infer", "merge"]
     for a, b in zip(order, order[1:], strict=False):
         assert times[a][1] <= times[b][0], (a, b, times)
+
+    # status names the failed task with its log and the command that retries it alone
+    assert main(["status", *overrides]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert rows["students/tau-0.5"].split()[1] == "done"
+    assert rows["students/tau-0.7"].split()[1] == "failed" and ".err" in rows["students/tau-0.7"]
+    retry = rows["retry"].split(None, 1)[1].split()
+    assert retry[:4] == ["pml-dist", "run", "--executor", "slurm"]
+
+    (run / "students" / "tau-0.7").unlink()
+    done_before = (run / "students" / "tau-0.5" / "result.json").stat().st_mtime_ns
+    assert main([*retry[1:], "--wait"]) == 0
+    again = json.loads((run / "jobs.json").read_text())["jobs"]
+    resubmitted = {name for name, job in again.items() if jobs["jobs"].get(name) != job}
+    assert resubmitted == {"students/tau-0.7", "report"}
+    assert (run / "students" / "tau-0.7" / "result.json").is_file() and (run / "report.md").is_file()
+    assert (run / "students" / "tau-0.5" / "result.json").stat().st_mtime_ns == done_before
 
 
 def test_a_failing_teacher_starts_nothing_downstream(slurm_cluster, synthetic_root, tmp_path, capsys):
     run = tmp_path / "run"
-    overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *SMALL,
-                 f"model.pretrained={tmp_path / 'no-such-weights.pth'}"]  # fails inside the teacher job
+    overrides = [
+        f"run.dir={run}",
+        f"data.root={synthetic_root}",
+        *SMALL,
+        f"model.pretrained={tmp_path / 'no-such-weights.pth'}",
+    ]  # fails inside the teacher job
     assert main(["run", "--executor", "slurm", "--wait", *overrides]) == 2
     err = capsys.readouterr().err
     assert "teacher (job" in err and "FAILED" in err and ".err" in err
-    jobs = json.loads((run / "jobs.json").read_text())["stages"]
-    assert sacct(jobs["prepare"]["job_id"]) == {jobs["prepare"]["job_id"]: "COMPLETED"}
+    jobs = json.loads((run / "jobs.json").read_text())["jobs"]
+    assert sacct(jobs["data"]["job_id"]) == {jobs["data"]["job_id"]: "COMPLETED"}
     deadline = time.time() + 60
     while time.time() < deadline:  # dependants are cancelled, never run
-        states = {s: sacct(jobs[s]["job_id"]).get(jobs[s]["job_id"], "") for s in ("infer", "merge")}
+        states = {s: sacct(jobs[s]["job_id"]).get(jobs[s]["job_id"], "") for s in ("teacher/probs", "pseudo")}
         if all(v.startswith("CANCELLED") for v in states.values()):
             break
         time.sleep(1)
@@ -80,8 +128,9 @@ def test_a_failing_teacher_starts_nothing_downstream(slurm_cluster, synthetic_ro
 
 
 @pytest.mark.parametrize("timeout", [False, True], ids=["preemption", "timeout"])
-def test_interrupted_training_job_requeues_and_matches_an_uninterrupted_run(slurm_cluster, synthetic_root,
-                                                                            tmp_path, timeout):
+def test_interrupted_training_job_requeues_and_matches_an_uninterrupted_run(
+    slurm_cluster, synthetic_root, tmp_path, timeout
+):
     import submitit
 
     from pml_dist.config import load_config, write_resolved
@@ -90,8 +139,16 @@ def test_interrupted_training_job_requeues_and_matches_an_uninterrupted_run(slur
     # 8 epochs of 7 steps of a wider model at 48 px: after the first checkpoint (step 2) the job
     # trains for many more seconds, so the signal lands inside training, not after its last step
     # (a stop request during the final evaluation is rightly ignored: the job is finishing anyway).
-    common = [f"data.root={synthetic_root}", *SMALL[:-7], "train.epochs=8", "data.augment=false",
-              "train.ckpt_every=2", "train.log_every=1", "model.width=32", "data.image_size=48"]
+    common = [
+        f"data.root={synthetic_root}",
+        *SMALL[:-7],
+        "train.epochs=8",
+        "data.augment=false",
+        "train.ckpt_every=2",
+        "train.log_every=1",
+        "model.width=32",
+        "data.image_size=48",
+    ]
     results = {}
     for name in ("whole", "interrupted"):
         cfg = load_config(None, [f"run.dir={tmp_path / name}", *common])
@@ -115,8 +172,10 @@ def test_interrupted_training_job_requeues_and_matches_an_uninterrupted_run(slur
         if name == "interrupted":
             assert "resumed from" in state_log  # it really was stopped and requeued
     assert results["whole"] == results["interrupted"]
-    ckpts = [max((tmp_path / n / "teacher" / "ckpt").glob("step-*"), key=lambda p: int(p.name[5:]))
-             for n in ("whole", "interrupted")]
+    ckpts = [
+        max((tmp_path / n / "teacher" / "ckpt").glob("step-*"), key=lambda p: int(p.name[5:]))
+        for n in ("whole", "interrupted")
+    ]
     a, b = (torch.load(c / "mp_rank_00_model_states.pt", weights_only=False)["module"] for c in ckpts)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -129,8 +188,13 @@ def test_plain_sbatch_scripts(slurm_cluster, synthetic_root, tmp_path):
 
     def sbatch(*args: str) -> str:
         log = str(tmp_path / "slurm-%x-%A_%a.out")
-        out = subprocess.run(["sbatch", "--parsable", "--wait", "--output", log, *args, config],
-                             cwd=REPO, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            ["sbatch", "--parsable", "--wait", "--output", log, *args, config],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert out.returncode == 0, out.stderr + "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
         return out.stdout.strip().split(";")[0]
 
