@@ -199,7 +199,26 @@ class Config:
 
 def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the preset YAML (configs/demo.yaml when None), then `section.key=value`s."""
-    path = Path(preset) if preset is not None else DEFAULT_PRESET
+    cfg = Config()
+    for path, raw in _preset_layers(Path(preset) if preset is not None else DEFAULT_PRESET):
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section '{section}' must be a mapping")
+            for key, value in values.items():
+                _set(cfg, f"{section}.{key}", value, source=str(path))
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        if not sep or "." not in dotted:
+            raise ConfigError(f"override '{item}': expected section.key=value")
+        _set(cfg, dotted.strip(), yaml.safe_load(text) if text.strip() else "", source="override")
+    _make_paths_absolute(cfg)
+    validate(cfg)
+    return cfg
+
+
+def _preset_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """The preset and, first, the presets it builds on: `base: other.yaml` (relative to the preset)
+    is read before it, so a variant lists only what it changes."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -210,21 +229,15 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[s
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     raw.pop("meta", None)  # the provenance block of a resolved <run>/config.yaml
-
-    cfg = Config()
-    for section, values in raw.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: section '{section}' must be a mapping")
-        for key, value in values.items():
-            _set(cfg, f"{section}.{key}", value, source=str(path))
-    for item in overrides:
-        dotted, sep, text = item.partition("=")
-        if not sep or "." not in dotted:
-            raise ConfigError(f"override '{item}': expected section.key=value")
-        _set(cfg, dotted.strip(), yaml.safe_load(text) if text.strip() else "", source="override")
-    _make_paths_absolute(cfg)
-    validate(cfg)
-    return cfg
+    base = raw.pop("base", None)
+    if base is None:
+        return [(path, raw)]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must name a preset file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: 'base: {base}' makes a cycle of presets")
+    return [*_preset_layers(base_path, (*seen, path.resolve())), (path, raw)]
 
 
 def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
