@@ -1,12 +1,15 @@
 """`pml-dist run`: the pipeline as one dependency graph of submitit jobs; `pml-dist status`.
 
     prepare (CPU) -> teacher (N nodes x T tasks) -> infer (its own nodes/tasks) -> merge (CPU)
-        -> students (one job array, one task per pseudo-label target)
+        -> students (one job array, one task per pseudo-label target) -> report
+    reference teachers beside the chain; the beyond chain (subruns.beyond_run) and each seed
+    (subruns.seed_runs) are the same graph again in their own run directories
 
-On Slurm everything is submitted at once, each job `afterok` on the previous one, and the command
-returns (or waits with --wait). Locally (submitit's local executor, the default without Slurm) the
-same jobs run one after the other. Finished stages are not submitted again: resubmitting a config
-skips done students and resumes unfinished ones. Job ids and log paths go to `<run>/jobs.json`.
+On Slurm everything is submitted at once, each job `afterok` on what it needs, and the command
+returns (or waits with --wait, see `wait_for`). Locally (submitit's local executor, the default
+without Slurm) the same jobs run one after the other. Finished stages are not submitted again, nor
+are jobs Slurm still has queued or running: resubmitting a config retries what failed, skips done
+students and resumes unfinished ones. Job ids and log paths go to `<run>/jobs.json`.
 """
 
 from __future__ import annotations
