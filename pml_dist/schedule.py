@@ -157,12 +157,19 @@ class Graph:
         return what if prefix == "." else f"{prefix}/{what}"
 
     def active(self, name: str) -> str | None:
-        """The job id of `name` from an earlier submission if Slurm still has it queued or running."""
+        """The job id of `name` from an earlier submission if Slurm still has it queued or running
+        (then --wait follows that job too)."""
         job = self.previous.get(name)
         if self.local or job is None:
             return None
         state = _slurm_state(job["job_id"], queue_only=True)
-        return job["job_id"] if state not in ("UNKNOWN", *TERMINAL_OK, *TERMINAL_BAD) else None
+        if state in ("UNKNOWN", *TERMINAL_OK, *TERMINAL_BAD):
+            return None
+        import submitit
+
+        self.jobs[name] = submitit.SlurmJob(self.sub.folder / "%j", job["job_id"])
+        log.info("%-24s job %s still queued or running: not submitted again", name, job["job_id"])
+        return job["job_id"]
 
     def submit(
         self,
@@ -179,7 +186,6 @@ class Graph:
         name = self.name(cfg, what)
         running = self.active(name)
         if running:
-            log.info("%-24s job %s still queued or running: not submitted again", name, running)
             return [running]
         executor = self.sub.executor(
             name.replace("/", "-"), nodes, tasks, time_min, after=[] if self.local else after, gpus=gpus
@@ -196,10 +202,9 @@ class Graph:
         job array, split in parts of at most MaxArraySize tasks when it is larger."""
         s = self.root.slurm
         names = {t: self.name(cfg, f"students/{t}") for t in targets}
-        ids = [r for r in (self.active(n) for n in names.values()) if r]
-        targets = [t for t in targets if not self.active(names[t])]
-        if ids:
-            log.info("%d student(s) still queued or running: not submitted again", len(ids))
+        running = {t: self.active(n) for t, n in names.items()}
+        ids = [r for r in running.values() if r]
+        targets = [t for t in targets if not running[t]]
         if self.local:
             for target in targets:
                 executor = self.sub.executor(

@@ -7,6 +7,7 @@ The jobs call builtins (len, os._exit, time.sleep) so that they unpickle without
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -80,3 +81,19 @@ def test_a_job_slurm_does_not_know_is_reported(slurm_cluster, cfg, tmp_path):
     ghost = submitit.SlurmJob(tmp_path / "submitit", "999999")  # never submitted
     with pytest.raises(PmlError, match=r"report \(job 999999\) unknown to Slurm"):
         wait_for(cfg, {"report": ghost}, poll_s=0.5, unknown_s=3)
+
+
+def test_a_job_still_queued_or_running_is_not_submitted_again(slurm_cluster, cfg):
+    nap = functools.partial(time.sleep, 120)
+    (first,) = Graph(cfg, "slurm").submit(cfg, "teacher", nap, 1, 1, 5, after=[])
+    again = Graph(cfg, "slurm")
+    assert again.submit(cfg, "teacher", nap, 1, 1, 5, after=[]) == [first]  # the same job
+    assert again.jobs["teacher"].job_id == first  # --wait follows it
+    subprocess.run(["scancel", first], check=True)
+    deadline = time.monotonic() + 30
+    while slurm_cluster.squeue_states(first) not in ([], ["CANCELLED"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    (second,) = Graph(cfg, "slurm").submit(cfg, "teacher", nap, 1, 1, 5, after=[])
+    assert second != first  # ended (here cancelled): submitted anew
+    subprocess.run(["scancel", second], check=True)
