@@ -84,7 +84,7 @@ def test_resubmission_redoes_only_what_is_unfinished(pipeline):
 def test_seeds_repeat_the_experiment_and_report_mean_and_std(synthetic_root, tmp_path):
     run = tmp_path / "run"
     overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *TINY, "pseudo.taus=[0.5]",
-                 "pseudo.modes=[hard]", "report.references=[]", "train.seed=4"]
+                 "pseudo.modes=[hard]", "report.references=[]", "pseudo.beyond_teacher=", "train.seed=4"]
     assert main(["run", "--executor", "local", "--seeds", "2", *overrides]) == 0
     per_seed = [json.loads((run / f"seed-{s}" / "report.json").read_text()) for s in (4, 5)]
     assert not (run / "seed-4" / "data").exists()  # one prepared data set for every seed

@@ -26,6 +26,7 @@ SMALL = [
     "pseudo.taus=[0.5, 0.7]",
     "pseudo.modes=[hard]",
     "report.references=[]",
+    "pseudo.beyond_teacher=",
     "slurm.teacher_nodes=2",
     "slurm.teacher_tasks_per_node=1",
     "slurm.infer_tasks_per_node=2",
