@@ -180,11 +180,12 @@ def summarize(reports: list[dict]) -> dict:
             return None, None
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
+    by_name = [{row["name"]: row for row in r["rows"]} for r in reports]
     rows = []
-    for i, row in enumerate(first["rows"]):
+    for row in first["rows"]:
         merged = dict(row)
         for key in NUMBERS:
-            merged[key], merged[f"{key}_std"] = mean_std([r["rows"][i].get(key) for r in reports])
+            merged[key], merged[f"{key}_std"] = mean_std([r.get(row["name"], {}).get(key) for r in by_name])
         rows.append(merged)
     found = {}
     for key, value in first["findings"].items():
@@ -325,8 +326,12 @@ def figures(r: dict, out: Path) -> tuple[Path, Path]:
     for row in r["rows"]:
         if row["kind"] in ("teacher", "reference") and row["test_map"] is not None:
             color, style = styles.get(row["loss"], ("gray", "--"))
-            ax.axhline(row["test_map"], color=color, linestyle=style, label=_name(row["loss"]))
+            label = _name(row["loss"]) + (" (the teacher)" if row["kind"] == "teacher" else "")
+            ax.axhline(row["test_map"], color=color, linestyle=style, label=label)
+    # Students without a tau stand left of the tau axis, one column each, so none looks like a tau's.
     markers = iter("s^vD<>")
+    step = (max(taus) - min(taus)) / 8 if len(taus) > 1 else 0.05
+    column = 0
     for row in r["rows"]:
         if (
             row["kind"] in ("student", "beyond")
@@ -334,13 +339,14 @@ def figures(r: dict, out: Path) -> tuple[Path, Path]:
             and row["test_map"] is not None
             and taus
         ):
+            column += 1
             ax.errorbar(
-                [min(taus)],
+                [min(taus) - column * step],
                 [row["test_map"]],
                 yerr=_err([row], "test_map"),
                 fmt=next(markers, "x"),
                 capsize=3,
-                label=row["name"].replace("student ", "").replace("_", " "),
+                label=row["name"].replace("student ", "").replace("_", " ") + " (no tau)",
             )
     a = _save_figure(
         fig, ax, "test mAP (%)", f"Figure 1a: student mAP vs tau ({title})", out / "figure1a.png"

@@ -496,7 +496,8 @@ def _outputs(cfg: Config):
     from pml_dist.subruns import beyond_run, seed_runs
 
     yield "data", done(cfg, "prepare")
-    for run in seed_runs(cfg):
+    runs = seed_runs(cfg)
+    for run in runs:
         for sub in filter(None, (run, beyond_run(run))):
             prefix = sub.run_dir.relative_to(cfg.run_dir).as_posix()
             prefix = "" if prefix == "." else prefix + "/"
@@ -513,6 +514,8 @@ def _outputs(cfg: Config):
                 except PmlError:  # e.g. a merge record whose teacher is gone
                     finished = False
                 yield prefix + what, finished
+        if len(runs) > 1:
+            yield f"{run.run_dir.name}/report", (run.run_dir / "report.json").is_file()
     yield "report", (cfg.run_dir / "report.json").is_file()
 
 
