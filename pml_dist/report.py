@@ -241,30 +241,28 @@ def markdown(r: dict) -> str:
     f = r["findings"]
     claims = []
     if "hard_students_minus_teacher_min" in f:
-        margin = _fmt(f, "hard_students_minus_teacher_min")
-        verdict = "yes" if f["hard_students_minus_teacher_min"] > 0 else "no"
+        key = "hard_students_minus_teacher_min"
         claims.append(
-            f"- Every tau's student beats its {_name(r['teacher_loss'])} teacher: {verdict} "
-            f"(smallest margin {margin} mAP)"
+            f"- Every tau's student beats its {_name(r['teacher_loss'])} teacher: {_verdict(f, key)} "
+            f"(smallest margin {_fmt(f, key)} mAP{_per_seed(f, key)})"
         )
         claims.append(
             f"- Mean positives per image fall as tau rises: "
             f"{'yes' if f['positives_fall_as_tau_rises'] else 'no'}"
         )
     if "students_minus_em_max" in f:
-        verdict = "yes" if f["students_minus_em_max"] > 0 else "no"
+        key = "students_minus_em_max"
         claims.append(
-            f"- A student beats EM: {verdict} (best student - EM: {_fmt(f, 'students_minus_em_max')})"
+            f"- A student beats EM: {_verdict(f, key)} "
+            f"(best student - EM: {_fmt(f, key)} mAP{_per_seed(f, key)})"
         )
     if "beyond_student_minus_teacher" in f:
-        per_seed = f.get("beyond_student_minus_teacher_per_seed")
-        seeds_note = f"; per seed: {', '.join(f'{v:+.2f}' for v in per_seed)}" if per_seed else ""
+        key = "beyond_student_minus_teacher"
         best = f["beyond_best_student"]
         claims.append(
-            f"- Beyond the paper, a student beats its own teacher: "
-            f"{'yes' if f['beyond_student_minus_teacher'] > 0 else 'no'} "
+            f"- Beyond the paper, a student beats its own teacher: {_verdict(f, key)} "
             f"({', '.join(best) if isinstance(best, list) else best}: "
-            f"{_fmt(f, 'beyond_student_minus_teacher')} mAP{seeds_note})"
+            f"{_fmt(f, key)} mAP{_per_seed(f, key)})"
         )
     if claims:
         lines += ["", "Findings (test mAP):", *claims]
@@ -299,6 +297,20 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _verdict(f: dict, key: str) -> str:
+    """yes / no for one run; over seeds, yes only when it holds on every seed."""
+    values = [v for v in f.get(f"{key}_per_seed") or [f[key]] if v is not None]
+    wins = sum(v > 0 for v in values)
+    if wins in (0, len(values)):
+        return "yes" if wins else "no"
+    return f"on {wins} of {len(values)} seeds"
+
+
+def _per_seed(f: dict, key: str) -> str:
+    values = f.get(f"{key}_per_seed")
+    return f"; per seed: {', '.join(f'{v:+.2f}' for v in values if v is not None)}" if values else ""
+
+
 def figures(r: dict, out: Path) -> tuple[Path, Path]:
     import matplotlib
 
@@ -328,6 +340,9 @@ def figures(r: dict, out: Path) -> tuple[Path, Path]:
             color, style = styles.get(row["loss"], ("gray", "--"))
             label = _name(row["loss"]) + (" (the teacher)" if row["kind"] == "teacher" else "")
             ax.axhline(row["test_map"], color=color, linestyle=style, label=label)
+            if row.get("test_map_std"):  # over seeds: a band of one standard deviation
+                m, sd = row["test_map"], row["test_map_std"]
+                ax.axhspan(m - sd, m + sd, color=color, alpha=0.08)
     # Students without a tau stand left of the tau axis, one column each, so none looks like a tau's.
     markers = iter("s^vD<>")
     step = (max(taus) - min(taus)) / 8 if len(taus) > 1 else 0.05
