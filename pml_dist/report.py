@@ -228,10 +228,14 @@ def markdown(r: dict) -> str:
         "| run | test mAP | val mAP | positives / image | precision | recall | train s | samples/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    published = r["published_coco"] or {}
     for row in r["rows"]:
         positives = _fmt(row, "positives") + (" (expected)" if row["kind"] == "teacher" else "")
+        test = _fmt(row, "test_map")
+        if row["kind"] in ("teacher", "reference") and row.get("loss") in published:
+            test += f" (published {published[row['loss']]})"
         lines.append(
-            f"| {row['name']} | {_fmt(row, 'test_map')} | {_fmt(row, 'val_map')} | "
+            f"| {row['name']} | {test} | {_fmt(row, 'val_map')} | "
             f"{positives if row.get('positives') is not None else '-'} | "
             f"{_fmt(row, 'precision', 3)} | {_fmt(row, 'recall', 3)} | "
             f"{_fmt(row, 'train_seconds', 0)} | {_fmt(row, 'samples_per_s', 0)} |"
