@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -85,7 +88,28 @@ def test_preset_data_stage_and_a_teacher_epoch_on_coco_mini(coco_mini, tmp_path,
     assert splits["train"]["images"] + splits["val"]["images"] == 206  # 208 less 2 without annotations
     assert splits["test"]["images"] == 79
 
-    assert main(["train", "--stage", "teacher", "--config", str(PRESET), *overrides]) == 0
+    # As a user starts it: its own process (training exports the torch.distributed variables and
+    # keeps a process group, which must not leak into this one), outside any launcher or Slurm job.
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("SLURM_")}
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pml_dist",
+            "train",
+            "--stage",
+            "teacher",
+            "--config",
+            str(PRESET),
+            *overrides,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
     result = json.loads((run / "teacher" / "result.json").read_text())
     derived = json.loads((run / "teacher" / "derived.json").read_text())
     assert (derived["global_batch"], derived["lr"]) == (16, 1e-5)
