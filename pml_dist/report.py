@@ -54,6 +54,10 @@ def _trained(result: dict | None) -> dict:
     return {k: (result or {}).get(v) for k, v in keys.items()}
 
 
+def _reference_row(loss: str, result: dict | None) -> dict:
+    return {"kind": "reference", "name": f"reference {_name(loss)}", "loss": loss, **_trained(result)}
+
+
 def _students(cfg: Config, kind: str, label: str) -> list[dict]:
     pseudo = _read(layout.pseudo_dir(cfg.run_dir) / "stats.json") or {"targets": {}}
     rows = []
@@ -94,22 +98,13 @@ def collect(cfg: Config) -> dict:
     for loss in cfg.report.references:
         result = _read(reference_result(cfg, loss))
         if loss != cfg.loss.name and result is not None:
-            rows.append(
-                {"kind": "reference", "name": f"reference {_name(loss)}", "loss": loss, **_trained(result)}
-            )
+            rows.append(_reference_row(loss, result))
     rows += _students(cfg, "student", "student ")
     beyond = beyond_run(cfg)
     if beyond is not None:
         loss = beyond.loss.name
         if loss not in cfg.report.references:  # else the reference row above is this teacher
-            rows.append(
-                {
-                    "kind": "reference",
-                    "name": f"reference {_name(loss)}",
-                    "loss": loss,
-                    **_trained(_read(layout.teacher_dir(beyond.run_dir) / "result.json")),
-                }
-            )
+            rows.append(_reference_row(loss, _read(layout.teacher_dir(beyond.run_dir) / "result.json")))
         rows += _students(beyond, "beyond", f"{_name(loss)} teacher -> student ")
     merge = _read(layout.pseudo_dir(run) / "merge.json") or {}
     students = [r for r in rows if r["kind"] == "student" and r["train_seconds"] is not None]

@@ -14,6 +14,7 @@ students and resumes unfinished ones. Job ids and log paths go to `<run>/jobs.js
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -154,8 +155,7 @@ class Graph:
         self.jobs: dict = {}  # name -> submitit job, for --wait
 
     def name(self, cfg: Config, what: str) -> str:
-        prefix = cfg.run_dir.relative_to(self.root.run_dir).as_posix()
-        return what if prefix == "." else f"{prefix}/{what}"
+        return job_name(self.root, cfg, what)
 
     def active(self, name: str) -> str | None:
         """The job id of `name` from an earlier submission if Slurm still has it queued or running
@@ -208,16 +208,8 @@ class Graph:
         targets = [t for t in targets if not running[t]]
         if self.local:
             for target in targets:
-                executor = self.sub.executor(
-                    names[target].replace("/", "-"),
-                    s.student_nodes,
-                    s.student_tasks_per_node,
-                    s.student_time_min,
-                    gpus=True,
-                )
-                j = executor.submit(job, target)
-                self._submitted(names[target], j)
-                _wait_one(names[target], j)
+                self.submit(cfg, f"students/{target}", functools.partial(job, target), s.student_nodes,
+                            s.student_tasks_per_node, s.student_time_min, after, gpus=True)
             return []
         chunk = max_array_size()
         for start in range(0, len(targets), chunk):
@@ -248,7 +240,7 @@ class Graph:
     def experiment(self, cfg: Config, after: list[str]) -> list[str]:
         """teacher -> infer -> merge -> students, references beside them, and the beyond chain;
         returns what the experiment's report waits for."""
-        from pml_dist.subruns import beyond_run
+        from pml_dist.subruns import beyond_run, references_to_train
 
         s = self.root.slurm
         resolved = str(write_resolved(cfg))
@@ -285,9 +277,9 @@ class Graph:
         if todo:
             ends += self.submit_array(cfg, TrainJob(resolved, stage="student"), todo, chain)
         # Reference teachers (full BCE, EM, ...) need only the data: on Slurm they run beside the chain.
-        for loss in cfg.report.references:
-            if loss in (cfg.loss.name, cfg.pseudo.beyond_teacher) or done(cfg, "reference", loss):
-                continue  # the teacher itself, or the beyond chain's teacher, is that reference
+        for loss in references_to_train(cfg):
+            if done(cfg, "reference", loss):
+                continue
             job = TrainJob(resolved, stage="reference", target=loss)
             ends += self.submit(
                 cfg,
@@ -340,6 +332,16 @@ def run_pipeline(cfg: Config, kind: str, wait: bool) -> dict:
     if wait and not graph.local:
         wait_for(cfg, graph.jobs)
     return graph.record
+
+
+def job_name(root: Config, cfg: Config, what: str) -> str:
+    """`what` (a folder of a run) named relative to the root run: `teacher`, `seed-1/beyond-em/pseudo`."""
+    prefix = cfg.run_dir.relative_to(root.run_dir).as_posix()
+    return what if prefix == "." else f"{prefix}/{what}"
+
+
+def _retry_command(cfg: Config, executor: str) -> str:
+    return f"pml-dist run --executor {executor} --config {cfg.run_dir / 'config.yaml'}"
 
 
 def _load_record(cfg: Config) -> dict:
@@ -445,8 +447,10 @@ def wait_for(
         if cancelled:
             named = ", ".join(f"{name} (job {jobs[name].job_id})" for name in cancelled)
             lines.append(f"cancelled (a job they depend on failed, or scancel): {named}")
-        retry = f"pml-dist run --executor slurm --config {cfg.run_dir / 'config.yaml'}"
-        lines.append(f"retry what failed (finished, queued and running jobs are not resubmitted): {retry}")
+        lines.append(
+            "retry what failed (finished, queued and running jobs are not resubmitted): "
+            + _retry_command(cfg, "slurm")
+        )
         raise PmlError("\n".join(lines))
 
 
@@ -481,39 +485,27 @@ def status(cfg: Config) -> list[tuple[str, str, str]]:
                 )
             )
     if failed:
-        rows.append(
-            (
-                "retry",
-                "",
-                f"pml-dist run --executor {record['executor']} --config {cfg.run_dir / 'config.yaml'}",
-            )
-        )
+        rows.append(("retry", "", _retry_command(cfg, record["executor"])))
     return rows
 
 
 def _outputs(cfg: Config):
     """(job name, finished) for every stage of the experiment, its seeds and beyond chains."""
-    from pml_dist.subruns import beyond_run, seed_runs
+    from pml_dist.subruns import beyond_run, references_to_train, seed_runs
 
     yield "data", done(cfg, "prepare")
     runs = seed_runs(cfg)
     for run in runs:
         for sub in filter(None, (run, beyond_run(run))):
-            prefix = sub.run_dir.relative_to(cfg.run_dir).as_posix()
-            prefix = "" if prefix == "." else prefix + "/"
             entries = [("teacher", "teacher", None), ("pseudo", "merge", None)]
             entries += [(f"students/{t}", "student", t) for t in students(sub)]
-            entries += [
-                (f"references/{loss}", "reference", loss)
-                for loss in sub.report.references
-                if loss not in (sub.loss.name, sub.pseudo.beyond_teacher)
-            ]
+            entries += [(f"references/{loss}", "reference", loss) for loss in references_to_train(sub)]
             for what, stage, target in entries:
                 try:
                     finished = done(sub, stage, target)
                 except PmlError:  # e.g. a merge record whose teacher is gone
                     finished = False
-                yield prefix + what, finished
+                yield job_name(cfg, sub, what), finished
         if len(runs) > 1:
             yield f"{run.run_dir.name}/report", (run.run_dir / "report.json").is_file()
     yield "report", (cfg.run_dir / "report.json").is_file()

@@ -43,6 +43,12 @@ def beyond_run(cfg: Config) -> Config | None:
     return sub
 
 
+def references_to_train(cfg: Config) -> list[str]:
+    """report.references this run trains as reference teachers: not its own teacher's loss, and not
+    the beyond chain's (that chain's teacher is the reference)."""
+    return [loss for loss in cfg.report.references if loss not in (cfg.loss.name, cfg.pseudo.beyond_teacher)]
+
+
 def reference_result(cfg: Config, loss: str) -> Path:
     """Where a reference teacher's result.json is: the beyond chain's teacher when it uses that loss
     (it is the same training), else <run>/references/<loss>/."""
