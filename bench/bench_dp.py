@@ -28,11 +28,12 @@ def worker(mode: str, beton: str, out: str, steps: int, warmup: int, micro: int,
     import torch.distributed as tdist
 
     from ffcv_data.loaders import threads_per_rank, train_loader
-    from pml_dist import dist, engine
+    from pml_dist import dist
     from pml_dist.config import load_config
-    from pml_dist.losses import build_loss
-    from pml_dist.models import build_model, param_groups
-    from pml_dist.trainer import TrainModule
+    from pml_dist.training import engine
+    from pml_dist.training.losses import build_loss
+    from pml_dist.training.models import build_model, param_groups
+    from pml_dist.training.trainer import TrainModule
 
     info = dist.resolve()
     torch.set_num_threads(threads_per_rank(0, info.local_world_size))

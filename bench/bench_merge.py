@@ -15,25 +15,26 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.loaders import per_rank_order
-from pml_dist.infer import write_shard
-from pml_dist.merge import merge_shards
+from pml_dist.layout import RunLayout
+from pml_dist.pseudo.merge import merge_shards
+from pml_dist.pseudo.shards import npz_of, write_shard
 
 IDS = {"teacher_id": "bench-teacher", "data_id": "bench-data"}
 
 
-def make_shards(folder: Path, n: int, num_classes: int, world: int) -> None:
+def make_shards(run: RunLayout, n: int, num_classes: int, world: int) -> None:
     rng = np.random.default_rng(0)
     probs = rng.random((n, num_classes), dtype=np.float32).astype(np.float16)
     for rank in range(world):
         idx = per_rank_order(n, 0, 0, rank, world, shuffle=False)
-        write_shard(folder, rank, world, idx, probs[idx], IDS)
+        write_shard(run, rank, world, idx, probs[idx], IDS)
 
 
-def read_all(folder: Path) -> int:
+def read_all(run: RunLayout) -> int:
     """The baseline: np.load of every shard's arrays (the bytes any merge has to read)."""
     total = 0
-    for npz in sorted(folder.glob("shard-*.npz")):
-        with np.load(npz) as data:
+    for manifest in run.shard_manifests():
+        with np.load(npz_of(manifest)) as data:
             total += data["indices"].nbytes + data["probs"].nbytes
     return total
 
@@ -46,17 +47,18 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        folder, out = Path(tmp) / "probs", Path(tmp) / "pseudo" / "probs.npy"
-        make_shards(folder, args.samples, args.classes, args.shards)
-        read_all(folder)  # warm the page cache for both contestants
+        run = RunLayout(Path(tmp))
+        out = run.pseudo.probs
+        make_shards(run, args.samples, args.classes, args.shards)
+        read_all(run)  # warm the page cache for both contestants
         load_times, merge_times = [], []
         for _ in range(args.repeat):  # interleaved, so both see the same machine state
             t0 = time.perf_counter()
-            nbytes = read_all(folder)
+            nbytes = read_all(run)
             load_times.append(time.perf_counter() - t0)
             out.unlink(missing_ok=True)  # a first merge, not a replacement (ext4 flushes on those)
             t0 = time.perf_counter()
-            summary = merge_shards(folder, out, args.samples, args.classes, IDS)
+            summary = merge_shards(run, args.samples, args.classes, IDS)
             merge_times.append(time.perf_counter() - t0)
         assert summary["padding_duplicates"] == (-args.samples) % args.shards
     load, merge = min(load_times), min(merge_times)

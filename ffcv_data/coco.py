@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pml_dist.errors import DataError
+from ffcv_data.errors import DataError
 
 
 @dataclass

@@ -1,40 +1,49 @@
-"""`pml-dist prepare`: COCO-format root -> <run>/data/{train,val,test}.beton + stats.json.
+"""COCO-format root -> a prepared folder: {train,val,test}.beton + meta + stats.json (prepared.py).
 
-Every input is read and checked before any .beton is written. A split whose .beton already exists is
-skipped (each appears only when complete), so an interrupted prepare resumes. `stats.json` is written
-last and marks the data stage as done.
+Plain arguments only (`PrepareSpec`): the data package knows nothing of the experiment config;
+`pml_dist/data_stage.py` maps the config onto it. Every input is read and checked before any .beton
+is written. A split whose .beton already exists is skipped (each appears only when complete), so an
+interrupted prepare resumes. `stats.json` is written last and marks the data stage as done.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ffcv_data.atomic import save_with, write_json
 from ffcv_data.beton import write_beton
 from ffcv_data.coco import CocoSplit, read_split
+from ffcv_data.errors import DataError
+from ffcv_data.prepared import PreparedData
 from ffcv_data.protocol import draw_observed, split_train_val
-from pml_dist.atomic import save_with, write_json
-from pml_dist.config import Config
-from pml_dist.errors import DataError
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 
 
-def beton_path(cfg: Config, split: str) -> Path:
-    return cfg.data_dir / f"{split}.beton"
+@dataclass(frozen=True)
+class PrepareSpec:
+    """What `prepare` reads and how it encodes (the experiment's `data.*` keys)."""
+
+    root: Path  # annotations/instances_<split>.json and <split>/*.jpg
+    train_split: str
+    test_split: str
+    observed_seed: int
+    val_fraction: float
+    val_seed: int
+    max_resolution: int
+    jpeg_quality: int
+    write_workers: int = 0
 
 
-def prepare(cfg: Config) -> dict:
-    """Write the three .beton files and stats.json; returns the stats."""
+def prepare(d: PrepareSpec, out: PreparedData) -> dict:
+    """Write the three .beton files and stats.json into `out`; returns the stats."""
     t0 = time.perf_counter()
-    root = Path(cfg.data.root)
-    if not root.exists():
-        _generate(cfg)
-    d = cfg.data
+    root = Path(d.root)
     train_full = read_split(root, d.train_split)
     test = read_split(root, d.test_split)
     if train_full.category_ids != test.category_ids:
@@ -52,11 +61,10 @@ def prepare(cfg: Config) -> dict:
         "test": (test, np.arange(len(test)), draw_observed(test.labels, test.image_ids, d.observed_seed)),
     }
 
-    out = cfg.data_dir
-    out.mkdir(parents=True, exist_ok=True)
+    Path(out.folder).mkdir(parents=True, exist_ok=True)
     for name, (source, rows, observed) in parts.items():
-        path = beton_path(cfg, name)
-        meta = out / f"{name}.meta.npz"
+        path = out.beton(name)
+        meta = out.meta(name)
         if path.exists() and meta.exists():
             log.info("%s exists, skipping", path)
             continue
@@ -93,24 +101,8 @@ def prepare(cfg: Config) -> dict:
         "splits": {name: _label_stats(src.labels[rows], src) for name, (src, rows, _) in parts.items()},
         "seconds": time.perf_counter() - t0,  # wall time of this call (files already there are skipped)
     }
-    write_json(out / "stats.json", stats)
+    write_json(out.stats_file, stats)
     return stats
-
-
-def _generate(cfg: Config) -> None:
-    from ffcv_data.synthetic import make_synthetic
-
-    d = cfg.data
-    log.info("data.root %s does not exist: generating the built-in data set there", d.root)
-    make_synthetic(
-        d.root,
-        seed=d.synthetic_seed,
-        n_train=d.synthetic_train,
-        n_test=d.synthetic_test,
-        image_size=d.max_resolution,
-        train_split=d.train_split,
-        test_split=d.test_split,
-    )
 
 
 def _source_stats(split: CocoSplit) -> dict:

@@ -1,5 +1,5 @@
 """`pml-dist` command line. The only place that parses argv; every command is a thin call into the
-library. User errors (PmlError) print one line naming what is wrong and exit with status 2."""
+library. User errors (errors.USER_ERRORS) print one line naming what is wrong and exit with status 2."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pml_dist.errors import PmlError
+from pml_dist.errors import USER_ERRORS, PmlError
 
 log = logging.getLogger("pml_dist")
 
@@ -62,18 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import faulthandler
+    from pml_dist.log import enable_crash_traces, setup_logging
 
-    from pml_dist.log import setup_logging
-
-    try:  # a crash in native code (torch, numba) still prints the Python stack
-        faulthandler.enable()
-    except (OSError, ValueError, AttributeError):  # stderr is not a real file (e.g. captured)
-        pass
+    enable_crash_traces()
     setup_logging()
     try:
         return COMMANDS[args.command](args)
-    except PmlError as exc:
+    except USER_ERRORS as exc:
         print(f"pml-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -101,7 +96,7 @@ def _config(args, write: bool = True):
 
 
 def cmd_prepare(args) -> int:
-    from ffcv_data.prepare import prepare
+    from pml_dist.data_stage import prepare
 
     cfg = _config(args)
     stats = prepare(cfg)
@@ -110,34 +105,47 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def _stage(args, cfg):
+    """The stage `--stage` and its target flags name, checked against the config."""
     from pml_dist.layout import tau_name
-    from pml_dist.trainer import EXIT_STOPPED, StopFlag, Stopped, train
+    from pml_dist.pseudo.labels import target_names
+    from pml_dist.stages import Reference, Student, Teacher
+
+    targets = target_names(cfg.pseudo.taus, cfg.pseudo.modes)
+    if args.stage == "teacher":
+        if args.tau is not None or args.pseudo or args.index is not None or args.loss:
+            raise PmlError("--tau, --pseudo, --index and --loss do not apply to --stage teacher")
+        return Teacher()
+    if args.stage == "reference":
+        if not args.loss:
+            raise PmlError("--stage reference needs --loss")
+        if args.loss not in cfg.report.references:
+            raise PmlError(f"--loss {args.loss} is not one of report.references {cfg.report.references}")
+        return Reference(args.loss)
+    if args.index is not None:
+        if not 0 <= args.index < len(targets):
+            raise PmlError(f"--index {args.index}: there are {len(targets)} targets (0..{len(targets) - 1}: "
+                           f"{', '.join(targets)})")
+        return Student(targets[args.index])
+    if args.tau is not None:
+        if not any(abs(args.tau - t) < 1e-9 for t in cfg.pseudo.taus):
+            raise PmlError(f"--tau {args.tau} is not one of pseudo.taus {cfg.pseudo.taus}")
+        return Student(tau_name(args.tau))
+    if args.pseudo:
+        return Student(args.pseudo)
+    raise PmlError("--stage student needs --tau T or --pseudo soft|class_prior")
+
+
+def cmd_train(args) -> int:
+    from pml_dist.training.stop import EXIT_STOPPED, StopFlag, Stopped
+    from pml_dist.training.trainer import train
 
     cfg = _config(args)
-    target = tau_name(args.tau) if args.tau is not None else (args.pseudo or args.loss)
-    if args.index is not None:
-        from pml_dist.pseudo import target_names
-
-        names = target_names(cfg.pseudo.taus, cfg.pseudo.modes)
-        if not 0 <= args.index < len(names):
-            raise PmlError(f"--index {args.index}: there are {len(names)} targets (0..{len(names) - 1}: "
-                           f"{', '.join(names)})")
-        target = names[args.index]
-    if args.stage == "student" and (target is None or args.loss):
-        raise PmlError("--stage student needs --tau T or --pseudo soft|class_prior")
-    if args.stage == "reference" and not args.loss:
-        raise PmlError("--stage reference needs --loss")
-    if args.stage == "teacher" and target is not None:
-        raise PmlError("--tau, --pseudo, --index and --loss do not apply to --stage teacher")
-    if args.loss and args.loss not in cfg.report.references:
-        raise PmlError(f"--loss {args.loss} is not one of report.references {cfg.report.references}")
-    if args.tau is not None and not any(abs(args.tau - t) < 1e-9 for t in cfg.pseudo.taus):
-        raise PmlError(f"--tau {args.tau} is not one of pseudo.taus {cfg.pseudo.taus}")
+    stage = _stage(args, cfg)
     stop = StopFlag()
     stop.install()
     try:
-        train(cfg, args.stage, target, stop)
+        train(cfg, stage, stop)
     except Stopped as exc:
         log.info("%s", exc)
         return EXIT_STOPPED
@@ -145,16 +153,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_infer(args) -> int:
-    from pml_dist.infer import infer
+    from pml_dist.pseudo.infer import infer
 
     infer(_config(args))
     return 0
 
 
 def cmd_merge(args) -> int:
-    from pml_dist.merge_job import merge
+    from pml_dist.pseudo.make import make_pseudo_labels
 
-    summary = merge(_config(args))
+    summary = make_pseudo_labels(_config(args))
     for name, target in summary["targets"].items():
         extra = (f", precision {target['precision']:.3f}, recall {target['recall']:.3f}"
                  if target.get("precision") is not None else "")
@@ -163,24 +171,27 @@ def cmd_merge(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from pml_dist.schedule import default_executor, run_pipeline
+    from pml_dist.layout import RunLayout
+    from pml_dist.pipeline.graph import run_pipeline
+    from pml_dist.pipeline.slurm import default_executor
 
     cfg = _config(args)
+    run = RunLayout.of(cfg)
     kind = args.executor or default_executor()
     t0 = time.perf_counter()
     record = run_pipeline(cfg, kind, args.wait)
     if kind == "slurm" and not args.wait:
-        log.info("submitted; `pml-dist status` shows progress; job ids in %s", cfg.run_dir / "jobs.json")
+        log.info("submitted; `pml-dist status` shows progress; job ids in %s", run.jobs)
         return 0
     log.info("pipeline finished in %.0f s (%s executor)", time.perf_counter() - t0, record["executor"])
-    print((cfg.run_dir / "report.md").read_text())
-    for figure in ("figure1a.png", "figure1b.png"):
-        print(cfg.run_dir / figure)
+    print(run.report_md.read_text())
+    for figure in ("figure1a", "figure1b"):
+        print(run.figure(figure))
     return 0
 
 
 def cmd_status(args) -> int:
-    from pml_dist.schedule import status
+    from pml_dist.pipeline.status import status
 
     cfg = _config(args, write=False)
     for name, state, detail in status(cfg):
@@ -189,7 +200,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pml_dist.report import report
+    from pml_dist.pipeline.report import report
 
     text, plots = report(_config(args))
     print(text)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from pml_dist.atomic import write_text
+from ffcv_data.atomic import write_text
 from pml_dist.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -320,6 +320,25 @@ def _make_paths_absolute(cfg: Config) -> None:
     cfg.dist.deepspeed_config = str(ds.resolve() if ds.is_absolute() or ds.exists() else REPO_ROOT / ds)
 
 
+APL_WARMUP_RULE = "must be >= 1 and below train.epochs for em_apl"
+
+
+def apl_schedule_fits(warmup_epochs: int, epochs: int) -> bool:
+    """EM+APL's schedule rule, written only here: pseudo-labelling starts after 1-based epoch
+    `warmup_epochs` and spreads its quota over the epochs after it (Zhou et al. 2022, see
+    pml_dist/training/losses.py), so at least one epoch must follow the warm-up. validate() applies
+    it to the teacher's loss, EmAplLoss to the values it is built with."""
+    return 1 <= warmup_epochs < epochs
+
+
+def apl_schedule(warmup_epochs: int, epochs: int) -> tuple[int, int]:
+    """(warm-up, schedule length) EM+APL trains with in a stage of `epochs` epochs, fitted to the
+    rule above. The teacher's always fits (validate); a reference or the beyond chain's teacher
+    training em_apl reads the same key and has it shortened to fit, so a short run may still list
+    em_apl among its references."""
+    return min(warmup_epochs, max(1, epochs - 1)), max(epochs, 2)
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; each error names its key."""
     d = cfg.data
@@ -343,8 +362,8 @@ def validate(cfg: Config) -> None:
         (cfg.model.norm in ("batch", "group"), "model.norm", "must be batch or group"),
         (cfg.model.width % 8 == 0 and cfg.model.width > 0, "model.width", "must be a positive multiple of 8"),
         (cfg.train.epochs >= 1, "train.epochs", "must be >= 1"),
-        (cfg.loss.name != "em_apl" or 1 <= cfg.loss.apl_warmup_epochs < cfg.train.epochs,
-         "loss.apl_warmup_epochs", "must be >= 1 and below train.epochs for em_apl"),
+        (cfg.loss.name != "em_apl" or apl_schedule_fits(cfg.loss.apl_warmup_epochs, cfg.train.epochs),
+         "loss.apl_warmup_epochs", APL_WARMUP_RULE),
         (cfg.train.micro_batch >= 1, "train.micro_batch", "must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
         (cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1"),

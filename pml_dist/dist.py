@@ -164,24 +164,13 @@ def export_submitit_env() -> RankInfo | None:
     return info
 
 
-def get_rank() -> int:
-    """This process's rank, with or without a process group."""
-    import torch.distributed as tdist
+def compute_device(info: RankInfo):
+    """The device this rank computes on: its local GPU (local rank modulo the GPUs it sees), else CPU."""
+    import torch
 
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank()
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-
-
-def is_main() -> bool:
-    return get_rank() == 0
-
-
-def slurm_job_id() -> str | None:
-    """The Slurm job (and array task) this process runs in, for logs; None outside Slurm."""
-    job = os.environ.get("SLURM_JOB_ID")
-    task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"{job}_{task}" if job and task else job
+    if torch.cuda.is_available():
+        return torch.device("cuda", info.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def init_process_group(info: RankInfo, timeout_s: float = 600.0):
@@ -193,17 +182,12 @@ def init_process_group(info: RankInfo, timeout_s: float = 600.0):
     import torch.distributed as tdist
 
     export_torch_env(info)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+    device = compute_device(info)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not tdist.is_initialized():
         tdist.init_process_group(
-            backend, rank=info.rank, world_size=info.world_size,
+            "nccl" if device.type == "cuda" else "gloo", rank=info.rank, world_size=info.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     return device

@@ -1,8 +1,11 @@
-"""The one exception type for mistakes a user can fix (bad config, bad data, missing files).
+"""The exception types for mistakes a user can fix (bad config, bad data, missing files).
 
-The CLI turns it into a one-line message and a non-zero exit code; anything else is a bug and keeps
-its traceback.
+The CLI turns any of `USER_ERRORS` into a one-line message and exit status 2; anything else is a
+bug and keeps its traceback. The data package has its own `DataError` (it depends on nothing of
+pml_dist); it is re-exported here so callers name every user error from one module.
 """
+
+from ffcv_data.errors import DataError
 
 
 class PmlError(Exception):
@@ -13,5 +16,5 @@ class ConfigError(PmlError):
     """A bad preset, override, key or value."""
 
 
-class DataError(PmlError):
-    """Bad input data: malformed annotations, missing or corrupt images, empty splits."""
+USER_ERRORS = (PmlError, DataError)
+__all__ = ["USER_ERRORS", "ConfigError", "DataError", "PmlError"]

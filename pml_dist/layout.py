@@ -1,16 +1,32 @@
-"""Names inside the run directory, in one place (DESIGN.md "Run directory").
+"""Every path of a run directory, in one object (the design card's "Run directory"), and the typed reader of
+the record several modules read (`StageResult`). No other module spells a file name of a run.
 
-    <run>/teacher/                 the teacher's stage directory (see trainer.py)
-    <run>/teacher/probs/           inference shards
-    <run>/pseudo/probs.npy         merged teacher probabilities, N x L float16
+    <run>/config.yaml                  the resolved config (config.write_resolved)
+    <run>/jobs.json                    job ids and logs of every submission (pipeline/graph.py)
+    <run>/logs/submitit/               submitit's job folders
+    <run>/data/                        prepared data (ffcv_data/prepared.py; sub-runs share it)
+    <run>/teacher/                     a training stage's folder, see `StageFiles`
+    <run>/teacher/probs/shard-RRRRR-of-WWWWW.{npz,json}   inference shards + manifests
+    <run>/pseudo/probs.npy             merged teacher probabilities, N x L float16
+    <run>/pseudo/merge.json            the merge's record (teacher and data it was made from)
+    <run>/pseudo/stats.json            positives per image, precision, recall per target
     <run>/pseudo/<target>/labels.npy   one target set per student: tau-0.75, soft, class_prior
-    <run>/students/<target>/       the student trained on it
-    <run>/references/<loss>/       reference teachers (full-label BCE, EM, ...) for the report
+    <run>/students/<target>/           the student trained on it
+    <run>/references/<loss>/           reference teachers (full-label BCE, EM, ...)
+    <run>/seed-<s>/, <run>/beyond-<loss>/   sub-runs (pipeline/subruns.py), each a run directory
+    <run>/report.md, report.json, figure1a.png, figure1b.png
 """
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
+
+from ffcv_data.prepared import PreparedData
+
+_SHARD = re.compile(r"shard-(\d{5})-of-(\d{5})\.(json|npz)$")
 
 
 def tau_name(tau: float) -> str:
@@ -18,26 +34,159 @@ def tau_name(tau: float) -> str:
     return f"tau-{tau:g}"
 
 
-def teacher_dir(run_dir: Path) -> Path:
-    return run_dir / "teacher"
+@dataclass(frozen=True)
+class StageResult:
+    """A training stage's result.json: its presence (with matching inputs) means the stage is done."""
+
+    raw: dict
+
+    @classmethod
+    def read(cls, path: Path) -> StageResult | None:
+        return cls(json.loads(path.read_text())) if path.is_file() else None
+
+    @property
+    def test_map(self) -> float:
+        return self.raw["test_map"]
+
+    @property
+    def val_map(self) -> float:
+        return self.raw["val_map"]
+
+    @property
+    def inputs(self) -> dict | None:
+        """The ids of what the stage consumed (provenance.py); None in records of older versions."""
+        return self.raw.get("inputs")
 
 
-def probs_dir(run_dir: Path) -> Path:
-    return run_dir / "teacher" / "probs"
+@dataclass(frozen=True)
+class StageFiles:
+    """One training stage's folder (teacher, reference, student); trainer.py writes it.
+
+    ckpt/step-N/ DeepSpeed checkpoints + COMPLETE; metrics.jsonl; derived.json; best.pt + best.json
+    (the best validation epoch's plain weights); result.json (written last); logs/rank-R.log."""
+
+    dir: Path
+
+    @property
+    def ckpt(self) -> Path:
+        return self.dir / "ckpt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def derived(self) -> Path:
+        return self.dir / "derived.json"
+
+    @property
+    def best_weights(self) -> Path:
+        return self.dir / "best.pt"
+
+    @property
+    def best_record(self) -> Path:
+        return self.dir / "best.json"
+
+    @property
+    def result(self) -> Path:
+        return self.dir / "result.json"
+
+    def read_result(self) -> StageResult | None:
+        return StageResult.read(self.result)
+
+    def log(self, rank: int, prefix: str = "rank") -> Path:
+        return self.dir / "logs" / f"{prefix}-{rank}.log"
 
 
-def pseudo_dir(run_dir: Path) -> Path:
-    return run_dir / "pseudo"
+@dataclass(frozen=True)
+class PseudoFiles:
+    dir: Path
+
+    @property
+    def probs(self) -> Path:
+        return self.dir / "probs.npy"
+
+    @property
+    def record(self) -> Path:
+        return self.dir / "merge.json"
+
+    @property
+    def stats(self) -> Path:
+        return self.dir / "stats.json"
+
+    def labels(self, target: str) -> Path:
+        return self.dir / target / "labels.npy"
+
+    def read_stats(self) -> dict | None:
+        return json.loads(self.stats.read_text()) if self.stats.is_file() else None
+
+    def read_record(self) -> dict | None:
+        return json.loads(self.record.read_text()) if self.record.is_file() else None
 
 
-def target_labels(run_dir: Path, target: str) -> Path:
-    return run_dir / "pseudo" / target / "labels.npy"
+class RunLayout:
+    """The run directory `root`; `data_dir` is where its prepared data lives (default `<root>/data`)."""
 
+    def __init__(self, root: Path, data_dir: Path | None = None):
+        self.root = Path(root)
+        self.data = PreparedData(Path(data_dir) if data_dir else self.root / "data")
+        self.teacher = StageFiles(self.root / "teacher")
+        self.pseudo = PseudoFiles(self.root / "pseudo")
 
-def student_dir(run_dir: Path, target: str) -> Path:
-    return run_dir / "students" / target
+    @classmethod
+    def of(cls, cfg) -> RunLayout:
+        """The layout of a config's run (`run.dir`, `run.data_dir`)."""
+        return cls(cfg.run_dir, cfg.data_dir)
 
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
 
-def reference_dir(run_dir: Path, loss: str) -> Path:
-    """A reference teacher trained with another loss (full BCE, EM, ...), for the report."""
-    return run_dir / "references" / loss
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs.json"
+
+    @property
+    def submitit_logs(self) -> Path:
+        return self.root / "logs" / "submitit"
+
+    def reference(self, loss: str) -> StageFiles:
+        return StageFiles(self.root / "references" / loss)
+
+    def student(self, target: str) -> StageFiles:
+        return StageFiles(self.root / "students" / target)
+
+    @property
+    def probs_dir(self) -> Path:
+        return self.teacher.dir / "probs"
+
+    def shard(self, rank: int, world: int) -> Path:
+        """A shard's .npz; its manifest is the same name with .json."""
+        return self.probs_dir / f"shard-{rank:05d}-of-{world:05d}.npz"
+
+    def shard_manifests(self) -> list[Path]:
+        return sorted(self.probs_dir.glob("shard-*.json")) if self.probs_dir.is_dir() else []
+
+    @staticmethod
+    def shard_rank(path: Path) -> tuple[int, int] | None:
+        """(rank, world size) a shard file's name says, or None for a name that is not a shard's."""
+        match = _SHARD.match(Path(path).name)
+        return (int(match[1]), int(match[2])) if match else None
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    def figure(self, name: str) -> Path:
+        return self.root / f"{name}.png"
+
+    def seed_run(self, seed: int) -> Path:
+        return self.root / f"seed-{seed}"
+
+    def beyond_run(self, loss: str) -> Path:
+        return self.root / f"beyond-{loss}"
+

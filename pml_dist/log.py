@@ -42,3 +42,13 @@ def setup_logging(rank: int = 0, log_file: Path | None = None, level: int = logg
             logger.addHandler(handler)
         logger.setLevel(level)
         logger.propagate = False
+
+
+def enable_crash_traces() -> None:
+    """A crash in native code (torch, numba, FFCV) still prints the Python stack of every thread."""
+    import faulthandler
+
+    try:
+        faulthandler.enable()
+    except (OSError, ValueError, AttributeError):  # stderr is not a real file (e.g. captured)
+        pass

@@ -9,7 +9,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from ffcv_data.coco import read_split
-from pml_dist.errors import DataError
+from ffcv_data.errors import DataError
 
 
 def test_coco_mini_reads_like_pycocotools(coco_mini):

@@ -14,8 +14,9 @@ from ffcv_data.loaders import (
     read_fields,
     train_loader,
 )
-from ffcv_data.prepare import beton_path, prepare
 from pml_dist.config import load_config
+from pml_dist.data_stage import prepare
+from pml_dist.layout import RunLayout
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,7 +27,7 @@ def betons(synthetic_root, tmp_path_factory):
     cfg = load_config(None, [f"run.dir={run}", f"data.root={synthetic_root}", "data.max_resolution=48",
                              "data.write_workers=2"])
     prepare(cfg)
-    return {split: beton_path(cfg, split) for split in ("train", "val", "test")}
+    return {split: RunLayout.of(cfg).data.beton(split) for split in ("train", "val", "test")}
 
 
 def _indices(loader) -> np.ndarray:

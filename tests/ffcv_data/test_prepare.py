@@ -10,11 +10,12 @@ import pytest
 from PIL import Image
 
 from ffcv_data.coco import read_split
+from ffcv_data.errors import DataError
 from ffcv_data.loaders import eval_loader, read_fields
-from ffcv_data.prepare import beton_path, prepare
 from ffcv_data.protocol import draw_observed
 from pml_dist.config import load_config
-from pml_dist.errors import DataError
+from pml_dist.data_stage import prepare
+from pml_dist.layout import RunLayout
 
 pytestmark = pytest.mark.timeout(300)  # FFCV's writer hangs on some failures: never wait forever
 
@@ -26,7 +27,7 @@ def _check_every_record(cfg, root, train_split, test_split):
     seen_train_ids = []
     for name, source in (("train", train), ("val", train), ("test", test)):
         meta = np.load(cfg.data_dir / f"{name}.meta.npz")
-        records = read_fields(beton_path(cfg, name))
+        records = read_fields(RunLayout.of(cfg).data.beton(name))
         n = len(meta["image_ids"])
         assert stats["splits"][name]["images"] == n
         assert np.array_equal(records["index"], np.arange(n))
@@ -59,7 +60,7 @@ def test_coco_mini_records_read_back_exactly(coco_mini, coco_mini_overrides):
     assert stats["sources"]["train"]["images_dropped"] == {"no_annotations": 2}
     assert stats["num_classes"] == 80
     # Real COCO has grayscale JPEGs (RGBImageField needs 3 channels) and varied sizes: all decoded.
-    batch = next(iter(eval_loader(beton_path(cfg, "train"), 32, 64, jit=False)))
+    batch = next(iter(eval_loader(RunLayout.of(cfg).data.beton("train"), 32, 64, jit=False)))
     assert batch["image"].shape == (32, 3, 64, 64)
 
 
@@ -69,7 +70,7 @@ def test_images_survive_encoding(synthetic_root, synthetic_overrides):
     cfg = load_config(None, synthetic_overrides)
     prepare(cfg)
     meta = np.load(cfg.data_dir / "test.meta.npz")
-    batch = next(iter(eval_loader(beton_path(cfg, "test"), 8, 48, jit=False)))
+    batch = next(iter(eval_loader(RunLayout.of(cfg).data.beton("test"), 8, 48, jit=False)))
     from ffcv_data.loaders import MEAN, STD
 
     decoded = batch["image"].numpy() * np.array(STD)[:, None, None] + np.array(MEAN)[:, None, None]

@@ -135,7 +135,8 @@ def test_interrupted_training_job_requeues_and_matches_an_uninterrupted_run(
     import submitit
 
     from pml_dist.config import load_config, write_resolved
-    from pml_dist.jobs import TrainJob
+    from pml_dist.pipeline.jobs import TrainJob
+    from pml_dist.stages import Teacher
 
     # 8 epochs of 7 steps of a wider model at 48 px: after the first checkpoint (step 2) the job
     # trains for many more seconds, so the signal lands inside training, not after its last step
@@ -157,7 +158,7 @@ def test_interrupted_training_job_requeues_and_matches_an_uninterrupted_run(
         assert main(["prepare", f"run.dir={tmp_path / name}", *common]) == 0
         executor = submitit.AutoExecutor(folder=tmp_path / name / "submitit", cluster="slurm")
         executor.update_parameters(timeout_min=20, tasks_per_node=1, nodes=1, slurm_signal_delay_s=30)
-        job = executor.submit(TrainJob(str(tmp_path / name / "config.yaml"), stage="teacher"))
+        job = executor.submit(TrainJob(str(tmp_path / name / "config.yaml"), stage=Teacher()))
         if name == "interrupted":
             marker = tmp_path / name / "teacher" / "ckpt" / "step-2" / "COMPLETE"
             deadline = time.time() + 300

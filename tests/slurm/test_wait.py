@@ -17,7 +17,11 @@ import submitit
 
 from pml_dist.config import load_config
 from pml_dist.errors import PmlError
-from pml_dist.schedule import Graph, max_array_size, wait_for
+from pml_dist.pipeline.executor import Resources
+from pml_dist.pipeline.graph import Graph
+from pml_dist.pipeline.slurm import max_array_size
+from pml_dist.pipeline.stage_list import Entry
+from pml_dist.pipeline.wait import wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
@@ -27,6 +31,11 @@ def cfg(tmp_path):
     return load_config(
         None, [f"run.dir={tmp_path / 'run'}", "slurm.student_tasks_per_node=1", "slurm.student_time_min=5"]
     )
+
+
+def _entry(cfg, name, job, array="", arg=None):
+    """A stage-list entry that is never done, running `job` (for an array task: job(arg))."""
+    return Entry(name, "student", cfg, job, Resources(1, 1, 5), (), lambda: "not run", stage=arg, array=array)
 
 
 def _submit(tmp_path, fn, *args):
@@ -44,7 +53,8 @@ def test_a_students_array_above_max_array_size_is_split(slurm_cluster, cfg, tmp_
     targets = [f"t{'x' * i}" for i in range(7)]
 
     graph = Graph(cfg, "slurm")
-    ids = graph.submit_array(cfg, len, targets, after=[])
+    graph.submit_array([_entry(cfg, f"students/{t}", len, "students", t) for t in targets])
+    ids = sorted({i for t in targets for i in graph.ids[f"students/{t}"]})
 
     assert len(ids) == 2  # 5 + 2 tasks
     jobs = [graph.jobs[f"students/{t}"] for t in targets]
@@ -85,15 +95,20 @@ def test_a_job_slurm_does_not_know_is_reported(slurm_cluster, cfg, tmp_path):
 
 def test_a_job_still_queued_or_running_is_not_submitted_again(slurm_cluster, cfg):
     nap = functools.partial(time.sleep, 120)
-    (first,) = Graph(cfg, "slurm").submit(cfg, "teacher", nap, 1, 1, 5, after=[])
+    graph = Graph(cfg, "slurm")
+    graph.submit(_entry(cfg, "teacher", nap))
+    (first,) = graph.ids["teacher"]
     again = Graph(cfg, "slurm")
-    assert again.submit(cfg, "teacher", nap, 1, 1, 5, after=[]) == [first]  # the same job
+    again.submit(_entry(cfg, "teacher", nap))
+    assert again.ids["teacher"] == [first]  # the same job
     assert again.jobs["teacher"].job_id == first  # --wait follows it
     subprocess.run(["scancel", first], check=True)
     deadline = time.monotonic() + 30
     while slurm_cluster.squeue_states(first) not in ([], ["CANCELLED"]):
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    (second,) = Graph(cfg, "slurm").submit(cfg, "teacher", nap, 1, 1, 5, after=[])
+    third = Graph(cfg, "slurm")
+    third.submit(_entry(cfg, "teacher", nap))
+    (second,) = third.ids["teacher"]
     assert second != first  # ended (here cancelled): submitted anew
     subprocess.run(["scancel", second], check=True)

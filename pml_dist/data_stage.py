@@ -1,0 +1,36 @@
+"""`pml-dist prepare`: the experiment's `data.*` keys onto the data package's `prepare`, with the
+built-in data set generated first when `data.root` does not exist."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pml_dist.config import Config
+from pml_dist.layout import RunLayout
+
+log = logging.getLogger(__name__)
+
+
+def prepare(cfg: Config) -> dict:
+    """Write `<run>/data/` (or run.data_dir); returns its stats.json."""
+    from ffcv_data.prepare import PrepareSpec
+    from ffcv_data.prepare import prepare as prepare_data
+
+    d = cfg.data
+    if not Path(d.root).exists():
+        _generate(cfg)
+    spec = PrepareSpec(root=Path(d.root), train_split=d.train_split, test_split=d.test_split,
+                       observed_seed=d.observed_seed, val_fraction=d.val_fraction, val_seed=d.val_seed,
+                       max_resolution=d.max_resolution, jpeg_quality=d.jpeg_quality,
+                       write_workers=d.write_workers)
+    return prepare_data(spec, RunLayout.of(cfg).data)
+
+
+def _generate(cfg: Config) -> None:
+    from ffcv_data.synthetic import make_synthetic
+
+    d = cfg.data
+    log.info("data.root %s does not exist: generating the built-in data set there", d.root)
+    make_synthetic(d.root, seed=d.synthetic_seed, n_train=d.synthetic_train, n_test=d.synthetic_test,
+                   image_size=d.max_resolution, train_split=d.train_split, test_split=d.test_split)

@@ -1,0 +1,144 @@
+"""`pml-dist run`: the stage list (stage_list.py) as submitit jobs.
+
+On Slurm every entry that must run is submitted at once, each `afterok` on the jobs of the entries it
+consumes, and the command returns (or follows them with --wait, see wait.py). Locally (submitit's
+local executor, the default without Slurm) the same entries run one after the other.
+
+Which entries run: on Slurm, an entry whose output is not up to date, or whose upstream is being
+submitted (its new output cannot be known yet); locally, an entry whose output is not up to date
+once its upstream has finished. Jobs Slurm still has queued or running from an earlier submission
+are never submitted twice: their id becomes the dependency. So resubmitting a config retries what
+failed, skips what is done and resumes what is unfinished. Job ids and logs go to `<run>/jobs.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+
+from ffcv_data.atomic import write_json
+from pml_dist.config import Config, write_resolved
+from pml_dist.errors import PmlError
+from pml_dist.layout import RunLayout
+from pml_dist.pipeline.executor import make_executor
+from pml_dist.pipeline.progress import wait_local
+from pml_dist.pipeline.slurm import is_active, max_array_size, slurm_available
+from pml_dist.pipeline.stage_list import Entry, stage_list
+from pml_dist.pipeline.subruns import beyond_run, seed_runs
+from pml_dist.pipeline.wait import wait_for
+
+log = logging.getLogger(__name__)
+
+
+def load_jobs_record(cfg: Config) -> dict:
+    path = RunLayout.of(cfg).jobs
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class Graph:
+    """Submits (Slurm) or runs (local) entries, each after the jobs it needs."""
+
+    def __init__(self, cfg: Config, kind: str):
+        self.root, self.kind, self.local = cfg, kind, kind == "local"
+        self.previous = load_jobs_record(cfg).get("jobs", {})
+        self.record: dict = {
+            "executor": kind,
+            "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "jobs": dict(self.previous),
+        }
+        self.jobs: dict = {}  # name -> submitit job, for --wait
+        self.ids: dict[str, list[str]] = {}  # name -> Slurm job ids its dependants wait for
+
+    def run(self, entries: list[Entry]) -> None:
+        """Every entry that must run, in order; the students of one run as one array."""
+        handled: set[str] = set()
+        for entry in entries:
+            if entry.name in handled:
+                continue
+            group = [e for e in entries if e.array and e.array == entry.array] or [entry]
+            handled.update(e.name for e in group)
+            todo = [e for e in group if self._must_run(e)]
+            if not todo:
+                continue
+            if entry.array and not self.local:
+                self.submit_array(todo)
+            else:
+                for e in todo:
+                    self.submit(e)
+
+    def _must_run(self, entry: Entry) -> bool:
+        if self.local:  # upstream has finished: its output is known
+            return not entry.is_done()
+        return any(dep in self.ids for dep in entry.after) or not entry.is_done()
+
+    def _after(self, entry: Entry) -> list[str]:
+        return sorted({i for dep in entry.after for i in self.ids.get(dep, [])})
+
+    def active(self, name: str) -> str | None:
+        """The job id of `name` from an earlier submission if Slurm still has it queued or running
+        (then --wait follows that job too, and dependants wait for it)."""
+        job = self.previous.get(name)
+        if self.local or job is None or not is_active(job["job_id"]):
+            return None
+        import submitit
+
+        self.jobs[name] = submitit.SlurmJob(RunLayout.of(self.root).submitit_logs / "%j", job["job_id"])
+        self.ids[name] = [job["job_id"]]
+        log.info("%-24s job %s still queued or running: not submitted again", name, job["job_id"])
+        return job["job_id"]
+
+    def submit(self, entry: Entry) -> None:
+        """One job; locally it has finished when this returns."""
+        if self.active(entry.name):
+            return
+        executor = make_executor(self.root, self.kind, entry.name, entry.resources,
+                                 after=[] if self.local else self._after(entry))
+        job = entry.job if not entry.array else functools.partial(entry.job, entry.stage)
+        j = executor.submit(job)
+        self._submitted(entry.name, j)
+        if self.local:
+            wait_local(entry.name, j)
+        else:
+            self.ids[entry.name] = [str(j.job_id)]
+
+    def submit_array(self, entries: list[Entry]) -> None:
+        """One Slurm job array (map_array, each task gets its stage), split in parts of at most
+        MaxArraySize tasks when it is larger."""
+        entries = [e for e in entries if not self.active(e.name)]
+        chunk = max_array_size()
+        for start in range(0, len(entries), chunk):
+            part = entries[start : start + chunk]
+            first = part[0]
+            executor = make_executor(self.root, self.kind, first.array, first.resources,
+                                     after=self._after(first))
+            for entry, j in zip(part, executor.map_array(first.job, [e.stage for e in part]), strict=True):
+                self._submitted(entry.name, j)
+                self.ids[entry.name] = [str(j.job_id).split("_")[0]]
+
+    def _submitted(self, name: str, job) -> None:
+        self.jobs[name] = job
+        self.record["jobs"][name] = {
+            "job_id": str(job.job_id),
+            "stdout": str(job.paths.stdout),
+            "stderr": str(job.paths.stderr),
+        }
+        log.info("%-24s job %-10s log %s", name, job.job_id, job.paths.stdout)
+        write_json(RunLayout.of(self.root).jobs, self.record)
+
+
+def run_pipeline(cfg: Config, kind: str, wait: bool) -> dict:
+    """Submit (slurm) or run (local) every stage that must run; returns the jobs record.
+    The jobs read their run's resolved config, written here for every sub-run."""
+    if kind == "slurm" and not slurm_available():
+        raise PmlError("--executor slurm: no working Slurm here (sbatch/sinfo failed); use --executor local")
+    write_resolved(cfg)
+    for run in seed_runs(cfg):
+        for sub in filter(None, (run, beyond_run(run))):
+            write_resolved(sub)
+    graph = Graph(cfg, kind)
+    graph.run(stage_list(cfg))
+    if wait and not graph.local:
+        wait_for(cfg, graph.jobs)
+    return graph.record

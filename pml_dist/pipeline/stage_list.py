@@ -1,0 +1,170 @@
+"""The run's stages, in one list. Submission (graph.py), `pml-dist status` (status.py) and the report
+(report.py) all iterate it; adding a stage is adding one entry here.
+
+    data -> teacher -> teacher/probs (sharded inference) -> pseudo (merge + pseudo labels)
+         -> students/<target> (one job array)
+    data -> references/<loss>                 beside the chain: they need only the data
+    data -> beyond-<loss>/...                 the same chain with another teacher, which is also
+                                              the reference of that loss (trained once)
+    run.seeds > 1: each seed's chain in seed-<s>/ with its own seed-<s>/report; then the report
+
+Each entry knows whether its output is up to date (`outdated()`): its completion record exists and
+the ids of the inputs it records equal the current ones (provenance.py), so anything downstream of
+a changed input reruns, and `status` says why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pml_dist.config import Config
+from pml_dist.errors import USER_ERRORS
+from pml_dist.layout import RunLayout
+from pml_dist.pipeline.executor import Resources, resources
+from pml_dist.pipeline.jobs import InferJob, PrepareJob, PseudoLabelsJob, ReportJob, TrainJob
+from pml_dist.pipeline.subruns import beyond_run, references_to_train, seed_runs
+from pml_dist.provenance import data_id, file_id, stale, teacher_id, training_inputs
+from pml_dist.stages import Reference, Stage, Student, Teacher
+
+TRAINING_ROLES = ("teacher", "reference", "student")
+
+
+@dataclass
+class Entry:
+    name: str  # the job's name: the folder it fills, relative to the root run (`seed-1/pseudo`)
+    role: str  # data, teacher, reference, infer, pseudo, student, report
+    run: Config  # the (sub-)run it belongs to
+    job: Callable  # the submitit callable (pipeline/jobs.py)
+    resources: Resources
+    after: tuple[str, ...]  # names of the entries whose outputs it consumes
+    outdated: Callable[[], str | None]  # None when its output is up to date, else why it must run
+    stage: Stage | None = None  # training entries
+    beyond: bool = False  # part of the beyond-the-paper chain
+    array: str = ""  # entries with one array name go out as one Slurm job array (map_array)
+    listed: bool = True  # a row of `status` (inference is shown through the merge it feeds)
+
+    def is_done(self) -> bool:
+        return self.outdated() is None
+
+
+def stage_list(cfg: Config) -> list[Entry]:
+    """Every stage of the experiment `cfg`, its seeds and beyond chains, upstream before downstream."""
+    root = RunLayout.of(cfg)
+    data = Entry("data", "data", cfg, PrepareJob(str(root.config)), resources(cfg, "cpu"), (),
+                 lambda: None if root.data.is_complete() else "not run")
+    entries = [data]
+    runs = seed_runs(cfg)
+    seed_reports = []
+    for run in runs:
+        chain = experiment(cfg, run)
+        entries += chain
+        if len(runs) > 1:  # each seed's own report, then the summary over seeds
+            seed_reports.append(_report(cfg, run, [data, *chain]))
+            entries.append(seed_reports[-1])
+    entries.append(_report(cfg, cfg, seed_reports or entries))
+    return entries
+
+
+def experiment(root: Config, run: Config) -> list[Entry]:
+    """One seed's stages: its chain, its references, then the beyond chain (named relative to `root`)."""
+    entries = _chain(root, run, beyond=False)
+    for loss in references_to_train(run):
+        entries.append(_training(root, run, Reference(loss), "reference", resources(run, "teacher")))
+    sub = beyond_run(run)
+    if sub is not None:
+        entries += _chain(root, sub, beyond=True)
+    return entries
+
+
+def _chain(root: Config, run: Config, beyond: bool) -> list[Entry]:
+    """teacher -> inference -> merge -> one student per pseudo-label target."""
+    from pml_dist.pseudo.labels import target_names
+
+    layout = RunLayout.of(run)
+    resolved = str(layout.config)
+    teacher = _training(root, run, Teacher(), "teacher", resources(run, "teacher"), beyond=beyond)
+    pseudo_name = _name(root, layout.pseudo.dir)
+    infer = Entry(_name(root, layout.probs_dir), "infer", run, InferJob(resolved), resources(run, "infer"),
+                  (teacher.name,), lambda: _pseudo_outdated(layout), beyond=beyond, listed=False)
+    pseudo = Entry(pseudo_name, "pseudo", run, PseudoLabelsJob(resolved), resources(run, "cpu"),
+                   (infer.name,), lambda: _pseudo_outdated(layout), beyond=beyond)
+    students = [
+        _training(root, run, Student(target), "student", resources(run, "student"), after=(pseudo.name,),
+                  beyond=beyond, array=_name(root, layout.root / "students"))
+        for target in target_names(run.pseudo.taus, run.pseudo.modes)
+    ]
+    return [teacher, infer, pseudo, *students]
+
+
+def _training(root: Config, run: Config, stage: Stage, role: str, res: Resources, after=("data",),
+              beyond: bool = False, array: str = "") -> Entry:
+    layout = RunLayout.of(run)
+    # An array's tasks share one callable; map_array passes each its stage.
+    job = TrainJob(str(layout.config), stage=None if array else stage)
+    return Entry(_name(root, stage.files(layout).dir), role, run, job, res, tuple(after),
+                 lambda: _training_outdated(layout, stage), stage=stage, beyond=beyond, array=array)
+
+
+def _report(root: Config, run: Config, consumed: list[Entry]) -> Entry:
+    layout = RunLayout.of(run)
+    name = _name(root, layout.report_json)
+    return Entry(name.removesuffix(".json"), "report", run, ReportJob(str(layout.config)),
+                 resources(run, "cpu"), tuple(e.name for e in consumed), lambda: _report_outdated(run))
+
+
+def _name(root: Config, path: Path) -> str:
+    return Path(path).relative_to(root.run_dir).as_posix()
+
+
+# --------------------------------------------------------------------------- up to date or not
+
+
+def _why(recorded: dict | None, current: Callable[[], dict]) -> str | None:
+    try:
+        inputs = current()
+    except USER_ERRORS:  # an input is gone (deleted teacher, pseudo labels): rebuild from upstream
+        return "stale: an input is missing"
+    changed = stale(recorded, inputs)
+    return f"stale: {changed}" if changed else None
+
+
+def _training_outdated(layout: RunLayout, stage: Stage) -> str | None:
+    result = stage.files(layout).read_result()
+    if result is None:
+        return "not run"
+    return _why(result.inputs, lambda: training_inputs(layout, stage))
+
+
+def _pseudo_outdated(layout: RunLayout) -> str | None:
+    record = layout.pseudo.read_record()
+    if record is None or not layout.pseudo.stats.is_file():
+        return "not run"
+    # records of versions before `inputs` carry the same two ids under their own keys
+    recorded = record.get("inputs") or {"teacher": record.get("teacher_id"), "data": record.get("data_id")}
+    return _why(recorded, lambda: {"teacher": teacher_id(layout), "data": data_id(layout)})
+
+
+def _report_outdated(run: Config) -> str | None:
+    layout = RunLayout.of(run)
+    if not layout.report_json.is_file():
+        return "not run"
+    recorded = json.loads(layout.report_json.read_text()).get("inputs") or {}
+    return _why(recorded, lambda: report_inputs(run))
+
+
+def report_inputs(run: Config) -> dict[str, str]:
+    """What a report is made from: the id of every result it reads (of each seed's report, when it
+    summarises seeds). Missing ones are left out, so a finished stage makes an older report stale."""
+    runs = seed_runs(run)
+    if len(runs) > 1:
+        files = {_name(run, RunLayout.of(r).report_json): RunLayout.of(r).report_json for r in runs}
+    else:
+        files = {}
+        for entry in experiment(run, run):
+            layout = RunLayout.of(entry.run)
+            path = entry.stage.files(layout).result if entry.stage else layout.pseudo.stats
+            files[_name(run, path)] = path
+    return {name: file_id(path) for name, path in files.items() if path.is_file()}

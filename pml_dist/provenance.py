@@ -1,0 +1,79 @@
+"""What every output was made from (make's rule): ids of the inputs a stage consumed, stored in its
+completion record and compared with the current inputs, so anything downstream of a changed input
+is stale and reruns.
+
+    data             the prepared training split: its meta file's digest and the .beton's size
+    config           the run's resolved config.yaml (a run directory holds one experiment)
+    teacher          the teacher's best.pt (the merge; a student: the teacher of its labels)
+    pseudo_labels    a student's labels.npy
+    <stage name>     for the report: the digest of each result it read
+
+Ids are sha256 prefixes of file bytes, cached per (path, size, mtime), so `status` over many stages
+hashes each file once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+from pml_dist.errors import PmlError
+from pml_dist.layout import RunLayout
+
+
+def file_id(path: Path) -> str:
+    """sha256 (16 hex digits) of a file's bytes."""
+    st = os.stat(path)
+    return _digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=512)
+def _digest(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def data_id(run: RunLayout) -> str:
+    """Identifies the training split: its per-index metadata and the size of its .beton (hashing a
+    COCO-sized .beton would take minutes; the metadata already changes with any re-preparation)."""
+    meta, beton = run.data.meta("train"), run.data.beton("train")
+    if not meta.is_file() or not beton.is_file():
+        raise PmlError(f"no prepared training split in {run.data.folder} (run `pml-dist prepare`)")
+    return f"{file_id(meta)}-{beton.stat().st_size}"
+
+
+def teacher_id(run: RunLayout) -> str:
+    path = run.teacher.best_weights
+    if not path.is_file():
+        raise PmlError(f"no teacher weights at {path} (train the teacher first)")
+    return file_id(path)
+
+
+def training_inputs(run: RunLayout, stage) -> dict[str, str]:
+    """The inputs of a training stage (pml_dist.stages): data and config; a student's pseudo labels."""
+    inputs = {"data": data_id(run)}
+    if run.config.is_file():  # absent only when the library is called without the CLI or a job
+        inputs["config"] = file_id(run.config)
+    if stage.kind == "student":
+        labels, record = run.pseudo.labels(stage.target), run.pseudo.read_record()
+        if not labels.is_file() or record is None:
+            raise PmlError(f"no pseudo labels at {labels} (run `pml-dist merge` first)")
+        # the teacher too: a retrained teacher reruns its students even where a threshold happens
+        # to give the same labels (the paper's experiment is one teacher and its students)
+        inputs["teacher"] = record["teacher_id"]
+        inputs["pseudo_labels"] = file_id(labels)
+    return inputs
+
+
+def stale(recorded: dict | None, current: dict) -> str | None:
+    """Why a record made from `recorded` inputs is out of date with `current` (None: it is not).
+    Records without inputs (written by versions before provenance) are taken as they are."""
+    if recorded is None:
+        return None
+    changed = [key for key in current if recorded.get(key) != current[key]]
+    return f"{', '.join(k.replace('_', ' ') for k in changed)} changed" if changed else None

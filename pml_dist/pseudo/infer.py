@@ -1,0 +1,78 @@
+"""Sharded inference (`pml-dist infer`, run on every rank): each rank scores its slice of the
+training split with the teacher and writes one shard (format: pml_dist/pseudo/shards.py). No process
+group is needed, so any launcher and any world size works, independent of the world size the
+teacher trained with.
+
+A rank whose complete shard exists (same teacher, data, rank and world size) skips its work:
+rerunning after a crash computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from pml_dist.config import Config
+from pml_dist.layout import RunLayout
+from pml_dist.provenance import data_id, teacher_id
+from pml_dist.pseudo.shards import shard_is_complete, write_shard
+
+log = logging.getLogger(__name__)
+
+
+def infer(cfg: Config) -> Path:
+    """Score this rank's slice of the training split and write its shard; returns the shard path."""
+    import torch
+
+    from ffcv_data.loaders import threads_per_rank
+    from pml_dist import dist
+    from pml_dist.log import setup_logging
+    from pml_dist.training.evaluate import predict
+
+    info = dist.resolve()
+    run = RunLayout.of(cfg)
+    setup_logging(info.rank, run.teacher.log(info.rank, prefix="infer-rank"))
+    ids = {"teacher_id": teacher_id(run), "data_id": data_id(run)}
+    shard = run.shard(info.rank, info.world_size)
+    if shard_is_complete(shard, {**ids, "world_size": info.world_size, "rank": info.rank}):
+        log.info("%s is complete, skipping", shard)
+        return shard
+
+    torch.set_num_threads(threads_per_rank(cfg.data.loader_workers, info.local_world_size))
+    device = dist.compute_device(info)
+    num_classes = run.data.stats().num_classes
+    model = _teacher(cfg, run, num_classes, device)
+    loader = _loader(cfg, run, info, device)
+    log.info("rank %d/%d scoring %d training samples with teacher %s", info.rank, info.world_size,
+             len(loader.loader.indices), ids["teacher_id"])
+    t0 = time.perf_counter()
+    indices, arrays = predict(model, loader, device, num_classes, hflip_tta=cfg.infer.hflip_tta,
+                              progress="infer" if info.is_main else None)
+    path = write_shard(run, info.rank, info.world_size, indices, arrays["probs"], ids,
+                       seconds=time.perf_counter() - t0)
+    log.info("wrote %s (%d samples)", path, len(indices))
+    return path
+
+
+def _teacher(cfg: Config, run: RunLayout, num_classes: int, device):
+    """The teacher's best weights (the ones `teacher_id` identifies) in a fresh model on `device`."""
+    import torch
+
+    from pml_dist.training.models import build_model
+
+    model = build_model(cfg.model.name, num_classes, width=cfg.model.width, norm=cfg.model.norm)
+    model.load_state_dict(torch.load(run.teacher.best_weights, map_location="cpu", weights_only=True))
+    return model.to(device)
+
+
+def _loader(cfg: Config, run: RunLayout, info, device):
+    """This rank's slice of the training split; images and indices only (scoring needs no labels).
+    Padded like DistributedSampler, so every rank gets the same count; the merge drops the repeats."""
+    from ffcv_data.loaders import eval_loader
+
+    return eval_loader(
+        run.data.beton("train"), cfg.infer.batch, cfg.data.image_size, rank=info.rank,
+        world_size=info.world_size, with_labels=False, device=device, workers=cfg.data.loader_workers,
+        local_world_size=info.local_world_size, padded=True, jit=cfg.data.jit,
+    )

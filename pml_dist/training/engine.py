@@ -1,0 +1,158 @@
+"""Derived training quantities and the DeepSpeed engine, with the CPU specifics measured here.
+
+`derive()` is the one place where global batch, learning rate and steps per epoch are computed;
+the trainer writes its result next to the metrics so a run says what it actually used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pml_dist.config import Config
+from pml_dist.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Derived:
+    world_size: int
+    global_batch: int  # micro x accumulation x world
+    lr: float  # optim.lr scaled from optim.ref_batch to global_batch
+    samples_per_rank: int  # per epoch, after DistributedSampler-style padding
+    micro_steps_per_epoch: int  # per rank; a multiple of grad_accum
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+    warmup_steps: int
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples all ranks together train on per epoch (whole accumulation cycles only); the
+        trainer keeps its position inside an epoch in this unit, the unit the loader skips in."""
+        return self.global_batch * self.steps_per_epoch
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def derive(cfg: Config, num_train: int, world_size: int) -> Derived:
+    t, o = cfg.train, cfg.optim
+    global_batch = t.micro_batch * t.grad_accum * world_size
+    ratio = global_batch / o.ref_batch
+    scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[o.lr_scaling]
+    samples_per_rank = -(-num_train // world_size)
+    # Whole accumulation cycles only: a partial one at the epoch end would mix two epochs' gradients.
+    micro = (samples_per_rank // t.micro_batch) // t.grad_accum * t.grad_accum
+    if micro == 0:
+        raise ConfigError(
+            f"train.micro_batch={t.micro_batch} x train.grad_accum={t.grad_accum} exceeds the "
+            f"{samples_per_rank} training samples each of {world_size} ranks gets per epoch"
+        )
+    steps = micro // t.grad_accum
+    return Derived(
+        world_size=world_size,
+        global_batch=global_batch,
+        lr=o.lr * scale,
+        samples_per_rank=samples_per_rank,
+        micro_steps_per_epoch=micro,
+        steps_per_epoch=steps,
+        total_steps=steps * t.epochs,
+        warmup_steps=int(round(o.warmup_epochs * steps)),
+    )
+
+
+def lr_lambda(derived: Derived, schedule: str):
+    """Linear warm-up from 0, then cosine to 0 (or constant); a multiplier of each group's lr."""
+
+    def factor(step: int) -> float:
+        if step < derived.warmup_steps:
+            return (step + 1) / derived.warmup_steps
+        if schedule == "constant":
+            return 1.0
+        span = max(1, derived.total_steps - derived.warmup_steps)
+        progress = min(1.0, (step - derived.warmup_steps) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def deepspeed_config(cfg: Config, derived: Derived, on_gpu: bool) -> dict:
+    """The JSON preset with everything the experiment config decides filled in."""
+    path = Path(cfg.dist.deepspeed_config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: malformed JSON: {exc}") from None
+    ds = {k: v for k, v in ds.items() if not k.startswith("_")}
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "optimizer", "scheduler", "fp16", "bf16"):
+        if key in ds:
+            raise ConfigError(f"{path}: '{key}' is set by the experiment config (train.*, optim.*, dist.*)")
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = derived.global_batch
+    if cfg.optim.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    precision = cfg.dist.precision
+    if precision == "auto":
+        precision = "bf16" if on_gpu else "fp32"
+    if precision == "bf16":
+        if not on_gpu:
+            raise ConfigError("dist.precision=bf16 on CPU: about 10x slower than fp32 here; use fp32")
+        # Autocast keeps fp32 master weights and BatchNorm in fp32; DeepSpeed's own bf16 mode casts
+        # parameters but not BatchNorm buffers and fails in ResNets.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return ds
+
+
+def prepare_deepspeed_on_cpu() -> None:
+    """What DeepSpeed needs on a CPU-only machine (measured with DeepSpeed 0.19.8).
+
+    The one place DS_ACCELERATOR is set: DeepSpeed's own detection also lands on cpu, but with a
+    warning per process. (Which device a rank computes on is dist.compute_device's decision.)"""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import importlib
+
+    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports the name `torch`
+    # (the torch package), which that statement would return instead of the submodule.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+
+    # DeepSpeed's CPU backend compiles a shared-memory collective op with g++ on first use (74 s,
+    # and a compiler on every node). It serves only inference-style all-reduce; training all-reduces
+    # through gloo either way, so skip building it.
+    ds_torch.build_shm_op = lambda: None
+
+
+def build_optimizer(cfg: Config, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """A torch optimizer object: DeepSpeed's own Adam would compile C++ (FusedAdam, CPUAdam)."""
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_mult", 1.0)
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def initialize(cfg: Config, module: torch.nn.Module, groups: list[dict], derived: Derived, device):
+    """DeepSpeed engine + LambdaLR scheduler (both saved in its checkpoints)."""
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        prepare_deepspeed_on_cpu()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    optimizer = build_optimizer(cfg, groups, derived.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(derived, cfg.optim.schedule))
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, derived, on_gpu),
+    )
+    return engine

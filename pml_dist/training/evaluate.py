@@ -1,0 +1,78 @@
+"""Score a split on every rank (rank r takes indices r, r+W, ...) and gather the result on all ranks.
+
+No sampler padding: each sample is scored exactly once, so mAP is exact whatever the world size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device, num_classes: int,
+            hflip_tta: bool = False, progress: str | None = None) -> tuple[np.ndarray, dict]:
+    """(indices, {field: array}) for this rank's shard: 'probs' plus the loader's label fields.
+    A rank whose shard is empty (more ranks than samples) returns empty arrays of the right width.
+    progress: a label for a progress bar (None: no bar, e.g. on ranks other than 0)."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    idx, probs, fields = [], [], {}
+    for batch in tqdm(loader, desc=progress, disable=progress is None, leave=False):
+        images = batch["image"].to(device, non_blocking=True)
+        logits = model(images).float()
+        if hflip_tta:
+            logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
+        probs.append(torch.sigmoid(logits).cpu().numpy())
+        idx.append(batch["index"].cpu().numpy().copy())
+        for name in ("labels", "observed"):
+            if name in batch:
+                fields.setdefault(name, []).append(batch[name].cpu().numpy().copy())
+    model.train(was_training)
+    if not probs:
+        empty = np.zeros((0, num_classes), np.float32)
+        return np.zeros(0, np.int64), {"probs": empty, **{k: empty for k in loader.fields if k in
+                                                           ("labels", "observed")}}
+    out = {"probs": np.concatenate(probs), **{k: np.concatenate(v) for k, v in fields.items()}}
+    return np.concatenate(idx), out
+
+
+def gather(indices: np.ndarray, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
+    """All ranks' shards, ordered by sample index (identity when there is no process group)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        parts: list = [None] * tdist.get_world_size()
+        tdist.all_gather_object(parts, (indices, arrays))
+        indices = np.concatenate([p[0] for p in parts])
+        arrays = {k: np.concatenate([p[1][k] for p in parts]) for k in arrays}
+    order = np.argsort(indices, kind="stable")
+    return indices[order], {k: v[order] for k, v in arrays.items()}
+
+
+def split_loader(cfg, split: str, info, device, with_labels: bool = True):
+    """An evaluation loader over this rank's shard of `split`; build once, iterate every epoch
+    (each new FFCV loader compiles its pipeline again)."""
+    from ffcv_data.loaders import eval_loader
+    from pml_dist.layout import RunLayout
+
+    return eval_loader(
+        RunLayout.of(cfg).data.beton(split), cfg.train.eval_batch, cfg.data.image_size, rank=info.rank,
+        world_size=info.world_size, with_labels=with_labels, device=device,
+        workers=cfg.data.loader_workers, local_world_size=info.local_world_size, jit=cfg.data.jit,
+    )
+
+
+def evaluate(model, loader, device, num_classes: int, targets: str = "labels") -> dict:
+    """mAP (percent) of `model` over the whole split behind the per-rank `loader`; every rank
+    returns the same result. targets: 'labels' (full) or 'observed'."""
+    from pml_dist.training.metrics import mean_average_precision
+
+    indices, arrays = gather(*predict(model, loader, device, num_classes))
+    if not np.array_equal(indices, np.arange(len(indices))):
+        raise RuntimeError("gathered indices are not 0..N-1: the ranks' shards do not cover the split")
+    result = mean_average_precision(arrays["probs"], arrays[targets])
+    result["targets"] = targets
+    return result

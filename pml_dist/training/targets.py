@@ -1,0 +1,46 @@
+"""What a stage's loss is trained against, as a function of the batch (`Stage.trains_on`):
+
+    observed   the single observed positive, which the training loader carries (SPML losses)
+    full       the full labels, read by index from the meta file (only the bce upper bound)
+    pseudo     a student's pseudo labels, read by index from its labels.npy
+
+Full labels never pass through the training loader (ffcv_data.loaders leaves them out), so the only
+way a stage sees them is `full`, which only a bce teacher or reference asks for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pml_dist.errors import PmlError
+from pml_dist.layout import RunLayout
+
+TargetsOf = Callable[[dict], torch.Tensor]
+
+
+def training_targets(cfg, run: RunLayout, stage, num_train: int) -> tuple[str, TargetsOf]:
+    """(a description for the log, batch -> target tensor) of `stage` (pml_dist.stages)."""
+    kind = stage.trains_on(cfg)
+    if kind == "observed":
+        return "observed", lambda batch: batch["observed"].float()
+    if kind == "full":
+        matrix = run.data.read_meta("train", "labels")
+        source = "full labels (loss.name=bce: the full-label upper bound)"
+    else:
+        path = run.pseudo.labels(stage.target)
+        if not path.is_file():
+            raise PmlError(f"no pseudo labels at {path} (run `pml-dist merge` first)")
+        matrix = np.load(path)
+        source = f"pseudo labels {path}"
+    if matrix.shape[0] != num_train:
+        raise PmlError(f"{source}: {matrix.shape[0]} rows, but the training split has {num_train}")
+    return source, _lookup(matrix)
+
+
+def _lookup(matrix: np.ndarray) -> TargetsOf:
+    """Rows by sample index, on the batch's device; the table stays on the CPU (N x L can be large)."""
+    table = torch.from_numpy(np.asarray(matrix, dtype=np.float32))
+    return lambda batch: table[batch["index"].cpu()].to(batch["image"].device)

@@ -1,0 +1,447 @@
+"""One trainer for every stage (pml_dist.stages): the teacher and the references (single positives
+and an SPML loss, or full labels for bce) and the students (pseudo labels, BCE).
+
+Runs as one process or as one of N ranks (torchrun, the deepspeed launcher, srun); the same code
+and config either way. It fills the stage's folder (layout.StageFiles): DeepSpeed checkpoints,
+metrics.jsonl (rank 0, after a reduction over ranks), derived.json (the global batch, scaled LR and
+steps per epoch actually used), best.pt + best.json (the best validation epoch's plain weights),
+result.json (written last: its presence means the stage is done) and one log file per rank.
+
+Resume: the newest complete checkpoint restores weights, optimizer, scheduler, RNG and `TrainState`
+(step, epoch, position inside the epoch, best), so no data is replayed. A stop request (SIGUSR2 /
+SIGTERM, e.g. Slurm preemption) only sets a flag (stop.py); all ranks agree on it at the next
+optimizer step, save together, and raise `Stopped`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ffcv_data.atomic import save_with, write_json
+from ffcv_data.loaders import threads_per_rank, train_loader
+from pml_dist import dist, provenance
+from pml_dist.config import Config, apl_schedule
+from pml_dist.errors import PmlError
+from pml_dist.layout import RunLayout, StageFiles
+from pml_dist.log import setup_logging
+from pml_dist.stages import Stage
+from pml_dist.training import checkpoint, engine
+from pml_dist.training.checkpoint import Checkpointer
+from pml_dist.training.evaluate import evaluate, gather, predict, split_loader
+from pml_dist.training.losses import LossParams, build_loss, param_groups_lr_mult
+from pml_dist.training.models import build_model, param_groups
+from pml_dist.training.stop import StopFlag, Stopped
+from pml_dist.training.targets import training_targets
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: Config, stage: Stage, stop: StopFlag | None = None) -> dict:
+    """Train `stage` to completion (or to a stop request: `Stopped`); returns result.json's content,
+    at once when the stage is already done."""
+    info = dist.resolve()
+    files = stage.files(RunLayout.of(cfg))
+    setup_logging(info.rank, files.log(info.rank))
+    done = files.read_result()
+    if done is not None and _stale_outputs(RunLayout.of(cfg), stage) is None:
+        log.info("%s is already trained (%s exists)", files.dir, files.result)
+        return done.raw
+    return Trainer(cfg, stage, info, stop).train()
+
+
+def _stale_outputs(run: RunLayout, stage: Stage) -> str | None:
+    """Why what the stage's folder holds (its result, else its newest checkpoint) was made from
+    other inputs than the current ones (provenance.py); None when it was not, or holds nothing."""
+    files = stage.files(run)
+    result = files.read_result()
+    found = checkpoint.latest(files.ckpt)
+    recorded = result.inputs if result is not None else (found[1].get("inputs") if found else None)
+    return provenance.stale(recorded, provenance.training_inputs(run, stage))
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything the loop itself needs to resume (the engine restores weights, optimizer and LR)."""
+
+    step: int = 0  # optimizer steps taken: the engine's global_steps
+    epoch: int = 0  # the epoch being trained; train.epochs once all are
+    epoch_samples: int = 0  # samples all ranks together trained on in `epoch` (the loader skips them)
+    best: dict | None = None  # epoch, step and val_map of the best validation epoch so far
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.epoch_samples, self.best = state["epoch_samples"], state["best"]
+
+
+class TrainModule(nn.Module):
+    """Model and loss in one module, so DeepSpeed averages and optimizes the loss's own parameters
+    (ROLE's label matrix) together with the network's."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.model(images), targets, index)
+
+
+class Trainer:
+    """One stage's training on this rank; the components are built once, here, in this order
+    (every rank must reach the same collectives in the same order)."""
+
+    def __init__(self, cfg: Config, stage: Stage, info: dist.RankInfo, stop: StopFlag | None = None):
+        self.cfg, self.stage, self.info = cfg, stage, info
+        self.stop = stop or StopFlag()
+        self.run = RunLayout.of(cfg)
+        self.files: StageFiles = stage.files(self.run)
+        stats = self.run.data.stats()
+        self.num_classes, self.num_train = stats.num_classes, stats.images("train")
+        self.loss_name = stage.loss(cfg)
+        self.inputs = provenance.training_inputs(self.run, stage)  # what result.json was made from
+        self.derived = engine.derive(cfg, self.num_train, info.world_size)
+        self.batch_samples = cfg.train.micro_batch * info.world_size  # all ranks' samples per micro-step
+        self.samples_trained = 0  # by this process (a resumed run counts from its restart)
+        self.threads = threads_per_rank(cfg.data.loader_workers, info.local_world_size)
+        self.device = self._start_process_group()
+        targets_source, self.targets_of = training_targets(cfg, self.run, stage, self.num_train)
+        log.info("%s: rank %d/%d (%s) on %s, %d threads; targets: %s", self.files.dir, info.rank,
+                 info.world_size, info.source, self.device, self.threads, targets_source)
+        log.info("derived: %s", self.derived.to_dict())
+
+        self.model, self.loss = self._build_model(), self._build_loss()
+        self.engine = self._build_engine()
+        self._discard_stale_outputs()
+        self.checkpointer = Checkpointer(self.files.ckpt, self.engine, info, cfg.train.keep_last,
+                                         inputs=self.inputs)
+        self.state = self._resume()
+        self.metrics = _MetricsFile(self.files.metrics, info.is_main, self.state.step)
+        if info.is_main:
+            write_json(self.files.derived, self.derived.to_dict())
+        self.loader = self._train_loader()
+        self.val_targets = "labels" if cfg.data.val_labels == "full" else "observed"
+        self.val_loader = split_loader(cfg, "val", info, self.device,
+                                       with_labels=self.val_targets == "labels")
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        """Every epoch left, then the test of the best one; returns result.json's content."""
+        start = time.perf_counter()
+        while self.state.epoch < self.cfg.train.epochs:
+            self._train_epoch()
+            _broadcast_buffers(self.engine.module)
+            if getattr(self.loss, "pseudo_labels_due", False):
+                self._apl_update()
+            self._keep_if_best(self._validate())
+            self.state.epoch, self.state.epoch_samples = self.state.epoch + 1, 0
+            self._save()
+        return self._finish(time.perf_counter() - start)
+
+    def _train_epoch(self) -> None:
+        """The rest of epoch `state.epoch`: all of it, or what a resumed run had not trained yet."""
+        epoch = self.state.epoch
+        self.loader.set_epoch(epoch)
+        self.loss.set_epoch(epoch)
+        window = _Window()
+        with self._progress(f"{self.files.dir.name} epoch {epoch}") as bar:
+            for batch in self.loader:
+                if self.state.epoch_samples >= self.derived.epoch_samples:
+                    break  # the loader's last batches would start an incomplete accumulation cycle
+                window.add(self._micro_step(batch), self.batch_samples)
+                bar.update(self.batch_samples)
+                if self.engine.global_steps > self.state.step:  # this micro-step ended a cycle
+                    self.state.step = self.engine.global_steps
+                    self._after_optimizer_step(window, bar)
+
+    def _micro_step(self, batch: dict) -> float:
+        """Forward and backward; DeepSpeed's step() updates the weights at the end of each
+        gradient-accumulation cycle only."""
+        value = self.engine(batch["image"], self.targets_of(batch), batch["index"])
+        self.engine.backward(value)
+        self.engine.step()
+        self.state.epoch_samples += self.batch_samples
+        self.samples_trained += self.batch_samples
+        return float(value.detach())
+
+    def _after_optimizer_step(self, window: _Window, bar) -> None:
+        """Log, honour a stop request, checkpoint: only here, where every rank holds the same weights."""
+        step = self.state.step
+        if step % self.cfg.train.log_every == 0:
+            self._log_train(window, bar)
+        if self.stop.agreed(self.device):
+            self._save()
+            raise Stopped(f"stopped at step {step}; rerun the same command to resume")
+        if self.cfg.train.ckpt_every and step % self.cfg.train.ckpt_every == 0:
+            self._save()
+
+    def _log_train(self, window: _Window, bar) -> None:
+        rate = window.samples_per_s()  # before the reduction below, which is not training time
+        record = {"kind": "train", "step": self.state.step, "epoch": self.state.epoch,
+                  "loss": _mean_over_ranks(window.mean_loss, self.device),
+                  "lr": self.engine.get_lr()[0], "samples_per_s": rate}
+        self.metrics.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        window.reset()
+
+    def _save(self) -> None:
+        best = self.state.best
+        self.checkpointer.save(self.state.state_dict(), protect={best["step"]} if best else set())
+
+    # ------------------------------------------------------------------- evaluation and best
+
+    def _apl_update(self) -> None:
+        """EM+APL: score the whole training split (observed labels only), identically on every rank,
+        and let the loss pseudo-label its next share of unobserved negatives."""
+        loader = split_loader(self.cfg, "train", self.info, self.device, with_labels=False)
+        indices, arrays = gather(*predict(self.net, loader, self.device, self.num_classes))
+        added = self.loss.update_pseudo_labels(torch.from_numpy(arrays["probs"]), torch.from_numpy(indices))
+        log.info("EM+APL: %d unobserved labels pseudo-labelled as negatives", added)
+
+    def _validate(self) -> dict:
+        val = evaluate(self.net, self.val_loader, self.device, self.num_classes, self.val_targets)
+        epoch, step = self.state.epoch, self.state.step
+        self.metrics.write({"kind": "val", "step": step, "epoch": epoch, "map": val["map"],
+                            "targets": val["targets"]})
+        log.info("epoch %d step %d: val mAP %.2f (against %s)", epoch, step, val["map"],
+                 "full labels" if val["targets"] == "labels" else "observed labels")
+        return val
+
+    def _keep_if_best(self, val: dict) -> None:
+        """A new best validation epoch: remember it, and rank 0 exports its weights (best.pt)."""
+        best = self.state.best
+        if best is None or val["map"] > best["val_map"]:
+            self.state.best = {"epoch": self.state.epoch, "step": self.state.step, "val_map": val["map"]}
+            if self.info.is_main:
+                _export(self.net, self.files, self.state.best)
+
+    # ---------------------------------------------------------------------------- the finish
+
+    def _finish(self, seconds: float) -> dict:
+        """Test mAP of the best epoch's weights, then result.json (the stage's completion marker)."""
+        digests = self._rank_digests()
+        test = self._test_best()
+        result = self._result(test, digests, seconds)
+        if self.info.is_main:
+            write_json(self.files.result, result)
+            best = self.state.best
+            log.info("%s done: best epoch %d, val mAP %.2f, test mAP %.2f", self.files.dir,
+                     best["epoch"], best["val_map"], test["map"])
+        _barrier()
+        return result
+
+    def _rank_digests(self) -> list[str]:
+        """Each rank's weight digest: data parallelism must leave them bit-identical."""
+        import torch.distributed as tdist
+
+        digests = [_digest(self.net)]
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            digests = [None] * tdist.get_world_size()
+            tdist.all_gather_object(digests, _digest(self.net))
+        if len(set(digests)) > 1:
+            log.warning("ranks hold different weights after training: %s", digests)
+        return digests
+
+    def _test_best(self) -> dict:
+        _barrier()  # best.pt from rank 0 is complete
+        self.net.load_state_dict(torch.load(self.files.best_weights, map_location=self.device,
+                                            weights_only=True))
+        loader = split_loader(self.cfg, "test", self.info, self.device)
+        test = evaluate(self.net, loader, self.device, self.num_classes)
+        best = self.state.best
+        self.metrics.write({"kind": "test", "step": best["step"], "epoch": best["epoch"], "map": test["map"]})
+        return test
+
+    def _result(self, test: dict, digests: list[str], seconds: float) -> dict:
+        best, derived, world = self.state.best, self.derived, self.info.world_size
+        # samples_trained already counts every rank's samples (the same on each rank)
+        samples_per_s = _mean_over_ranks(self.samples_trained, self.device) / max(seconds, 1e-9)
+        return {
+            "stage": self.stage.kind, "target": self.stage.target, "loss": self.loss_name,
+            "best_epoch": best["epoch"], "best_step": best["step"], "val_map": best["val_map"],
+            "test_map": test["map"], "test_ap": test["ap"],
+            "test_classes_without_positives": test["classes_without_positives"],
+            "world_size": world, "global_batch": derived.global_batch, "lr": derived.lr,
+            "rank_weight_digests": digests,
+            "train_seconds": seconds, "train_samples_per_s": samples_per_s,
+            "inputs": self.inputs,
+        }
+
+    # ------------------------------------------------------------------------------ building
+
+    @property
+    def net(self) -> nn.Module:
+        """The network inside the engine (what is evaluated and exported)."""
+        return self.engine.module.model
+
+    def _start_process_group(self):
+        """Threads first (FFCV's and torch's share the cores), then the group; returns the device."""
+        torch.set_num_threads(self.threads)
+        device = dist.init_process_group(self.info, self.cfg.dist.timeout_s)
+        _check_sync_bn(self.cfg, device)
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        return device
+
+    def _discard_stale_outputs(self) -> None:
+        """An input changed since this folder was written (a retrained teacher, new pseudo labels):
+        its result and checkpoints belong to another training, so start afresh. Rank 0 deletes,
+        every rank waits, and only then does any rank look for a checkpoint."""
+        why = _stale_outputs(self.run, self.stage)
+        if why is not None and self.info.is_main:
+            log.info("%s is stale (%s): training it anew", self.files.dir, why)
+            shutil.rmtree(self.files.ckpt, ignore_errors=True)
+            for path in (self.files.result, self.files.best_weights, self.files.best_record,
+                         self.files.metrics, self.files.derived):
+                path.unlink(missing_ok=True)
+        _barrier()
+
+    def _resume(self) -> TrainState:
+        state = TrainState()
+        saved = self.checkpointer.load()
+        if saved is not None:
+            state.load_state_dict(saved)
+        return state
+
+    def _build_model(self) -> nn.Module:
+        m = self.cfg.model
+        torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
+        return build_model(m.name, self.num_classes, pretrained=m.pretrained, width=m.width, norm=m.norm,
+                           sync_bn=m.sync_bn)
+
+    def _build_loss(self) -> nn.Module:
+        # Observed positives are training information (ROLE and EM+APL initialise from them),
+        # unlike the full labels.
+        observed = (self.run.data.read_meta("train", "observed")
+                    if self.loss_name in ("role", "em_apl") else None)
+        return build_loss(self.loss_name, self.num_classes, self.num_train, _loss_params(self.cfg),
+                          seed=self.cfg.train.seed, observed_labels=observed)
+
+    def _build_engine(self):
+        groups = param_groups(self.model, self.cfg.optim.weight_decay)
+        groups += [{"params": list(p), "weight_decay": 0.0, "lr_mult": m}
+                   for p, m in param_groups_lr_mult(self.loss)]
+        module = TrainModule(self.model, self.loss)
+        return engine.initialize(self.cfg, module, groups, self.derived, self.device)
+
+    def _train_loader(self):
+        cfg, info = self.cfg, self.info
+        return train_loader(
+            self.run.data.beton("train"), cfg.train.micro_batch, cfg.data.image_size, rank=info.rank,
+            world_size=info.world_size, seed=cfg.train.seed, order=cfg.data.order,
+            augment=cfg.data.augment, device=self.device, workers=cfg.data.loader_workers,
+            local_world_size=info.local_world_size, drop_last=True, start_epoch=self.state.epoch,
+            skip_samples=self.state.epoch_samples, jit=cfg.data.jit,
+        )
+
+    def _progress(self, desc: str):
+        """Rank 0's bar over the epoch's samples (all ranks together)."""
+        from tqdm import tqdm
+
+        return tqdm(total=self.derived.epoch_samples, initial=self.state.epoch_samples, desc=desc,
+                    unit="img", disable=not self.info.is_main, leave=False, dynamic_ncols=True)
+
+
+class _Window:
+    """Training loss and throughput since the last train record (or since the epoch began)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.steps, self.samples, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss: float, samples: int) -> None:
+        self.loss_sum, self.steps, self.samples = self.loss_sum + loss, self.steps + 1, self.samples + samples
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.steps
+
+    def samples_per_s(self) -> float:
+        return self.samples / max(time.perf_counter() - self.start, 1e-9)
+
+
+class _MetricsFile:
+    """metrics.jsonl, appended by rank 0. On resume, records after the checkpoint's step (written
+    before the interruption) are dropped, so the file reads as if the run had never stopped."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _loss_params(cfg: Config) -> LossParams:
+    c = cfg.loss
+    warmup, num_epochs = apl_schedule(c.apl_warmup_epochs, cfg.train.epochs)
+    return LossParams(ls_eps=c.ls_eps, expected_positives=c.expected_positives, em_alpha=c.em_alpha,
+                      role_lr_mult=c.role_lr_mult, apl_beta=c.apl_beta,
+                      apl_neg_proportion=c.apl_neg_proportion,
+                      apl_warmup_epochs=warmup, apl_num_epochs=num_epochs)
+
+
+def _check_sync_bn(cfg: Config, device) -> None:
+    if cfg.model.sync_bn and device.type == "cpu":
+        raise PmlError("model.sync_bn=true needs GPUs: torch's SyncBatchNorm runs only on CUDA/XPU. On "
+                       "CPU every rank gets rank 0's BatchNorm statistics before each evaluation instead")
+
+
+def _barrier() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def _mean_over_ranks(value: float, device) -> float:
+    import torch.distributed as tdist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if tdist.is_initialized():
+        tdist.all_reduce(t)
+        t /= tdist.get_world_size()
+    return float(t.item())
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """DeepSpeed does not synchronise BatchNorm running statistics; give every rank rank 0's (the
+    ones its checkpoints hold) so that evaluation shards and saved weights agree across ranks."""
+    import torch.distributed as tdist
+
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        for buffer in model.buffers():
+            tdist.broadcast(buffer, src=0)
+
+
+def _export(model: nn.Module, files: StageFiles, best: dict) -> None:
+    """best.pt: the plain fp32 state dict of the network (no DeepSpeed needed to load it)."""
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+             for k, v in model.state_dict().items()}
+    save_with(files.best_weights, lambda tmp: torch.save(state, tmp))
+    write_json(files.best_record, best)
+
+
+def _digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

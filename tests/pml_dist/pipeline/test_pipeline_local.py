@@ -1,0 +1,135 @@
+"""The whole pipeline through submitit's local executor, on a small generated data set: every stage
+runs, the report and both figures appear, and a resubmission only redoes what is unfinished; the
+beyond-paper EM chain reuses its teacher as the EM reference; --seeds repeats the experiment."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pml_dist.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+TINY = ["data.image_size=32", "data.max_resolution=48", "data.jit=false", "model.width=16", "train.epochs=1",
+        "train.micro_batch=16", "slurm.teacher_tasks_per_node=2", "slurm.infer_tasks_per_node=2"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(synthetic_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("pipeline") / "run"
+    overrides = [
+        f"run.dir={run}", f"data.root={synthetic_root}", *TINY, "pseudo.taus=[0.5, 0.7]",
+        "pseudo.modes=[hard, soft]", "report.references=[bce, em]", "pseudo.beyond_teacher=em",
+        "pseudo.beyond_modes=[soft]",
+    ]
+    assert main(["run", "--executor", "local", *overrides]) == 0
+    return run, overrides
+
+
+def test_every_stage_ran_and_the_report_lists_them(pipeline, capsys):
+    run, overrides = pipeline
+    for path in ["data/stats.json", "teacher/result.json", "pseudo/probs.npy", "pseudo/stats.json",
+                 "students/tau-0.5/result.json", "students/tau-0.7/result.json",
+                 "students/soft/result.json", "references/bce/result.json", "report.md", "report.json",
+                 "beyond-em/teacher/result.json", "beyond-em/students/soft/result.json"]:
+        assert (run / path).is_file(), path
+    assert not (run / "references" / "em").exists()  # the beyond chain's teacher is the EM reference
+    assert not (run / "beyond-em" / "data").exists()  # it reads the run's prepared data
+    teacher = json.loads((run / "teacher/result.json").read_text())
+    assert teacher["world_size"] == 2 and len(set(teacher["rank_weight_digests"])) == 1
+    shards = sorted(p.name for p in (run / "teacher/probs").glob("*.json"))
+    assert shards == ["shard-00000-of-00002.json", "shard-00001-of-00002.json"]
+
+    report = json.loads((run / "report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"teacher (AN)", "reference full BCE", "reference EM", "student tau-0.5",
+                         "student tau-0.7", "student soft", "EM teacher -> student soft"}
+    em = json.loads((run / "beyond-em/teacher/result.json").read_text())["test_map"]
+    assert rows["reference EM"]["test_map"] == em
+    assert all(r["test_map"] is not None for r in report["rows"])
+    assert rows["student tau-0.5"]["positives"] >= rows["student tau-0.7"]["positives"] >= 1.0
+    findings = report["findings"]
+    assert findings["beyond_student_minus_teacher"] == pytest.approx(
+        rows["EM teacher -> student soft"]["test_map"] - em)
+    hard = min(rows[f"student tau-{t}"]["test_map"] for t in ("0.5", "0.7"))
+    assert findings["hard_students_minus_teacher_min"] == pytest.approx(hard - teacher["test_map"])
+    assert all(report["stages"][k] > 0 for k in ("prepare_seconds", "teacher_seconds", "infer_seconds",
+                                                 "merge_seconds", "students_seconds", "infer_samples_per_s"))
+    for figure in ("figure1a.png", "figure1b.png"):
+        assert (run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (run / "report.md").read_text()
+    assert "| student tau-0.5 |" in md and "| reference full BCE |" in md and "Beyond the paper" in md
+    assert main(["status", *overrides]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == [
+        "data", "teacher", "pseudo", "students/tau-0.5", "students/tau-0.7", "students/soft",
+        "references/bce", "beyond-em/teacher", "beyond-em/pseudo", "beyond-em/students/soft", "report"]
+    assert {ln.split()[1] for ln in lines} == {"done"}
+
+
+def test_resubmission_redoes_only_what_is_unfinished(pipeline):
+    run, overrides = pipeline
+    before = json.loads((run / "jobs.json").read_text())["jobs"]
+    shutil.rmtree(run / "students" / "tau-0.7")
+    mtime = (run / "students" / "tau-0.5" / "result.json").stat().st_mtime_ns
+    assert main(["run", "--executor", "local", *overrides]) == 0
+    after = json.loads((run / "jobs.json").read_text())["jobs"]
+    assert {name for name, job in after.items() if before.get(name) != job} == {"students/tau-0.7", "report"}
+    assert (run / "students" / "tau-0.7" / "result.json").is_file()
+    assert (run / "students" / "tau-0.5" / "result.json").stat().st_mtime_ns == mtime
+
+
+def test_a_retrained_teacher_reruns_exactly_what_it_feeds(pipeline, capsys):
+    """Provenance: a new teacher makes the merge, its students and the report stale (`status` says
+    why) and `run` redoes exactly those, with the inference feeding the merge; the references and
+    the beyond chain, which never read this teacher, are left alone."""
+    run, overrides = pipeline
+    before = json.loads((run / "jobs.json").read_text())["jobs"]
+    old_weights = (run / "teacher" / "best.pt").read_bytes()
+    shutil.rmtree(run / "teacher")
+    # in its own process, as users run it (training in-process leaves torch.distributed set up)
+    train = subprocess.run([sys.executable, "-m", "pml_dist", "train", "--stage", "teacher", *overrides],
+                           capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert (run / "teacher" / "best.pt").read_bytes() != old_weights
+
+    capsys.readouterr()
+    assert main(["status", *overrides]) == 0
+    rows = {ln.split()[0]: ln.split(None, 2)[1:] for ln in capsys.readouterr().out.splitlines()}
+    assert rows["teacher"] == ["done"]
+    assert rows["pseudo"] == ["stale", "teacher changed"]
+    assert rows["report"][0] == "stale" and "teacher/result.json" in rows["report"][1]
+    assert rows["students/soft"] == ["done"]  # still consistent with the pseudo labels there now
+    assert rows["references/bce"] == ["done"] and rows["beyond-em/students/soft"] == ["done"]
+    assert "retry" in rows
+
+    assert main(["run", "--executor", "local", *overrides]) == 0
+    after = json.loads((run / "jobs.json").read_text())["jobs"]
+    assert {name for name, job in after.items() if before.get(name) != job} == {
+        "teacher/probs", "pseudo", "students/tau-0.5", "students/tau-0.7", "students/soft", "report"}
+    merged = json.loads((run / "pseudo" / "merge.json").read_text())
+    student = json.loads((run / "students" / "soft" / "result.json").read_text())
+    assert student["inputs"]["teacher"] == merged["inputs"]["teacher"] == merged["teacher_id"]
+
+
+def test_seeds_repeat_the_experiment_and_report_mean_and_std(synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *TINY, "pseudo.taus=[0.5]",
+                 "pseudo.modes=[hard]", "report.references=[]", "pseudo.beyond_teacher=", "train.seed=4"]
+    assert main(["run", "--executor", "local", "--seeds", "2", *overrides]) == 0
+    per_seed = [json.loads((run / f"seed-{s}" / "report.json").read_text()) for s in (4, 5)]
+    assert not (run / "seed-4" / "data").exists()  # one prepared data set for every seed
+    maps = [{r["name"]: r["test_map"] for r in rep["rows"]} for rep in per_seed]
+    assert maps[0] != maps[1]  # different seeds train different models
+    summary = json.loads((run / "report.json").read_text())
+    assert summary["seeds"] == [4, 5]
+    for row in summary["rows"]:
+        values = [m[row["name"]] for m in maps]
+        assert row["test_map"] == pytest.approx(sum(values) / 2)
+        assert row["test_map_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    assert "mean ± std over 2 seeds" in (run / "report.md").read_text()
+    assert " ± " in (run / "report.md").read_text().split("| student tau-0.5 |")[1].splitlines()[0]

@@ -1,0 +1,223 @@
+"""Sharded inference + merge: exact coverage at any world size, and every kind of bad shard refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pml_dist.cli import main
+from pml_dist.config import load_config
+from pml_dist.errors import PmlError
+from pml_dist.layout import RunLayout
+from pml_dist.provenance import data_id, teacher_id
+from pml_dist.pseudo.infer import infer
+from pml_dist.pseudo.make import make_pseudo_labels
+from pml_dist.pseudo.shards import npz_checksum
+
+pytestmark = pytest.mark.timeout(600)
+REPO = Path(__file__).resolve().parents[3]
+# 150 generated images -> 120 training samples: divides by neither 7 nor 9 (uneven shards).
+OVERRIDES = ["data.image_size=32", "data.max_resolution=48", "data.jit=false", "data.loader_workers=1",
+             "model.width=8", "infer.batch=16"]
+
+
+@pytest.fixture(scope="module")
+def prepared(synthetic_root, tmp_path_factory):
+    """A run directory with data and a teacher (seeded random weights: inference does not care)."""
+    from pml_dist.training.models import build_model
+
+    run = tmp_path_factory.mktemp("infer") / "run"
+    overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *OVERRIDES]
+    assert main(["prepare", *overrides]) == 0
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 20, width=8)
+    for module in model.modules():  # non-trivial BatchNorm statistics, as a trained teacher has
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+    (run / "teacher").mkdir()
+    torch.save(model.state_dict(), run / "teacher" / "best.pt")
+    return run, overrides
+
+
+def clone(prepared, tmp_path) -> tuple[Path, list[str]]:
+    run, overrides = prepared
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "config.yaml").unlink()
+    return copy, [o if not o.startswith("run.dir=") else f"run.dir={copy}" for o in overrides]
+
+
+def run_ranks(overrides, world: int, monkeypatch, ranks=None) -> None:
+    """Each rank as the launchers would start it (ranks are independent: no process group)."""
+    cfg = load_config(None, overrides)
+    for rank in ranks if ranks is not None else range(world):
+        for key, value in {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1,
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 1}.items():
+            monkeypatch.setenv(key, str(value))
+        infer(cfg)
+
+
+@pytest.fixture(scope="module")
+def single(prepared, tmp_path_factory):
+    """Single-process inference: the reference every sharded run must reproduce."""
+    run, overrides = prepared
+    cfg = load_config(None, overrides)
+    mp = pytest.MonkeyPatch()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
+        mp.delenv(key, raising=False)
+    infer(cfg)
+    mp.undo()
+    make_pseudo_labels(cfg)
+    probs = np.load(run / "pseudo" / "probs.npy")
+    shutil.rmtree(run / "teacher" / "probs")
+    shutil.rmtree(run / "pseudo")
+    return probs
+
+
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_sharded_inference_merges_to_the_single_process_result(prepared, single, tmp_path, monkeypatch,
+                                                               world):
+    run, overrides = clone(prepared, tmp_path)
+    run_ranks(overrides, world, monkeypatch)
+    result = make_pseudo_labels(load_config(None, overrides))
+    probs = np.load(run / "pseudo" / "probs.npy", mmap_mode="r")
+    assert probs.dtype == np.float16 and probs.shape == (120, 20)
+    np.testing.assert_array_equal(np.asarray(probs), single)
+    assert result["merge"]["padding_duplicates"] == (-120) % world
+    record = json.loads((run / "pseudo" / "merge.json").read_text())
+    assert record == json.loads(json.dumps(result["merge"]))
+    layout = RunLayout(run)
+    assert record["inputs"] == {"teacher": teacher_id(layout), "data": data_id(layout)}
+    assert (record["teacher_id"], record["data_id"]) == (teacher_id(layout), data_id(layout))
+
+
+@pytest.mark.slow
+def test_two_real_processes(prepared, single, tmp_path):
+    """The same through two OS processes started with the launcher variables."""
+    run, overrides = clone(prepared, tmp_path)
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "pml_dist", "infer", *overrides], env=env))
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert main(["merge", *overrides]) == 0
+    np.testing.assert_array_equal(np.load(run / "pseudo" / "probs.npy"), single)
+
+
+def test_rerun_skips_complete_shards(prepared, tmp_path, monkeypatch):
+    run, overrides = clone(prepared, tmp_path)
+    run_ranks(overrides, 3, monkeypatch)
+    shard = run / "teacher" / "probs" / "shard-00001-of-00003.npz"
+    before = shard.stat().st_mtime_ns
+    run_ranks(overrides, 3, monkeypatch)
+    assert shard.stat().st_mtime_ns == before
+
+
+@pytest.mark.faults
+def test_a_rank_killed_mid_write_leaves_no_shard_and_a_rerun_fills_it(prepared, single, tmp_path,
+                                                                      monkeypatch):
+    run, overrides = clone(prepared, tmp_path)
+    run_ranks(overrides, 3, monkeypatch, ranks=[0, 2])
+
+    def die(*args, **kwargs):  # the process dies between writing the temporary file and renaming it
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", die)
+        with pytest.raises(KeyboardInterrupt):
+            run_ranks(overrides, 3, monkeypatch, ranks=[1])
+    folder = run / "teacher" / "probs"
+    assert not (folder / "shard-00001-of-00003.npz").exists()
+    assert not (folder / "shard-00001-of-00003.json").exists()
+    with pytest.raises(PmlError, match=r"rank\(s\) \[1\] are missing"):
+        make_pseudo_labels(load_config(None, overrides))
+    assert not (run / "pseudo" / "probs.npy").exists()
+    run_ranks(overrides, 3, monkeypatch, ranks=[1])
+    make_pseudo_labels(load_config(None, overrides))
+    np.testing.assert_array_equal(np.load(run / "pseudo" / "probs.npy"), single)
+
+
+def _rewrite(npz: Path, change) -> None:
+    """Change a shard's arrays and keep its manifest consistent, so only the intended check fails."""
+    with np.load(npz) as data:
+        indices, probs = data["indices"].copy(), data["probs"].copy()
+    indices, probs = change(indices, probs)
+    np.savez(npz, indices=indices, probs=probs)
+    manifest = npz.with_suffix(".json")
+    info = json.loads(manifest.read_text())
+    info.update(count=len(indices), checksum=npz_checksum(npz))
+    manifest.write_text(json.dumps(info))
+
+
+def _missing(folder):
+    (folder / "shard-00002-of-00003.npz").unlink()
+    (folder / "shard-00002-of-00003.json").unlink()
+
+
+def _truncated(folder):
+    npz = folder / "shard-00001-of-00003.npz"
+    npz.write_bytes(npz.read_bytes()[:300])
+
+
+def _other_teacher(folder):
+    manifest = folder / "shard-00000-of-00003.json"
+    info = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**info, "teacher_id": "0123456789abcdef"}))
+
+
+def _duplicate_differs(folder):
+    # world 3 over 120 samples has no padding: give rank 2 a copy of sample 0 with other values
+    def change(indices, probs):
+        extra = np.clip(probs[:1].astype(np.float32) + 0.25, 0, 1).astype(np.float16)
+        return np.concatenate([indices, [0]]), np.concatenate([probs, extra])
+
+    _rewrite(folder / "shard-00002-of-00003.npz", change)
+
+
+def _wrong_world(folder):
+    manifest = folder / "shard-00001-of-00003.json"
+    info = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**info, "world_size": 4}))
+
+
+def _stale_world(folder):  # leftovers of an older 2-rank job beside the 3-rank shards
+    for suffix in (".npz", ".json"):
+        shutil.copy(folder / f"shard-00000-of-00003{suffix}", folder / f"shard-00000-of-00002{suffix}")
+    info = json.loads((folder / "shard-00000-of-00002.json").read_text())
+    (folder / "shard-00000-of-00002.json").write_text(json.dumps({**info, "world_size": 2}))
+
+
+def _checksum(folder):
+    npz = folder / "shard-00001-of-00003.npz"
+    with np.load(npz) as data:
+        np.savez(npz, indices=data["indices"], probs=data["probs"] * np.float16(0.5))
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("damage, message", [
+    (_missing, r"rank\(s\) \[2\] are missing"),
+    (_truncated, r"shard-00001-of-00003.npz: unreadable shard"),
+    (_other_teacher, r"shard\(s\) \['shard-00000-of-00003.json'\] come from another teacher"),
+    (_duplicate_differs, r"shard-00002-of-00003.npz and .*shard-00000-of-00003.npz: sample 0 scored "
+                         r"twice with different probabilities"),
+    (_wrong_world, r"shard-00001-of-00003.json: manifest says rank 1 of world size 4"),
+    (_stale_world, r"shards from different world sizes"),
+    (_checksum, r"shard-00001-of-00003.npz: checksum does not match"),
+])
+def test_bad_shards_are_refused_and_nothing_is_written(prepared, tmp_path, monkeypatch, damage, message):
+    run, overrides = clone(prepared, tmp_path)
+    run_ranks(overrides, 3, monkeypatch)
+    damage(run / "teacher" / "probs")
+    assert main(["merge", *overrides]) == 2
+    with pytest.raises(PmlError, match=message):
+        make_pseudo_labels(load_config(None, overrides))
+    assert not (run / "pseudo").exists() or not any((run / "pseudo").iterdir())

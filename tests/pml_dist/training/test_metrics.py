@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pml_dist.training.metrics import average_precision, mean_average_precision
+
+
+def brute_force_ap(scores: list[float], labels: list[int]) -> float:
+    """sum over distinct thresholds t_n (decreasing) of (R_n - R_{n-1}) P_n, for 'score >= t_n'.
+
+    Straight from the definition sklearn.metrics.average_precision_score documents, ties included.
+    """
+    num_pos = sum(labels)
+    if num_pos == 0:
+        return math.nan
+    ap, prev_recall = 0.0, 0.0
+    for threshold in sorted(set(scores), reverse=True):
+        predicted = [y for s, y in zip(scores, labels, strict=True) if s >= threshold]
+        precision = sum(predicted) / len(predicted)
+        recall = sum(predicted) / num_pos
+        ap += (recall - prev_recall) * precision
+        prev_recall = recall
+    return ap
+
+
+def column(values: list[float]) -> np.ndarray:
+    return np.asarray(values, dtype=float)[:, None]
+
+
+@pytest.mark.parametrize(("scores", "labels", "expected"), [
+    # sklearn's documented example for average_precision_score
+    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.5 * 1.0 + 0.5 * (2 / 3)),
+    ([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0], 0.5 * 1.0 + 0.5 * (2 / 3)),
+    # a tie is one threshold: {0.5, 0.5} -> P = 1/2, R = 1/2; then 0.2 -> P = 2/3, R = 1
+    ([0.5, 0.5, 0.2], [1, 0, 1], 0.5 * 0.5 + 0.5 * (2 / 3)),
+    # all tied: one threshold, AP = prevalence
+    ([0.3, 0.3, 0.3, 0.3], [1, 0, 0, 1], 0.5),
+    # the positive ranked last
+    ([0.9, 0.8, 0.1], [0, 0, 1], 1 / 3),
+])
+def test_hand_computed_cases(scores, labels, expected):
+    assert average_precision(column(scores), column(labels))[0] == pytest.approx(expected)
+    assert brute_force_ap(scores, labels) == pytest.approx(expected)
+
+
+def test_equals_brute_force_on_random_data_with_many_ties():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n, num_classes = int(rng.integers(1, 60)), int(rng.integers(1, 8))
+        levels = int(rng.integers(1, 6))  # few distinct scores -> many ties
+        scores = rng.integers(0, levels, size=(n, num_classes)) / max(levels - 1, 1)
+        labels = (rng.random((n, num_classes)) < rng.random()).astype(int)
+        got = average_precision(scores, labels)
+        expected = [brute_force_ap(scores[:, c].tolist(), labels[:, c].tolist()) for c in range(num_classes)]
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12, err_msg=f"trial {trial}")
+
+
+def test_continuous_scores_match_brute_force():
+    rng = np.random.default_rng(1)
+    scores, labels = rng.random((200, 5)), (rng.random((200, 5)) < 0.2).astype(int)
+    expected = [brute_force_ap(scores[:, c].tolist(), labels[:, c].tolist()) for c in range(5)]
+    np.testing.assert_allclose(average_precision(scores, labels), expected, rtol=1e-12)
+
+
+def test_order_of_tied_samples_does_not_matter():
+    rng = np.random.default_rng(2)
+    scores = rng.integers(0, 3, size=(50, 4)).astype(float)
+    labels = rng.integers(0, 2, size=(50, 4))
+    perm = rng.permutation(50)
+    shuffled = average_precision(scores[perm], labels[perm])
+    np.testing.assert_allclose(average_precision(scores, labels), shuffled)
+
+
+def test_perfect_ranking_gives_one():
+    labels = np.array([[1, 0], [1, 1], [0, 0], [0, 1], [0, 0]])
+    scores = labels + 0.01 * np.arange(5)[:, None]  # every positive above every negative
+    np.testing.assert_allclose(average_precision(scores, labels), [1.0, 1.0])
+    assert mean_average_precision(scores, labels)["map"] == pytest.approx(100.0)
+
+
+def test_classes_without_positives_are_reported_and_excluded_from_the_mean():
+    scores = np.array([[0.9, 0.2, 0.5], [0.1, 0.8, 0.4], [0.3, 0.6, 0.7]])
+    labels = np.array([[1, 0, 0], [0, 0, 1], [0, 0, 0]])
+    ap = average_precision(scores, labels)
+    assert ap[0] == pytest.approx(1.0) and np.isnan(ap[1]) and ap[2] == pytest.approx(1 / 3)
+    result = mean_average_precision(scores, labels)
+    assert result["map"] == pytest.approx(100 * (1.0 + 1 / 3) / 2)  # not / 3 with a zero for class 1
+    assert result["ap"] == [pytest.approx(100.0), None, pytest.approx(100 / 3)]
+    assert result["classes_without_positives"] == [1]
+    assert result["num_classes_scored"] == 2
+
+
+def test_no_class_with_positives_gives_no_map():
+    result = mean_average_precision(np.zeros((3, 2)), np.zeros((3, 2), dtype=int))
+    assert result == {"map": None, "ap": [None, None], "classes_without_positives": [0, 1],
+                      "num_classes_scored": 0}
+
+
+@pytest.mark.parametrize(("scores", "labels", "match"), [
+    (np.zeros((3, 2)), np.zeros((3, 3)), "must equal scores shape"),
+    (np.zeros(3), np.zeros(3), "samples, classes"),
+    (np.zeros((2, 2)), np.array([[1, -1], [0, 0]]), "0 or 1"),
+    (np.zeros((2, 2)), np.array([[0.5, 0], [0, 1]]), "0 or 1"),
+    (np.array([[np.nan, 0], [0, 1]]), np.ones((2, 2)), "NaN"),
+])
+def test_bad_inputs_raise(scores, labels, match):
+    with pytest.raises(ValueError, match=match):
+        average_precision(scores, labels)

@@ -1,0 +1,156 @@
+"""Real DeepSpeed engines on gloo, 2 processes, launched as torchrun would (the five variables set
+by hand), on a small generated data set."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pml_dist.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+REPO = Path(__file__).resolve().parents[3]
+BASE = [
+    "data.image_size=32", "data.max_resolution=48", "data.augment=false", "data.jit=false",
+    "data.loader_workers=1", "model.width=8", "train.micro_batch=8", "train.eval_batch=64",
+    "train.log_every=1", "train.keep_last=100",
+]
+
+
+@pytest.fixture
+def run(synthetic_root, tmp_path):
+    """A prepared run directory; returns (overrides, run_dir)."""
+
+    def make(*extra: str) -> tuple[list[str], Path]:
+        run_dir = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        overrides = [f"run.dir={run_dir}", f"data.root={synthetic_root}", *BASE, *extra]
+        assert main(["prepare", *overrides]) == 0
+        return overrides, run_dir
+
+    return make
+
+
+def launch(world: int, overrides: list[str], stage: str = "teacher") -> list[subprocess.Popen]:
+    port = 29500 + os.getpid() % 1000 + world
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "launch" / "train.py"), "--stage", stage, *overrides],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    return procs
+
+
+def wait(procs, timeout=400) -> list[int]:
+    codes = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        codes.append(p.returncode)
+        if p.returncode not in (0, 3):
+            print(out[-4000:])
+    return codes
+
+
+def weights(run_dir: Path, step: int | None = None) -> dict[str, torch.Tensor]:
+    """The model weights in a ZeRO checkpoint (the last one by default)."""
+    ckpt = run_dir / "teacher" / "ckpt"
+    step = step if step is not None else max(int(p.name[5:]) for p in ckpt.glob("step-*"))
+    state = torch.load(ckpt / f"step-{step}" / "mp_rank_00_model_states.pt", weights_only=False)
+    return state["module"]
+
+
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields, which differ between any two runs."""
+    out = []
+    for line in (run_dir / "teacher" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rec.pop("samples_per_s", None)
+        out.append(rec)
+    return out
+
+
+def test_two_ranks_agree_and_a_stopped_run_resumes_exactly(run):
+    """Uninterrupted vs stopped (SIGUSR2 to one rank only) + resumed: same weights, same metrics."""
+    # 5 epochs of 7 steps: the signal sent at the first checkpoint (step 2) finds the run mid-way
+    overrides, whole = run("train.epochs=5", "train.ckpt_every=2")
+    assert wait(launch(2, overrides)) == [0, 0]
+    result = json.loads((whole / "teacher" / "result.json").read_text())
+    assert len(result["rank_weight_digests"]) == 2
+    assert len(set(result["rank_weight_digests"])) == 1, "ranks ended with different weights"
+
+    overrides2, parts = run("train.epochs=5", "train.ckpt_every=2")
+    procs = launch(2, overrides2)
+    marker = parts / "teacher" / "ckpt" / "step-2" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGUSR2)  # one rank is preempted; both must stop together
+    assert wait(procs) == [3, 3]
+    assert not (parts / "teacher" / "result.json").exists()
+    stopped_at = max(int(p.name[5:]) for p in (parts / "teacher" / "ckpt").glob("step-*"))
+    total = json.loads((whole / "teacher" / "derived.json").read_text())["total_steps"]
+    assert 2 <= stopped_at < total  # stopped part way, so the rerun really resumes
+
+    assert wait(launch(2, overrides2)) == [0, 0]
+    final_whole, final_parts = weights(whole), weights(parts)
+    assert final_whole.keys() == final_parts.keys()
+    for name in final_whole:
+        assert torch.equal(final_whole[name], final_parts[name]), name
+    assert records(whole) == records(parts)
+
+
+def test_one_step_is_the_same_at_any_world_size_and_accumulation(run):
+    """With no batch statistics (GroupNorm), world 2 x micro 4 = world 1 x micro 8 =
+    world 1 x accumulation 2 x micro 4: data parallelism is exact. SGD, not Adam: Adam's first step
+    is about lr x sign(g), so a gradient near zero that differs in its last bits (summation order)
+    flips a whole lr-sized update, while SGD's update is linear in the gradient."""
+    common = ("model.norm=group", "train.epochs=1", "train.ckpt_every=1", "optim.name=sgd",
+              "optim.momentum=0", "optim.lr=0.5")
+    results = {}
+    for name, world, extra in [("w2m4", 2, ("train.micro_batch=4",)),
+                               ("w1m8", 1, ("train.micro_batch=8",)),
+                               ("w1a2m4", 1, ("train.micro_batch=4", "train.grad_accum=2"))]:
+        overrides, run_dir = run(*common, *extra)
+        assert wait(launch(world, overrides)) == [0] * world
+        results[name] = weights(run_dir, step=1)
+    reference = results["w1m8"]
+    for name in ("w2m4", "w1a2m4"):
+        for key, value in reference.items():
+            assert torch.allclose(results[name][key], value, rtol=1e-5, atol=1e-6), (name, key)
+    # the step did move the weights away from their (seeded) initial values
+    from pml_dist.training.models import build_model
+
+    torch.manual_seed(0)
+    initial = build_model("small_resnet", 20, width=8, norm="group").state_dict()
+    assert not torch.allclose(reference["model.fc.weight"], initial["fc.weight"])
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero_stages_train_on_two_ranks_and_refuse_another_world_size(run, zero):
+    overrides, run_dir = run(f"dist.deepspeed_config=configs/deepspeed/zero{zero}.json", "train.epochs=1")
+    assert wait(launch(2, overrides)) == [0, 0]
+    result = json.loads((run_dir / "teacher" / "result.json").read_text())
+    assert len(set(result["rank_weight_digests"])) == 1
+    (run_dir / "teacher" / "result.json").unlink()  # pretend the job died after its last checkpoint
+    proc = subprocess.run([sys.executable, "-m", "pml_dist", "train", "--stage", "teacher", *overrides],
+                          capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    assert proc.returncode == 2
+    assert f"a ZeRO-{zero} checkpoint from 2 ranks cannot load on 1" in proc.stderr
+    assert "ds_to_universal" in proc.stderr
