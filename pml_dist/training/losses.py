@@ -30,9 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pml_dist.config import apl_schedule_fits
+from pml_dist.config import LOSSES, apl_schedule_fits
 
-LOSSES = ("bce", "an", "an_ls", "wan", "epr", "role", "em", "em_apl")
 LOG_EPSILON = 1e-5  # [Cole21] and [Zhou22] losses.py
 
 # [Cole21] models.py LabelEstimator: unobserved entries start uniform in logit(0.5 -+ 0.1), observed
