@@ -26,7 +26,6 @@ from pml_dist.pipeline.executor import make_executor
 from pml_dist.pipeline.progress import wait_local
 from pml_dist.pipeline.slurm import is_active, max_array_size, slurm_available
 from pml_dist.pipeline.stage_list import Entry, stage_list
-from pml_dist.pipeline.subruns import beyond_run, seed_runs
 from pml_dist.pipeline.wait import wait_for
 
 log = logging.getLogger(__name__)
@@ -133,12 +132,11 @@ def run_pipeline(cfg: Config, kind: str, wait: bool) -> dict:
     The jobs read their run's resolved config, written here for every sub-run."""
     if kind == "slurm" and not slurm_available():
         raise PmlError("--executor slurm: no working Slurm here (sbatch/sinfo failed); use --executor local")
-    write_resolved(cfg)
-    for run in seed_runs(cfg):
-        for sub in filter(None, (run, beyond_run(run))):
-            write_resolved(sub)
+    entries = stage_list(cfg)
+    for run in {e.run.run.dir: e.run for e in entries}.values():  # the run and each sub-run, once
+        write_resolved(run)
     graph = Graph(cfg, kind)
-    graph.run(stage_list(cfg))
+    graph.run(entries)
     if wait and not graph.local:
         wait_for(cfg, graph.jobs)
     return graph.record

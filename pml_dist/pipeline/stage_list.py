@@ -29,8 +29,6 @@ from pml_dist.pipeline.subruns import beyond_run, references_to_train, seed_runs
 from pml_dist.provenance import data_id, file_id, stale, teacher_id, training_inputs
 from pml_dist.stages import Reference, Stage, Student, Teacher
 
-TRAINING_ROLES = ("teacher", "reference", "student")
-
 
 @dataclass
 class Entry:

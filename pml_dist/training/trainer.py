@@ -49,23 +49,23 @@ def train(cfg: Config, stage: Stage, stop: StopFlag | None = None) -> dict:
     """Train `stage` to completion (or to a stop request: `Stopped`); returns result.json's content,
     at once when the stage is already done."""
     info = dist.resolve()
-    files = stage.files(RunLayout.of(cfg))
+    run = RunLayout.of(cfg)
+    files = stage.files(run)
     setup_logging(info.rank, files.log(info.rank))
     done = files.read_result()
-    if done is not None and _stale_outputs(RunLayout.of(cfg), stage) is None:
+    if done is not None and _stale_outputs(files, provenance.training_inputs(run, stage)) is None:
         log.info("%s is already trained (%s exists)", files.dir, files.result)
         return done.raw
     return Trainer(cfg, stage, info, stop).train()
 
 
-def _stale_outputs(run: RunLayout, stage: Stage) -> str | None:
+def _stale_outputs(files: StageFiles, inputs: dict) -> str | None:
     """Why what the stage's folder holds (its result, else its newest checkpoint) was made from
-    other inputs than the current ones (provenance.py); None when it was not, or holds nothing."""
-    files = stage.files(run)
+    other inputs than `inputs` (provenance.py); None when it was not, or holds nothing."""
     result = files.read_result()
-    found = checkpoint.latest(files.ckpt)
+    found = checkpoint.latest(files.ckpt) if result is None else None
     recorded = result.inputs if result is not None else (found[1].get("inputs") if found else None)
-    return provenance.stale(recorded, provenance.training_inputs(run, stage))
+    return provenance.stale(recorded, inputs)
 
 
 @dataclasses.dataclass
@@ -298,7 +298,7 @@ class Trainer:
         """An input changed since this folder was written (a retrained teacher, new pseudo labels):
         its result and checkpoints belong to another training, so start afresh. Rank 0 deletes,
         every rank waits, and only then does any rank look for a checkpoint."""
-        why = _stale_outputs(self.run, self.stage)
+        why = _stale_outputs(self.files, self.inputs)
         if why is not None and self.info.is_main:
             log.info("%s is stale (%s): training it anew", self.files.dir, why)
             shutil.rmtree(self.files.ckpt, ignore_errors=True)
