@@ -60,7 +60,7 @@ def worker(mode: str, beton: str, out: str, steps: int, warmup: int, micro: int,
             ds.step()
 
     loader = train_loader(beton, micro, image_size, rank=info.rank, world_size=info.world_size,
-                          local_world_size=info.local_world_size, augment=True, jit=True)
+                          local_world_size=info.local_world_size, transform="random_resized_crop", jit=True)
     done, t0 = 0, None
     while done < warmup + steps:
         for batch in loader:

@@ -30,6 +30,8 @@ class CocoSplit:
     labels: np.ndarray  # uint8 (N, L) multi-hot
     category_ids: list[int]  # COCO ids in label order
     category_names: list[str]
+    # labels' columns in the order the file lists its categories (Cole et al.'s class index)
+    listed_columns: np.ndarray
     images_read: int
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
 
@@ -89,6 +91,7 @@ def read_split(root: str | Path, split: str) -> CocoSplit:
         labels=np.stack(rows),
         category_ids=category_ids,
         category_names=names,
+        listed_columns=np.asarray([column[c["id"]] for c in dataset["categories"]], dtype=np.int64),
         images_read=len(image_ids),
         dropped=dropped,
     )

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ffcv_data.transforms import transform_ops
+
 # ImageNet statistics (torchvision's pretrained ResNets expect them), on the 0-255 scale.
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -99,9 +101,10 @@ class BatchLoader:
     The tensors are views into buffers FFCV reuses a few batches later: `.clone()` what you keep.
     """
 
-    def __init__(self, loader, fields: tuple[str, ...]):
+    def __init__(self, loader, fields: tuple[str, ...], epoch_ops: Sequence = ()):
         self.loader = loader
         self.fields = fields
+        self.epoch_ops = epoch_ops  # ops whose output depends on the epoch (the seeded flip)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -109,6 +112,8 @@ class BatchLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         # FFCV's EpochIterator.__next__ waits forever when its worker thread dies of an exception
         # (a bad index, a corrupt record): this loop does what __next__ does, but notices the death.
+        for op in self.epoch_ops:
+            op.epoch = self.loader.next_epoch  # the epoch iter() is about to traverse
         epoch = iter(self.loader)
         try:
             while True:
@@ -155,23 +160,22 @@ def _field_ops(device: torch.device | None, squeeze: bool = False) -> list:
     return ops
 
 
-def _image_ops(decoder, device: torch.device | None, flip: bool) -> list:
-    from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+def _image_ops(transform: str, image_size: int, device: torch.device | None, seed: int = 0) -> list:
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-    ops = [decoder]
-    if flip:
-        ops.append(RandomHorizontalFlip())
-    ops.append(ToTensor())
+    decoder, on_arrays, on_tensor = transform_ops(transform, image_size, seed)
+    ops = [decoder, *on_arrays, ToTensor()]
     on_gpu = device is not None and device.type == "cuda"
     if on_gpu:
         ops.append(ToDevice(device, non_blocking=True))
     # channels_last helps GPU convolutions; on CPU, torch 2.14.1 segfaults in the backward pass of
     # narrow convolutions (small_resnet width 8, 64 px) fed channels_last input: use NCHW there.
-    ops += [ToTorchImage(channels_last=on_gpu), Normalize()]
+    ops += [ToTorchImage(channels_last=on_gpu), *on_tensor, Normalize()]
     return ops
 
 
 def _build(path, batch_size, pipelines, order, *, workers, drop_last, indices, jit, seed=0):
+    """The FFCV Loader as a BatchLoader."""
     from ffcv.loader import Loader
     from ffcv.pipeline.compiler import Compiler
 
@@ -191,7 +195,8 @@ def _build(path, batch_size, pipelines, order, *, workers, drop_last, indices, j
         seed=seed,
     )
     fields = tuple(name for name, spec in loader.pipeline_specs.items() if spec is not None)
-    return BatchLoader(loader, fields)
+    epoch_ops = [op for ops in pipelines.values() if ops for op in ops if hasattr(op, "epoch")]
+    return BatchLoader(loader, fields, epoch_ops)
 
 
 def train_loader(
@@ -203,7 +208,7 @@ def train_loader(
     world_size: int = 1,
     seed: int = 0,
     order: str = "random",
-    augment: bool = True,
+    transform: str = "resize_flip",
     device: torch.device | None = None,
     workers: int = 0,
     local_world_size: int = 1,
@@ -214,26 +219,15 @@ def train_loader(
 ) -> BatchLoader:
     """Batches of image (normalised float), observed (uint8 one-hot) and index for SPML training.
 
-    augment: random resized crop + horizontal flip (FFCV's crop randomness is not seeded); without,
-    a deterministic center crop. start_epoch/skip_samples resume part way into an epoch
+    transform: a training transform of transforms.py (resize_flip is seeded by `seed`; FFCV's
+    random_resized_crop is not seeded). start_epoch/skip_samples resume part way into an epoch
     (skip_samples counts samples consumed by all ranks together).
     """
-    from ffcv.fields.decoders import (
-        CenterCropRGBImageDecoder,
-        IntDecoder,
-        NDArrayDecoder,
-        RandomResizedCropRGBImageDecoder,
-    )
+    from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
     from ffcv.loader import OrderOption
 
-    size = (image_size, image_size)
-    decoder = (
-        RandomResizedCropRGBImageDecoder(size)
-        if augment
-        else CenterCropRGBImageDecoder(size, ratio=1.0)
-    )
     pipelines = {
-        "image": _image_ops(decoder, device, flip=augment),
+        "image": _image_ops(transform, image_size, device, seed),
         "observed": [NDArrayDecoder(), *_field_ops(device)],
         "index": [IntDecoder(), *_field_ops(device, squeeze=True)],  # (B,), not (B, 1)
         "labels": None,  # full labels never reach SPML training
@@ -273,6 +267,7 @@ def eval_loader(
     rank: int = 0,
     world_size: int = 1,
     with_labels: bool = True,
+    transform: str = "resize",
     device: torch.device | None = None,
     workers: int = 0,
     local_world_size: int = 1,
@@ -280,20 +275,21 @@ def eval_loader(
     padded: bool = False,
     jit: bool = True,
 ) -> BatchLoader:
-    """Center-cropped batches in file order; rank r gets `indices[r::world]`.
+    """Batches in file order through an evaluation transform (transforms.py); rank r gets
+    `indices[r::world]`.
 
     indices: the subset to shard (default: the whole file). with_labels=False leaves out the full
     labels (evaluation against observed labels only). padded: pad like DistributedSampler so every
     rank gets ceil(n / world) samples (the padding repeats the first ones; whoever merges drops it).
     """
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, NDArrayDecoder
+    from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
     from ffcv.loader import OrderOption
     from ffcv.reader import Reader
 
     if indices is None:
         indices = np.arange(int(Reader(str(path)).num_samples))  # num_samples is not always an int
     pipelines = {
-        "image": _image_ops(CenterCropRGBImageDecoder((image_size, image_size), ratio=1.0), device, False),
+        "image": _image_ops(transform, image_size, device),
         "labels": [NDArrayDecoder(), *_field_ops(device)] if with_labels else None,
         "observed": [NDArrayDecoder(), *_field_ops(device)],
         "index": [IntDecoder(), *_field_ops(device, squeeze=True)],  # (B,), not (B, 1)

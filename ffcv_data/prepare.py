@@ -37,6 +37,8 @@ class PrepareSpec:
     val_seed: int
     max_resolution: int
     jpeg_quality: int
+    observed_protocol: str = "keyed"  # protocol.py: cole (Cole et al.'s exact draws) or keyed
+    keep_original_jpegs: bool = True  # beton.py: JPEGs stored as they are where FFCV reads them so
     write_workers: int = 0
 
 
@@ -50,15 +52,20 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
         raise DataError(
             f"{test.annotation_file}: categories differ from those of {train_full.annotation_file}"
         )
-    observed_full = draw_observed(train_full.labels, train_full.image_ids, d.observed_seed)
+    # Each source split gets its own draw over all of it (Cole et al. draw train2014 and val2014).
+    observed_full, observed_test = (
+        draw_observed(s.labels, s.image_ids, d.observed_seed, d.observed_protocol, s.listed_columns)
+        for s in (train_full, test)
+    )
     try:
-        train_rows, val_rows = split_train_val(train_full.image_ids, d.val_fraction, d.val_seed)
+        train_rows, val_rows = split_train_val(train_full.image_ids, d.val_fraction, d.val_seed,
+                                               d.observed_protocol)
     except ValueError as exc:
         raise DataError(f"{train_full.annotation_file}: {exc}") from None
     parts = {
         "train": (train_full, train_rows, observed_full[train_rows]),
         "val": (train_full, val_rows, observed_full[val_rows]),
-        "test": (test, np.arange(len(test)), draw_observed(test.labels, test.image_ids, d.observed_seed)),
+        "test": (test, np.arange(len(test)), observed_test),
     }
 
     Path(out.folder).mkdir(parents=True, exist_ok=True)
@@ -83,6 +90,7 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
             observed,
             max_resolution=d.max_resolution,
             jpeg_quality=d.jpeg_quality,
+            keep_original_jpegs=d.keep_original_jpegs,
             workers=d.write_workers,
         )
 
@@ -92,6 +100,10 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
         "category_names": train_full.category_names,
         "num_classes": train_full.num_classes,
         "observed_seed": d.observed_seed,
+        "observed_protocol": d.observed_protocol,
+        "max_resolution": d.max_resolution,
+        "jpeg_quality": d.jpeg_quality,
+        "keep_original_jpegs": d.keep_original_jpegs,
         "val_fraction": d.val_fraction,
         "val_seed": d.val_seed,
         "sources": {

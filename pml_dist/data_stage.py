@@ -23,7 +23,8 @@ def prepare(cfg: Config) -> dict:
     spec = PrepareSpec(root=Path(d.root), train_split=d.train_split, test_split=d.test_split,
                        observed_seed=d.observed_seed, val_fraction=d.val_fraction, val_seed=d.val_seed,
                        max_resolution=d.max_resolution, jpeg_quality=d.jpeg_quality,
-                       write_workers=d.write_workers)
+                       observed_protocol=d.observed_protocol,
+                       keep_original_jpegs=d.keep_original_jpegs, write_workers=d.write_workers)
     return prepare_data(spec, RunLayout.of(cfg).data)
 
 

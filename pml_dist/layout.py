@@ -14,6 +14,7 @@ the record several modules read (`StageResult`). No other module spells a file n
     <run>/students/<target>/           the student trained on it
     <run>/references/<loss>/           reference teachers (full-label BCE, EM, ...)
     <run>/seed-<s>/, <run>/beyond-<loss>/   sub-runs (pipeline/subruns.py), each a run directory
+    <run>/sweep/<stage>/lr-<lr>_mb-<b>/     sub-runs too: one point of a stage's sweep grid
     <run>/report.md, report.json, figure1a.png, figure1b.png
 """
 
@@ -186,6 +187,10 @@ class RunLayout:
 
     def seed_run(self, seed: int) -> Path:
         return self.root / f"seed-{seed}"
+
+    def sweep_run(self, stage_dir: Path, lr: float, micro_batch: int) -> Path:
+        """One point of a stage's grid: <run>/sweep/<the stage's folder>/lr-<lr>_mb-<micro batch>."""
+        return self.root / "sweep" / Path(stage_dir).relative_to(self.root) / f"lr-{lr:g}_mb-{micro_batch}"
 
     def beyond_run(self, loss: str) -> Path:
         return self.root / f"beyond-{loss}"

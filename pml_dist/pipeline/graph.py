@@ -103,8 +103,8 @@ class Graph:
             self.ids[entry.name] = [str(j.job_id)]
 
     def submit_array(self, entries: list[Entry]) -> None:
-        """One Slurm job array (map_array, each task gets its stage), split in parts of at most
-        MaxArraySize tasks when it is larger."""
+        """One Slurm job array (map_array, each task gets its stage and its run's resolved config),
+        split in parts of at most MaxArraySize tasks when it is larger."""
         entries = [e for e in entries if not self.active(e.name)]
         chunk = max_array_size()
         for start in range(0, len(entries), chunk):
@@ -112,7 +112,8 @@ class Graph:
             first = part[0]
             executor = make_executor(self.root, self.kind, first.array, first.resources,
                                      after=self._after(first))
-            for entry, j in zip(part, executor.map_array(first.job, [e.stage for e in part]), strict=True):
+            tasks = executor.map_array(first.job, [e.stage for e in part], [e.job.resolved for e in part])
+            for entry, j in zip(part, tasks, strict=True):
                 self._submitted(entry.name, j)
                 self.ids[entry.name] = [str(j.job_id).split("_")[0]]
 

@@ -19,10 +19,10 @@ from pml_dist.stages import Stage
 class StageJob:
     resolved: str  # <run>/config.yaml, written at submission
 
-    def config(self):
+    def config(self, resolved: str | None = None):
         from pml_dist.config import load_config
 
-        return load_config(self.resolved)
+        return load_config(resolved or self.resolved)
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -55,7 +55,8 @@ class PrepareJob(StageJob):
 class TrainJob(StageJob):
     stage: Stage | None = None  # None for a job array: map_array passes each task's stage
 
-    def __call__(self, stage: Stage | None = None) -> dict:
+    def __call__(self, stage: Stage | None = None, resolved: str | None = None) -> dict:
+        """resolved: an array task's own run (a sweep's tasks are one sub-run each)."""
         from pml_dist.training.stop import StopFlag, Stopped
         from pml_dist.training.trainer import train
 
@@ -64,11 +65,26 @@ class TrainJob(StageJob):
         stop = StopFlag()
         stop.install()
         try:
-            result = train(self.config(), stage, stop)
+            result = train(self.config(resolved), stage, stop)
         except Stopped:
             stop.hand_over()  # submitit: requeue (rank 0) now that every rank has saved
             raise
         return {"target": stage.target, "test_map": result["test_map"], "val_map": result["val_map"]}
+
+
+@dataclass
+class SelectJob(StageJob):
+    """The best point of a stage's sweep grid becomes the stage (pipeline/sweep.py)."""
+
+    stage: Stage | None = None
+
+    def __call__(self) -> dict:
+        from pml_dist.pipeline.sweep import select
+
+        self._setup()
+        result = select(self.config(), self.stage)
+        return {"val_map": result["val_map"], "test_map": result["test_map"], **{
+            k: result["sweep"]["grid"][result["sweep"]["chosen"]][k] for k in ("lr", "micro_batch")}}
 
 
 @dataclass

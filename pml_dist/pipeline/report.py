@@ -36,6 +36,8 @@ def _trained(result: StageResult | None) -> dict:
 
 def _row(entry: Entry, teacher_loss: str) -> dict | None:
     """The report's row of one training entry of the stage list (None: not shown)."""
+    if entry.role == "sweep":  # a grid point: shown in its stage's model-selection table
+        return None
     layout = RunLayout.of(entry.run)
     stage, result = entry.stage, entry.stage.files(layout).read_result()
     loss = stage.loss(entry.run)
@@ -77,6 +79,7 @@ def collect(cfg: Config) -> dict:
     merge = run.pseudo.read_record() or {}
     data = run.data.stats().raw if run.data.is_complete() else {}
     students = [r for r in rows if r["kind"] == "student" and r["train_seconds"] is not None]
+    selection = [_selection(e, cfg.train.seed) for e in entries if e.role in ("teacher", "reference")]
     stages = {
         "prepare_seconds": data.get("seconds"),
         "teacher_seconds": teacher.raw["train_seconds"],
@@ -98,6 +101,7 @@ def collect(cfg: Config) -> dict:
         "rows": rows,
         "stages": stages,
         "findings": findings(rows, cfg),
+        "model_selection": [s for s in selection if s is not None],
         "true_labels_per_image": data.get("splits", {})
         .get("train", {})
         .get("labels_per_image", {})
@@ -106,6 +110,16 @@ def collect(cfg: Config) -> dict:
         "git": git_revision(),
         "config": cfg.to_dict(),
     }
+
+
+def _selection(entry: Entry, seed: int) -> dict | None:
+    """The sweep grid and choice a swept stage's result records (pipeline/sweep.py), or None."""
+    layout = RunLayout.of(entry.run)
+    result = entry.stage.files(layout).read_result()
+    sweep = result.raw.get("sweep") if result else None
+    if sweep is None:
+        return None
+    return {"stage": entry.name, "seed": seed, **sweep}
 
 
 def findings(rows: list[dict], cfg: Config) -> dict:
@@ -170,6 +184,7 @@ def summarize(reports: list[dict]) -> dict:
         "rows": rows,
         "stages": stages,
         "findings": found,
+        "model_selection": [m for r in reports for m in r["model_selection"]],
     }
 
 
@@ -198,6 +213,7 @@ def markdown(r: dict) -> str:
     claims = _claims(r)
     if claims:
         lines += ["", "Findings (test mAP):", *claims]
+    lines += _model_selection(r["model_selection"])
     lines += ["", _timing(r["stages"])]
     if r["published_coco"]:
         lines += [
@@ -206,6 +222,21 @@ def markdown(r: dict) -> str:
             + ", ".join(f"{loss_label(k)} {v}" for k, v in r["published_coco"].items()),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _model_selection(selection: list[dict]) -> list[str]:
+    """Each swept stage's grid (Cole et al.'s lr x batch search), the chosen point marked."""
+    if not selection:
+        return []
+    lines = ["", "Model selection (sweep.losses: every lr x micro batch trained, the best validation "
+                 "mAP kept):", "", "| stage | seed | lr | micro batch | val mAP | test mAP | |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for s in selection:
+        for i, p in enumerate(s["grid"]):
+            lines.append(f"| {s['stage']} | {s['seed']} | {p['lr']:g} | {p['micro_batch']} | "
+                         f"{_fmt(p, 'val_map')} | {_fmt(p, 'test_map')} | "
+                         f"{'chosen' if i == s['chosen'] else ''} |")
+    return lines
 
 
 def _table_rows(r: dict) -> list[str]:

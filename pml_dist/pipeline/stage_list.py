@@ -7,6 +7,8 @@
     data -> beyond-<loss>/...                 the same chain with another teacher, which is also
                                               the reference of that loss (trained once)
     run.seeds > 1: each seed's chain in seed-<s>/ with its own seed-<s>/report; then the report
+    sweep.losses: a swept teacher or reference is its grid points (one job array, each point a
+    sub-run in sweep/) and then the selection of the best, which fills the stage's own folder
 
 Each entry knows whether its output is up to date (`outdated()`): its completion record exists and
 the ids of the inputs it records equal the current ones (provenance.py), so anything downstream of
@@ -24,8 +26,20 @@ from pml_dist.config import Config
 from pml_dist.errors import USER_ERRORS
 from pml_dist.layout import RunLayout
 from pml_dist.pipeline.executor import Resources, resources
-from pml_dist.pipeline.jobs import InferJob, PrepareJob, PseudoLabelsJob, ReportJob, TrainJob
-from pml_dist.pipeline.subruns import beyond_run, references_to_train, seed_runs
+from pml_dist.pipeline.jobs import (
+    InferJob,
+    PrepareJob,
+    PseudoLabelsJob,
+    ReportJob,
+    SelectJob,
+    TrainJob,
+)
+from pml_dist.pipeline.subruns import (
+    beyond_run,
+    references_to_train,
+    seed_runs,
+    sweep_runs,
+)
 from pml_dist.provenance import data_id, file_id, stale, teacher_id, training_inputs
 from pml_dist.stages import Reference, Stage, Student, Teacher
 
@@ -33,7 +47,7 @@ from pml_dist.stages import Reference, Stage, Student, Teacher
 @dataclass
 class Entry:
     name: str  # the job's name: the folder it fills, relative to the root run (`seed-1/pseudo`)
-    role: str  # data, teacher, reference, infer, pseudo, student, report
+    role: str  # data, teacher, reference, sweep (a grid point), infer, pseudo, student, report
     run: Config  # the (sub-)run it belongs to
     job: Callable  # the submitit callable (pipeline/jobs.py)
     resources: Resources
@@ -70,7 +84,7 @@ def experiment(root: Config, run: Config) -> list[Entry]:
     """One seed's stages: its chain, its references, then the beyond chain (named relative to `root`)."""
     entries = _chain(root, run, beyond=False)
     for loss in references_to_train(run):
-        entries.append(_training(root, run, Reference(loss), "reference", resources(run, "teacher")))
+        entries += _training(root, run, Reference(loss), "reference", resources(run, "teacher"))
     sub = beyond_run(run)
     if sub is not None:
         entries += _chain(root, sub, beyond=True)
@@ -83,27 +97,46 @@ def _chain(root: Config, run: Config, beyond: bool) -> list[Entry]:
 
     layout = RunLayout.of(run)
     resolved = str(layout.config)
-    teacher = _training(root, run, Teacher(), "teacher", resources(run, "teacher"), beyond=beyond)
+    *points, teacher = _training(root, run, Teacher(), "teacher", resources(run, "teacher"), beyond=beyond)
     pseudo_name = _name(root, layout.pseudo.dir)
     infer = Entry(_name(root, layout.probs_dir), "infer", run, InferJob(resolved), resources(run, "infer"),
                   (teacher.name,), lambda: _pseudo_outdated(layout), beyond=beyond, listed=False)
     pseudo = Entry(pseudo_name, "pseudo", run, PseudoLabelsJob(resolved), resources(run, "cpu"),
                    (infer.name,), lambda: _pseudo_outdated(layout), beyond=beyond)
     students = [
-        _training(root, run, Student(target), "student", resources(run, "student"), after=(pseudo.name,),
-                  beyond=beyond, array=_name(root, layout.root / "students"))
+        student
         for target in target_names(run.pseudo.taus, run.pseudo.modes)
+        for student in _training(root, run, Student(target), "student", resources(run, "student"),
+                                 after=(pseudo.name,), beyond=beyond,
+                                 array=_name(root, layout.root / "students"))
     ]
-    return [teacher, infer, pseudo, *students]
+    return [*points, teacher, infer, pseudo, *students]
 
 
 def _training(root: Config, run: Config, stage: Stage, role: str, res: Resources, after=("data",),
-              beyond: bool = False, array: str = "") -> Entry:
+              beyond: bool = False, array: str = "") -> list[Entry]:
+    """The entry that trains `stage`; for a swept stage, its grid points (one array) and then the
+    selection, which is the stage's entry (its name is the stage's folder, as downstream expects)."""
     layout = RunLayout.of(run)
+    points = [_point(root, point, stage, res, after, beyond) for point in sweep_runs(run, stage)]
+    if points:
+        return [*points, Entry(_name(root, stage.files(layout).dir), role, run,
+                               SelectJob(str(layout.config), stage=stage), resources(run, "cpu"),
+                               tuple(p.name for p in points), lambda: _training_outdated(layout, stage),
+                               stage=stage, beyond=beyond)]
     # An array's tasks share one callable; map_array passes each its stage.
     job = TrainJob(str(layout.config), stage=None if array else stage)
-    return Entry(_name(root, stage.files(layout).dir), role, run, job, res, tuple(after),
-                 lambda: _training_outdated(layout, stage), stage=stage, beyond=beyond, array=array)
+    return [Entry(_name(root, stage.files(layout).dir), role, run, job, res, tuple(after),
+                  lambda: _training_outdated(layout, stage), stage=stage, beyond=beyond, array=array)]
+
+
+def _point(root: Config, point: Config, stage: Stage, res: Resources, after, beyond: bool) -> Entry:
+    """One grid point of a sweep: the stage trained in its own sub-run, a task of the sweep's array."""
+    layout = RunLayout.of(point)
+    folder = stage.files(layout).dir
+    return Entry(_name(root, folder), "sweep", point, TrainJob(str(layout.config)), res, tuple(after),
+                 lambda: _training_outdated(layout, stage), stage=stage, beyond=beyond,
+                 array=_name(root, layout.root.parent), listed=True)
 
 
 def _report(root: Config, run: Config, consumed: list[Entry]) -> Entry:

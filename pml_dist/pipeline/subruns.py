@@ -4,6 +4,8 @@
     <run>/seed-<s>/                 run.seeds > 1: the whole experiment with train.seed = s
     <run>[/seed-<s>]/beyond-<loss>/ pseudo.beyond_teacher: a teacher trained with <loss> (EM), its
                                     pseudo labels (pseudo.beyond_modes) and their students
+    <run>/.../sweep/<stage>/lr-<lr>_mb-<b>/   sweep.losses: one grid point of a stage, which trains
+                                    only that stage; the best one becomes the stage (sweep.py)
 
 Each sub-run is an ordinary run directory with its own resolved config.yaml, so every stage, job
 and resubmission rule applies to it unchanged; only `run.data_dir` points at the shared data.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from pml_dist.config import Config
+from pml_dist.config import Config, SweepSection
 from pml_dist.layout import RunLayout
 
 
@@ -48,6 +50,22 @@ def references_to_train(cfg: Config) -> list[str]:
     """report.references this run trains as reference teachers: not its own teacher's loss, and not
     the beyond chain's (that chain's teacher is the reference)."""
     return [loss for loss in cfg.report.references if loss not in (cfg.loss.name, cfg.pseudo.beyond_teacher)]
+
+
+def sweep_runs(cfg: Config, stage) -> list[Config]:
+    """The grid points of `stage` (pml_dist.stages), in Cole et al.'s order (batch, then lr); []
+    when its loss is not swept. Students are never swept."""
+    if stage.kind == "student" or stage.loss(cfg) not in cfg.sweep.losses:
+        return []
+    layout = RunLayout.of(cfg)
+    runs = []
+    for micro_batch in cfg.sweep.micro_batch:
+        for lr in cfg.sweep.lr:
+            sub = _derive(cfg, layout.sweep_run(stage.files(layout).dir, lr, micro_batch))
+            sub.optim.lr, sub.optim.lr_scaling, sub.train.micro_batch = lr, "none", micro_batch
+            sub.sweep = SweepSection()  # a point trains its stage; it sweeps nothing itself
+            runs.append(sub)
+    return runs
 
 
 def _derive(cfg: Config, run_dir: Path) -> Config:

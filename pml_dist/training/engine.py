@@ -60,7 +60,7 @@ def derive(cfg: Config, num_train: int, world_size: int) -> Derived:
         samples_per_rank=samples_per_rank,
         micro_steps_per_epoch=micro,
         steps_per_epoch=steps,
-        total_steps=steps * t.epochs,
+        total_steps=steps * (t.linear_init_epochs + t.epochs),  # LinearInit's epochs come first
         warmup_steps=int(round(o.warmup_epochs * steps)),
     )
 

@@ -60,8 +60,9 @@ def split_loader(cfg, split: str, info, device, with_labels: bool = True):
 
     return eval_loader(
         RunLayout.of(cfg).data.beton(split), cfg.train.eval_batch, cfg.data.image_size, rank=info.rank,
-        world_size=info.world_size, with_labels=with_labels, device=device,
-        workers=cfg.data.loader_workers, local_world_size=info.local_world_size, jit=cfg.data.jit,
+        world_size=info.world_size, with_labels=with_labels, transform=cfg.data.eval_transform,
+        device=device, workers=cfg.data.loader_workers, local_world_size=info.local_world_size,
+        jit=cfg.data.jit,
     )
 
 

@@ -73,9 +73,10 @@ class TrainState:
     """Everything the loop itself needs to resume (the engine restores weights, optimizer and LR)."""
 
     step: int = 0  # optimizer steps taken: the engine's global_steps
-    epoch: int = 0  # the epoch being trained; train.epochs once all are
+    epoch: int = 0  # the epoch being trained; all of them (Trainer.epochs) once done
     epoch_samples: int = 0  # samples all ranks together trained on in `epoch` (the loader skips them)
     best: dict | None = None  # epoch, step and val_map of the best validation epoch so far
+    stopped_early: int | None = None  # the epoch after which train.early_stop ended training
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,6 +84,7 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch = state["step"], state["epoch"]
         self.epoch_samples, self.best = state["epoch_samples"], state["best"]
+        self.stopped_early = state.get("stopped_early")  # absent from checkpoints before it existed
 
 
 class TrainModule(nn.Module):
@@ -110,6 +112,10 @@ class Trainer:
         stats = self.run.data.stats()
         self.num_classes, self.num_train = stats.num_classes, stats.images("train")
         self.loss_name = stage.loss(cfg)
+        # LinearInit's head-only epochs come first; epoch numbers count both phases.
+        self.linear_epochs = cfg.train.linear_init_epochs
+        self.epochs = self.linear_epochs + cfg.train.epochs
+        self.early_stop = self.loss_name in cfg.train.early_stop
         self.inputs = provenance.training_inputs(self.run, stage)  # what result.json was made from
         self.derived = engine.derive(cfg, self.num_train, info.world_size)
         self.batch_samples = cfg.train.micro_batch * info.world_size  # all ranks' samples per micro-step
@@ -123,6 +129,10 @@ class Trainer:
 
         self.model, self.loss = self._build_model(), self._build_loss()
         self.engine = self._build_engine()
+        if self.linear_epochs and self.engine.zero_optimization_stage() > 0:
+            raise PmlError(f"train.linear_init_epochs={self.linear_epochs} needs ZeRO stage 0 (frozen "
+                           f"parameters under ZeRO's flat partitions are not supported); "
+                           f"{cfg.dist.deepspeed_config} sets stage {self.engine.zero_optimization_stage()}")
         self._discard_stale_outputs()
         self.checkpointer = Checkpointer(self.files.ckpt, self.engine, info, cfg.train.keep_last,
                                          inputs=self.inputs)
@@ -140,19 +150,26 @@ class Trainer:
     def train(self) -> dict:
         """Every epoch left, then the test of the best one; returns result.json's content."""
         start = time.perf_counter()
-        while self.state.epoch < self.cfg.train.epochs:
+        while self.state.epoch < self.epochs and self.state.stopped_early is None:
             self._train_epoch()
             _broadcast_buffers(self.engine.module)
             if getattr(self.loss, "pseudo_labels_due", False):
                 self._apl_update()
-            self._keep_if_best(self._validate())
+            improved = self._keep_if_best(self._validate())
+            if self.early_stop and not improved and self.state.epoch >= self.linear_epochs:
+                self.state.stopped_early = self.state.epoch
+                log.info("epoch %d did not improve validation mAP: stopping (train.early_stop)",
+                         self.state.epoch)
             self.state.epoch, self.state.epoch_samples = self.state.epoch + 1, 0
+            if self.state.epoch == self.linear_epochs > 0:
+                self._end_linear_init()
             self._save()
         return self._finish(time.perf_counter() - start)
 
     def _train_epoch(self) -> None:
         """The rest of epoch `state.epoch`: all of it, or what a resumed run had not trained yet."""
         epoch = self.state.epoch
+        self._freeze_backbone(epoch < self.linear_epochs)
         self.loader.set_epoch(epoch)
         self.loss.set_epoch(epoch)
         window = _Window()
@@ -219,13 +236,41 @@ class Trainer:
                  "full labels" if val["targets"] == "labels" else "observed labels")
         return val
 
-    def _keep_if_best(self, val: dict) -> None:
+    def _keep_if_best(self, val: dict) -> bool:
         """A new best validation epoch: remember it, and rank 0 exports its weights (best.pt)."""
         best = self.state.best
-        if best is None or val["map"] > best["val_map"]:
-            self.state.best = {"epoch": self.state.epoch, "step": self.state.step, "val_map": val["map"]}
-            if self.info.is_main:
-                _export(self.net, self.files, self.state.best)
+        if best is not None and val["map"] <= best["val_map"]:
+            return False
+        self.state.best = {"epoch": self.state.epoch, "step": self.state.step, "val_map": val["map"]}
+        if self.info.is_main:
+            _export(self.net, self.files, self.state.best)
+        return True
+
+    # ------------------------------------------------------------------------------ LinearInit
+
+    def _freeze_backbone(self, frozen: bool) -> None:
+        """LinearInit's first phase trains the head (`fc`) alone: the backbone gets no gradients
+        (DeepSpeed then reduces none for it) and keeps its BatchNorm statistics, as Cole et al.'s
+        precomputed features do."""
+        if not self.linear_epochs:
+            return
+        for name, p in self.net.named_parameters():
+            p.requires_grad_(not frozen or name.startswith("fc."))
+        if frozen:
+            for name, module in self.net.named_children():
+                module.train(name == "fc")
+
+    def _end_linear_init(self) -> None:
+        """As Cole et al. fine-tune: from the best head-only epoch's weights, with a fresh optimizer,
+        choosing the best epoch among the end-to-end ones only."""
+        _barrier()  # rank 0's best.pt is complete
+        self.net.load_state_dict(torch.load(self.files.best_weights, map_location=self.device,
+                                            weights_only=True))
+        optimizer = self.engine.optimizer
+        getattr(optimizer, "optimizer", optimizer).state.clear()  # Adam's moments and step counts
+        log.info("LinearInit: %d head-only epochs done (best epoch %d, val mAP %.2f); training end to end",
+                 self.linear_epochs, self.state.best["epoch"], self.state.best["val_map"])
+        self.state.best = None
 
     # ---------------------------------------------------------------------------- the finish
 
@@ -271,6 +316,8 @@ class Trainer:
         return {
             "stage": self.stage.kind, "target": self.stage.target, "loss": self.loss_name,
             "best_epoch": best["epoch"], "best_step": best["step"], "val_map": best["val_map"],
+            "epochs_trained": self.state.epoch, "stopped_early_after_epoch": self.state.stopped_early,
+            "linear_init_epochs": self.linear_epochs,
             "test_map": test["map"], "test_ap": test["ap"],
             "test_classes_without_positives": test["classes_without_positives"],
             "world_size": world, "global_batch": derived.global_batch, "lr": derived.lr,
@@ -340,7 +387,7 @@ class Trainer:
         return train_loader(
             self.run.data.beton("train"), cfg.train.micro_batch, cfg.data.image_size, rank=info.rank,
             world_size=info.world_size, seed=cfg.train.seed, order=cfg.data.order,
-            augment=cfg.data.augment, device=self.device, workers=cfg.data.loader_workers,
+            transform=cfg.data.train_transform, device=self.device, workers=cfg.data.loader_workers,
             local_world_size=info.local_world_size, drop_last=True, start_epoch=self.state.epoch,
             skip_samples=self.state.epoch_samples, jit=cfg.data.jit,
         )

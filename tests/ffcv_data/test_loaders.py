@@ -64,7 +64,7 @@ def test_training_shards_cover_every_sample_each_epoch(betons, world):
         per_rank = []
         for rank in range(world):
             loader = train_loader(betons["train"], 8, 32, rank=rank, world_size=world, seed=3,
-                                  augment=False, drop_last=False, start_epoch=epoch, jit=False)
+                                  drop_last=False, start_epoch=epoch, jit=False)
             per_rank.append(_indices(loader))
         lengths = {len(p) for p in per_rank}
         assert lengths == {-(-n // world)}  # equal per rank, padded like DistributedSampler
@@ -76,10 +76,10 @@ def test_training_shards_cover_every_sample_each_epoch(betons, world):
 
 
 def test_epochs_reshuffle_and_seed_fixes_the_order(betons):
-    a = train_loader(betons["train"], 8, 32, seed=1, augment=False, drop_last=False, jit=False)
+    a = train_loader(betons["train"], 8, 32, seed=1, drop_last=False, jit=False)
     first, second = _indices(a), _indices(a)
     assert not np.array_equal(first, second)
-    b = train_loader(betons["train"], 8, 32, seed=1, augment=False, drop_last=False, jit=False)
+    b = train_loader(betons["train"], 8, 32, seed=1, drop_last=False, jit=False)
     assert np.array_equal(_indices(b), first)
     seq = train_loader(betons["train"], 8, 32, order="sequential", drop_last=False, jit=False)
     assert np.array_equal(_indices(seq), np.arange(len(first)))
@@ -87,18 +87,18 @@ def test_epochs_reshuffle_and_seed_fixes_the_order(betons):
 
 def test_resume_starts_inside_the_epoch(betons):
     """A resumed run continues with the samples it had not seen, then ordinary epochs follow."""
-    full = train_loader(betons["train"], 8, 32, rank=1, world_size=2, seed=4, augment=False,
+    full = train_loader(betons["train"], 8, 32, rank=1, world_size=2, seed=4,
                         drop_last=False, start_epoch=2, jit=False)
     epoch2, epoch3 = _indices(full), _indices(full)
     # 24 samples per rank done = 48 global positions
-    resumed = train_loader(betons["train"], 8, 32, rank=1, world_size=2, seed=4, augment=False,
+    resumed = train_loader(betons["train"], 8, 32, rank=1, world_size=2, seed=4,
                            drop_last=False, start_epoch=2, skip_samples=48, jit=False)
     assert np.array_equal(_indices(resumed), epoch2[24:])
     assert np.array_equal(_indices(resumed), epoch3)
     # resuming inside the first epoch must not shorten the epochs after it
-    first = train_loader(betons["train"], 8, 32, seed=4, augment=False, drop_last=True, jit=False)
+    first = train_loader(betons["train"], 8, 32, seed=4, drop_last=True, jit=False)
     whole0, whole1 = _indices(first), _indices(first)
-    early = train_loader(betons["train"], 8, 32, seed=4, augment=False, drop_last=True,
+    early = train_loader(betons["train"], 8, 32, seed=4, drop_last=True,
                          skip_samples=16, jit=False)
     assert np.array_equal(_indices(early), whole0[16:])
     assert np.array_equal(_indices(early), whole1)
@@ -147,3 +147,32 @@ def test_a_dying_loader_thread_raises_instead_of_hanging(betons):
 def test_missing_beton_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `pml-dist prepare` first"):
         train_loader(tmp_path / "train.beton", 8, 32, jit=False)
+
+
+def test_resize_flip_mirrors_a_seeded_half_of_the_whole_images(betons):
+    """Cole et al.'s training transform: the whole image (what `resize` evaluates on), mirrored for a
+    fair coin per (seed, epoch, index), the same in every run of the same command."""
+    from ffcv_data.transforms import flip_mask
+
+    def epochs(loader, n):
+        out = []
+        for _ in range(n):
+            pairs = [(b["index"].clone(), b["image"].clone()) for b in loader]
+            out.append((torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])))
+        return out
+
+    whole = torch.cat([b["image"].clone() for b in eval_loader(betons["train"], 64, 48, transform="resize",
+                                                                 jit=False)])
+    loader = train_loader(betons["train"], 64, 48, seed=5, order="sequential", transform="resize_flip",
+                          drop_last=False, jit=False)
+    (idx0, img0), (idx1, img1) = epochs(loader, 2)
+    assert torch.equal(idx0, torch.arange(len(whole))) and torch.equal(idx1, idx0)
+    for epoch, images in ((0, img0), (1, img1)):
+        mirrored = torch.from_numpy(flip_mask(5, epoch, idx0.numpy()))
+        assert 0.4 < mirrored.float().mean() < 0.6
+        assert torch.equal(images[mirrored], whole[mirrored].flip(3))
+        assert torch.equal(images[~mirrored], whole[~mirrored])
+    assert not torch.equal(img0, img1)  # another coin each epoch
+    again = train_loader(betons["train"], 64, 48, seed=5, order="sequential", transform="resize_flip",
+                         drop_last=False, jit=False)
+    assert torch.equal(epochs(again, 1)[0][1], img0)

@@ -52,6 +52,12 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("loss.name=focal", "'loss.name' must be one of"),
         ("model.name=vgg16", "'model.name' must be"),
         ("data.val_fraction=1.5", "'data.val_fraction'"),
+        ("data.train_transform=crop", "'data.train_transform' must be one of resize_flip, random_resized_c"),
+        ("data.eval_transform=resize_flip", "'data.eval_transform' must be one of resize, center_crop"),
+        ("data.observed_protocol=cole2021", "'data.observed_protocol' must be one of cole, keyed"),
+        ("train.linear_init_epochs=-1", "'train.linear_init_epochs' must be >= 0"),
+        ("train.early_stop=[em, focal]", "'train.early_stop' must list losses"),
+        ("train.early_stop=true", "'train.early_stop' expects a list of str"),
         ("epochs=3", "expected section.key=value"),
     ],
 )

@@ -102,6 +102,60 @@ def test_whole_graph_on_slurm_with_a_two_node_teacher(slurm_cluster, synthetic_r
     assert (run / "students" / "tau-0.5" / "result.json").stat().st_mtime_ns == done_before
 
 
+def test_a_swept_reference_is_one_array_and_the_best_point_is_kept(slurm_cluster, synthetic_root, tmp_path,
+                                                                   capsys):
+    """Cole et al.'s model selection: a 2 x 2 grid of lr x micro batch for the full-BCE reference,
+    one array task per point, then the point with the best validation mAP becomes the reference."""
+    run = tmp_path / "run"
+    overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *SMALL, "slurm.teacher_nodes=1",
+                 "pseudo.taus=[0.5]", "report.references=[bce]", "sweep.losses=[bce]",
+                 "sweep.lr=[1e-3, 1e-2]", "sweep.micro_batch=[8, 16]"]
+    assert main(["run", "--executor", "slurm", "--wait", *overrides]) == 0
+    jobs = json.loads((run / "jobs.json").read_text())["jobs"]
+    points = {(lr, mb): f"sweep/references/bce/lr-{lr:g}_mb-{mb}/references/bce"
+              for mb in (8, 16) for lr in (1e-3, 1e-2)}
+    arrays = {jobs[name]["job_id"].split("_")[0] for name in points.values()}
+    assert len(arrays) == 1 and all("_" in jobs[name]["job_id"] for name in points.values())
+    assert set(sacct(arrays.pop()).values()) == {"COMPLETED"}
+
+    results = {}
+    for (lr, mb), name in points.items():
+        results[(lr, mb)] = json.loads((run / name / "result.json").read_text())
+        derived = json.loads((run / name / "derived.json").read_text())
+        assert (derived["global_batch"], derived["lr"]) == (mb, lr)  # the grid's values, unscaled
+    best = max(points, key=lambda p: results[p]["val_map"])
+    chosen = json.loads((run / "references" / "bce" / "result.json").read_text())
+    assert chosen["val_map"] == results[best]["val_map"] and chosen["test_map"] == results[best]["test_map"]
+    grid = chosen["sweep"]["grid"]
+    assert [(p["lr"], p["micro_batch"]) for p in grid] == list(points)
+    assert (grid[chosen["sweep"]["chosen"]]["lr"], grid[chosen["sweep"]["chosen"]]["micro_batch"]) == best
+    assert ((run / "references" / "bce" / "best.pt").read_bytes()
+            == (run / points[best] / "best.pt").read_bytes())
+    end = max(_end(jobs[name]["job_id"]) for name in points.values())
+    assert end <= _start(jobs["references/bce"]["job_id"])  # the selection waited for every point
+
+    table = (run / "report.md").read_text().split("Model selection")[1]
+    chosen_row = next(line for line in table.splitlines() if line.endswith("| chosen |"))
+    assert f"| {best[0]:g} | {best[1]} |" in chosen_row
+    capsys.readouterr()
+    assert main(["status", *overrides]) == 0
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert all(rows[name] == "done" for name in [*points.values(), "references/bce"]), rows
+
+
+def _sacct_time(job_id: str, field: str) -> str:
+    return subprocess.run(["sacct", "-n", "-X", "-P", "-o", field, "-j", job_id], capture_output=True,
+                          text=True, check=True).stdout.split()[0]
+
+
+def _start(job_id: str) -> str:
+    return _sacct_time(job_id, "Start")
+
+
+def _end(job_id: str) -> str:
+    return _sacct_time(job_id, "End")
+
+
 def test_a_failing_teacher_starts_nothing_downstream(slurm_cluster, synthetic_root, tmp_path, capsys):
     run = tmp_path / "run"
     overrides = [
@@ -145,7 +199,6 @@ def test_interrupted_training_job_requeues_and_matches_an_uninterrupted_run(
         f"data.root={synthetic_root}",
         *SMALL[:-7],
         "train.epochs=8",
-        "data.augment=false",
         "train.ckpt_every=2",
         "train.log_every=1",
         "model.width=32",

@@ -30,6 +30,16 @@ def test_the_preset_is_the_cole_et_al_protocol():
         0.2,
         "full",
     )
+    # Cole et al.'s draws and split, images and transforms (tests/ffcv_data/test_coco_protocol.py)
+    assert (d.observed_protocol, d.val_seed, d.train_transform, d.eval_transform) == (
+        "cole", 1200, "resize_flip", "resize")
+    assert d.max_resolution >= 640 and d.keep_original_jpegs
+    # the references' arithmetic and Zhou et al.'s model selection for EM and EM+APL
+    assert cfg.dist.precision == "fp32"
+    assert set(cfg.train.early_stop) == {"em", "em_apl"} and cfg.train.linear_init_epochs == 0
+    # Cole et al.'s grid for their losses (the AN teacher and full BCE), in their order
+    sw = cfg.sweep
+    assert (set(sw.losses), sw.lr, sw.micro_batch) == ({"an", "bce"}, [1e-2, 1e-3, 1e-4, 1e-5], [8, 16])
     assert (cfg.model.name, d.image_size, cfg.model.pretrained.endswith("resnet50-0676ba61.pth")) == (
         "resnet50",
         448,
@@ -53,7 +63,8 @@ def test_the_large_batch_variant_scales_batch_and_lr_by_the_rule():
     assert derived.global_batch == 256
     assert derived.lr == pytest.approx(1e-5 * math.sqrt(256 / 16))
     assert derived.warmup_steps == derived.steps_per_epoch  # one epoch of warm-up
-    assert cfg.dist.deepspeed_config.endswith("zero1.json")
+    assert cfg.dist.deepspeed_config.endswith("zero1.json") and cfg.dist.precision == "bf16"
+    assert cfg.sweep.losses == []
     # the rest is the base preset's protocol
     for section in ("data", "model", "loss", "pseudo", "report"):
         assert getattr(cfg, section) == getattr(base, section), section
@@ -77,13 +88,13 @@ def test_preset_data_stage_and_a_teacher_epoch_on_coco_mini(coco_mini, tmp_path,
         "data.image_size=32",
         "data.jit=false",
         "data.write_workers=2",
-        "data.augment=false",
         f"model.pretrained={weights}",
         "train.epochs=1",
     ]
     assert main(["prepare", "--config", str(PRESET), *overrides]) == 0
     stats = json.loads((run / "data" / "stats.json").read_text())
     assert stats["num_classes"] == 80 and stats["observed_seed"] == 1200
+    assert stats["observed_protocol"] == "cole"
     splits = stats["splits"]
     assert splits["train"]["images"] + splits["val"]["images"] == 206  # 208 less 2 without annotations
     assert splits["test"]["images"] == 79

@@ -19,7 +19,7 @@ from pml_dist.cli import main
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[3]
 BASE = [
-    "data.image_size=32", "data.max_resolution=48", "data.augment=false", "data.jit=false",
+    "data.image_size=32", "data.max_resolution=48", "data.jit=false",
     "data.loader_workers=1", "model.width=8", "train.micro_batch=8", "train.eval_batch=64",
     "train.log_every=1", "train.keep_last=100",
 ]
