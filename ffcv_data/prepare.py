@@ -38,7 +38,7 @@ class PrepareSpec:
     max_resolution: int
     jpeg_quality: int
     observed_protocol: str = "keyed"  # protocol.py: cole (Cole et al.'s exact draws) or keyed
-    keep_original_jpegs: bool = True  # beton.py: JPEGs stored as they are where FFCV reads them so
+    keep_original_jpegs: bool = True  # beton.py: JPEGs FFCV decodes as PIL does are stored as they are
     write_workers: int = 0
 
 

@@ -94,7 +94,7 @@ class Graph:
             return
         executor = make_executor(self.root, self.kind, entry.name, entry.resources,
                                  after=[] if self.local else self._after(entry))
-        job = entry.job if not entry.array else functools.partial(entry.job, entry.stage)
+        job = entry.job if not entry.array else functools.partial(entry.job, *entry.task_args)
         j = executor.submit(job)
         self._submitted(entry.name, j)
         if self.local:
@@ -103,8 +103,8 @@ class Graph:
             self.ids[entry.name] = [str(j.job_id)]
 
     def submit_array(self, entries: list[Entry]) -> None:
-        """One Slurm job array (map_array, each task gets its stage and its run's resolved config),
-        split in parts of at most MaxArraySize tasks when it is larger."""
+        """One Slurm job array (map_array, each task gets its `Entry.task_args`), split in parts of at
+        most MaxArraySize tasks when it is larger."""
         entries = [e for e in entries if not self.active(e.name)]
         chunk = max_array_size()
         for start in range(0, len(entries), chunk):
@@ -112,7 +112,7 @@ class Graph:
             first = part[0]
             executor = make_executor(self.root, self.kind, first.array, first.resources,
                                      after=self._after(first))
-            tasks = executor.map_array(first.job, [e.stage for e in part], [e.job.resolved for e in part])
+            tasks = executor.map_array(first.job, *zip(*(e.task_args for e in part), strict=True))
             for entry, j in zip(part, tasks, strict=True):
                 self._submitted(entry.name, j)
                 self.ids[entry.name] = [str(j.job_id).split("_")[0]]

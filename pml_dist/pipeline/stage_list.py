@@ -61,6 +61,14 @@ class Entry:
     def is_done(self) -> bool:
         return self.outdated() is None
 
+    @property
+    def task_args(self) -> tuple:
+        """What an array task's callable is given: its stage; a sweep point, whose array's tasks
+        are each another sub-run, also that run's resolved config."""
+        if self.role == "sweep":
+            return self.stage, str(RunLayout.of(self.run).config)
+        return (self.stage,)
+
 
 def stage_list(cfg: Config) -> list[Entry]:
     """Every stage of the experiment `cfg`, its seeds and beyond chains, upstream before downstream."""
@@ -136,7 +144,7 @@ def _point(root: Config, point: Config, stage: Stage, res: Resources, after, bey
     folder = stage.files(layout).dir
     return Entry(_name(root, folder), "sweep", point, TrainJob(str(layout.config)), res, tuple(after),
                  lambda: _training_outdated(layout, stage), stage=stage, beyond=beyond,
-                 array=_name(root, layout.root.parent), listed=True)
+                 array=_name(root, layout.root.parent))
 
 
 def _report(root: Config, run: Config, consumed: list[Entry]) -> Entry:

@@ -176,3 +176,28 @@ def test_resize_flip_mirrors_a_seeded_half_of_the_whole_images(betons):
     again = train_loader(betons["train"], 64, 48, seed=5, order="sequential", transform="resize_flip",
                          drop_last=False, jit=False)
     assert torch.equal(epochs(again, 1)[0][1], img0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_transforms_on_cuda_give_the_cpu_pixels(betons):
+    """The whole-image decoder and the seeded flip run in the CUDA pipeline too (ToDevice, then the
+    flip on the device), with the same output as on CPU."""
+    device = torch.device("cuda", 0)
+    for transform in ("resize_flip", "resize"):
+        cpu = train_loader(betons["train"], 64, 48, seed=5, order="sequential", transform=transform,
+                           drop_last=False, jit=True)
+        gpu = train_loader(betons["train"], 64, 48, seed=5, order="sequential", transform=transform,
+                           drop_last=False, jit=True, device=device)
+        a = torch.cat([b["image"].clone() for b in cpu])
+        b = torch.cat([b["image"].clone().cpu() for b in gpu])
+        assert torch.allclose(a, b, atol=1e-5), transform
+
+
+@pytest.mark.slow
+def test_the_whole_image_decoder_compiles_to_the_same_pixels(betons):
+    """Numba-compiled (as the COCO preset runs it) and interpreted pipelines agree."""
+    plain, compiled = (torch.cat([b["image"].clone() for b in eval_loader(betons["test"], 100, 40,
+                                                                          transform="resize", jit=jit)])
+                       for jit in (False, True))
+    assert torch.equal(plain, compiled)

@@ -108,3 +108,15 @@ def test_a_key_added_to_the_code_since_is_accepted_at_its_default(tmp_path):
     write_resolved(load_config(None, [f"run.dir={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"\(infer.hflip_tta\)"):
         write_resolved(load_config(None, [f"run.dir={tmp_path}", "infer.hflip_tta=true"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sweep.losses=[an]", "sweep.micro_batch=[8]"], "'sweep.lr' must not be empty"),
+    (["sweep.losses=[an]", "sweep.lr=[1e-3]"], "'sweep.micro_batch' must not be empty"),
+    (["sweep.lr=[1e-3]", "sweep.micro_batch=[8]"], "'sweep.losses' is empty"),
+    (["sweep.losses=[focal]", "sweep.lr=[1e-3]", "sweep.micro_batch=[8]"], "'sweep.losses' must list"),
+    (["sweep.losses=[an]", "sweep.lr=[0]", "sweep.micro_batch=[8]"], "'sweep.lr' values must be > 0"),
+])
+def test_a_sweep_needs_its_losses_and_both_grids(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
