@@ -27,7 +27,7 @@ def _whole_image(height, width, scale, ratio):
     return 0, 0, height, width
 
 
-def _decoder_classes():
+def _whole_image_decoder_class():
     from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
 
     class WholeImageDecoder(ResizedCropRGBImageDecoder):
@@ -101,9 +101,9 @@ def transform_ops(name: str, image_size: int, seed: int = 0) -> tuple:
 
     size = (image_size, image_size)
     if name == "resize":
-        return _decoder_classes()(size), [], []
+        return _whole_image_decoder_class()(size), [], []
     if name == "resize_flip":
-        return _decoder_classes()(size), [], [_flip_class()(seed)]
+        return _whole_image_decoder_class()(size), [], [_flip_class()(seed)]
     if name == "center_crop":
         return CenterCropRGBImageDecoder(size, ratio=1.0), [], []
     if name == "random_resized_crop":

@@ -83,8 +83,9 @@ class SelectJob(StageJob):
 
         self._setup()
         result = select(self.config(), self.stage)
-        return {"val_map": result["val_map"], "test_map": result["test_map"], **{
-            k: result["sweep"]["grid"][result["sweep"]["chosen"]][k] for k in ("lr", "micro_batch")}}
+        chosen = result["sweep"]["grid"][result["sweep"]["chosen"]]
+        return {"val_map": result["val_map"], "test_map": result["test_map"], "lr": chosen["lr"],
+                "micro_batch": chosen["micro_batch"]}
 
 
 @dataclass

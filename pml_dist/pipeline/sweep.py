@@ -24,10 +24,11 @@ from pml_dist.provenance import training_inputs
 log = logging.getLogger(__name__)
 
 
-def grid(cfg: Config, stage) -> list[dict]:
-    """Every point of the stage's grid with its result (None where it has not finished)."""
+def grid(stage, runs: list[Config]) -> list[dict]:
+    """Every point of the stage's grid (`runs`: its sub-runs, subruns.sweep_runs) with its result
+    (None where it has not finished)."""
     points = []
-    for point in sweep_runs(cfg, stage):
+    for point in runs:
         files = stage.files(RunLayout.of(point))
         result = files.read_result()
         points.append({
@@ -45,13 +46,14 @@ def best_point(points: list[dict]) -> int:
 
 def select(cfg: Config, stage) -> dict:
     """Install the best grid point as `stage` of run `cfg`; returns its result.json content."""
-    points = grid(cfg, stage)
+    runs = sweep_runs(cfg, stage)
+    points = grid(stage, runs)
     missing = [p["dir"] for p in points if p["val_map"] is None]
     if not points or missing:
         raise PmlError(f"sweep of {stage.files(RunLayout.of(cfg)).dir}: grid point(s) not trained: "
                        f"{', '.join(missing) or 'none defined'}")
     chosen = best_point(points)
-    source = RunLayout.of(sweep_runs(cfg, stage)[chosen])
+    source = RunLayout.of(runs[chosen])
     src, dst = stage.files(source), stage.files(RunLayout.of(cfg))
     dst.dir.mkdir(parents=True, exist_ok=True)
     for name in ("best_weights", "best_record", "derived", "metrics"):
