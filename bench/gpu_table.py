@@ -1,0 +1,66 @@
+"""The table of bench/gpu.sh: each step's status and time, the demo's stage times, the throughput
+numbers against the issue's goals; printed and written to OUTDIR/gpu-check.md and .json.
+
+    python bench/gpu_table.py OUTDIR [--dry-run]
+"""
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+GOAL_TRAIN = 1000.0  # training img/s on one H100/H200 at the COCO settings
+GOAL_LOADER_SHARE = 0.90  # FFCV-fed training at least 90% of training on synthetic GPU tensors
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[0])
+    dry = "--dry-run" in argv
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (CPU)"
+    lines = [f"# GPU check{' (dry run: the GPU steps replaced by their CPU stand-ins)' if dry else ''}", "",
+             f"Machine: {device}; {platform.node()}; Python {platform.python_version()}; "
+             f"torch {torch.__version__} "
+             f"(CUDA {torch.version.cuda}).", "", "| step | status | seconds |", "|---|---|---:|"]
+    for s in steps:
+        status = "ok" if s["rc"] == 0 else f"FAILED (exit {s['rc']})"
+        lines.append(f"| {s['step']} | {status} | {s['seconds']} |")
+    lines.append(f"| total | | {sum(s['seconds'] for s in steps):.1f} |")
+
+    report = read_json(out / "demo-report.json")
+    if report:
+        lines += ["", "Demo on the GPU, stage wall times (its report.json):", "",
+                  "| stage | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in report.get("stages", {}).items() if v is not None]
+
+    result = read_json(out / "throughput.json")
+    verdicts = {}
+    if result:
+        rates = result["img_per_s"]
+        share = result["ratios"]["ffcv_train / synthetic_train"]
+        verdicts = {"train_img_per_s >= 1000": rates["ffcv_train"] >= GOAL_TRAIN,
+                    "ffcv_train within 10% of synthetic": share >= GOAL_LOADER_SHARE}
+        lines += ["", f"Throughput on {result['device']}, {json.dumps(result['settings'])}:", "",
+                  "| measurement | img/s |", "|---|---:|"]
+        lines += [f"| {k} | {v:,.1f} |" for k, v in rates.items()]
+        lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+        if not dry:
+            met = (f"{k}: {'met' if ok else 'NOT met'}" for k, ok in verdicts.items())
+            lines += ["", "Goals: " + "; ".join(met)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (out / "gpu-check.md").write_text(text)
+    (out / "gpu-check.json").write_text(json.dumps({"device": device, "dry_run": dry, "steps": steps,
+                                                     "demo": report, "throughput": result,
+                                                     "goals": verdicts}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
