@@ -42,8 +42,11 @@ class Normalize(torch.nn.Module):
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return (x.float() - mean) / std
+        if self.mean.device != x.device:
+            # Once, not per batch: copying the statistics from pageable host memory waits for the
+            # GPU (a host sync on every batch of FFCV's loading thread otherwise).
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x.float() - self.mean) / self.std
 
 
 def per_rank_order(n: int, epoch: int, seed: int, rank: int, world: int, shuffle: bool,

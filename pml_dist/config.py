@@ -1,6 +1,7 @@
 """Experiment configuration: one dataclass per section, YAML presets, `section.key=value` overrides.
 
-Order of precedence: dataclass defaults < preset YAML < overrides (applied last, in order given).
+Order of precedence: dataclass defaults (train.device's: PML_DIST_DEVICE when set) < preset YAML <
+overrides (applied last, in order given).
 Unknown sections or keys and values of the wrong type are `ConfigError`s naming the key and where it
 came from. Relative paths are made absolute against the current directory when the config is loaded,
 so a job that starts elsewhere (a Slurm node, a submitit worker) sees the same files.
@@ -9,6 +10,7 @@ so a job that starts elsewhere (a Slurm node, a submitit worker) sees the same f
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import types
 import typing
@@ -30,6 +32,8 @@ LOSSES = ("bce", "an", "an_ls", "wan", "epr", "role", "em", "em_apl")
 SMALL_MODEL = "small_resnet"
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 ORDERS = ("random", "sequential", "quasi_random")
+DEVICES = ("auto", "cuda", "cpu")
+DEVICE_ENV = "PML_DIST_DEVICE"  # the default of train.device (presets and overrides still win)
 PSEUDO_MODES = ("hard", "soft", "class_prior")
 
 
@@ -122,8 +126,12 @@ class TrainSection:
     # Cole et al.'s LinearInit: this many epochs train the head alone on the frozen backbone
     # (batch statistics frozen too), then the best of them starts train.epochs end to end.
     linear_init_epochs: int = 0
-    log_every: int = 10  # optimizer steps between metrics.jsonl records
+    log_every: int = 10  # optimizer steps between metrics.jsonl records and stop-request checks
     eval_batch: int = 128
+    # Training and inference: cuda, cpu, or auto (a GPU when one is visible, else the CPU; a
+    # torchvision ResNet then fails instead of training on the CPU). docs/gpu.md. The environment
+    # variable PML_DIST_DEVICE, when set, replaces this default (tests/conftest.py sets cpu).
+    device: str = "auto"
 
 
 @dataclass
@@ -229,7 +237,7 @@ class Config:
 
 def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the preset YAML (configs/demo.yaml when None), then `section.key=value`s."""
-    cfg = Config()
+    cfg = defaults()
     for path, raw in _preset_layers(Path(preset) if preset is not None else DEFAULT_PRESET):
         for section, values in raw.items():
             if not isinstance(values, dict):
@@ -243,6 +251,18 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[s
         _set(cfg, dotted.strip(), yaml.safe_load(text) if text.strip() else "", source="override")
     _make_paths_absolute(cfg)
     validate(cfg)
+    return cfg
+
+
+def defaults() -> Config:
+    """The dataclass defaults, with train.device's from the environment (PML_DIST_DEVICE) if set: a
+    test session forces the CPU through it, also in the processes its tests start."""
+    cfg = Config()
+    if os.environ.get(DEVICE_ENV):
+        _set(cfg, "train.device", os.environ[DEVICE_ENV], source=f"environment variable {DEVICE_ENV}")
+        if cfg.train.device not in DEVICES:
+            raise ConfigError(f"environment variable {DEVICE_ENV}={cfg.train.device!r} must be one of "
+                              f"{', '.join(DEVICES)}")
     return cfg
 
 
@@ -407,6 +427,7 @@ def validate(cfg: Config) -> None:
          f"must list losses among {', '.join(LOSSES)}"),
         (cfg.train.linear_init_epochs >= 0, "train.linear_init_epochs", "must be >= 0 (0 = off)"),
         (cfg.train.log_every >= 1, "train.log_every", "must be >= 1"),
+        (cfg.train.device in DEVICES, "train.device", f"must be one of {', '.join(DEVICES)}"),
         (cfg.train.ckpt_every >= 0, "train.ckpt_every", "must be >= 0 (0 = epoch ends only)"),
         (cfg.optim.name in ("adam", "adamw", "sgd"), "optim.name", "must be adam, adamw or sgd"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
@@ -484,9 +505,9 @@ def write_resolved(cfg: Config) -> Path:
         saved = yaml.safe_load(path.read_text()) or {}
         saved.pop("meta", None)
         old, new = _flatten(saved), _flatten(current)
-        defaults = _flatten(Config().to_dict())
+        default = _flatten(defaults().to_dict())
         # A key the saved config lacks (added to the code since) is fine at its default value.
-        diffs = {k for k in old.keys() | new.keys() if old.get(k, defaults.get(k)) != new.get(k)}
+        diffs = {k for k in old.keys() | new.keys() if old.get(k, default.get(k)) != new.get(k)}
         if diffs:
             raise ConfigError(
                 f"{path} was written by a run with different settings ({', '.join(sorted(diffs))}); "

@@ -54,7 +54,8 @@ def resolve(env: dict[str, str] | None = None) -> RankInfo:
             rank=_int(env, "RANK"),
             world_size=world,
             local_rank=_int(env, "LOCAL_RANK"),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+            # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE; the GPU choice needs it
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world),
             master_addr=env["MASTER_ADDR"],
             master_port=_int(env, "MASTER_PORT"),
             source="torchrun",
@@ -164,25 +165,61 @@ def export_submitit_env() -> RankInfo | None:
     return info
 
 
-def compute_device(info: RankInfo):
-    """The device this rank computes on: its local GPU (local rank modulo the GPUs it sees), else CPU."""
+def choose_device(requested: str, device_count: int, local_rank: int, local_world_size: int,
+                  model: str = "") -> tuple[str, int | None]:
+    """The one device choice of a rank, as ("cpu", None) or ("cuda", ordinal): training (which hands
+    it to DeepSpeed) and inference both use it. Pure, so it is tested without GPUs.
+
+    requested: train.device; device_count: the GPUs this process sees (CUDA_VISIBLE_DEVICES
+    applied), 0 without CUDA; model: model.name (a torchvision ResNet does not fall back to CPU).
+    The GPUs must match the local ranks: each rank sees all of the node's GPUs, one per local rank
+    (cuda:LOCAL_RANK), or exactly the one bound to it (srun --gpus-per-task=1 / --gpu-bind: cuda:0).
+    Anything else would give a rank an ordinal it cannot see, or two ranks one GPU (NCCL refuses).
+    """
+    from pml_dist.config import DEVICES, TORCHVISION_RESNETS
+
+    if requested not in DEVICES:
+        raise PmlError(f"config key 'train.device' must be one of {', '.join(DEVICES)}, got {requested!r}")
+    if requested == "cpu":
+        return "cpu", None
+    if device_count == 0:
+        if requested == "cuda":
+            raise PmlError("train.device=cuda, but this process sees no CUDA GPU (check the node and "
+                           "CUDA_VISIBLE_DEVICES); set train.device=cpu to run on the CPU")
+        if model in TORCHVISION_RESNETS:
+            raise PmlError(f"model.name={model} and no CUDA GPU is visible: it would run on the CPU in "
+                           f"fp32, many times slower; use a GPU node, or set train.device=cpu to run "
+                           f"on the CPU anyway")
+        return "cpu", None
+    if device_count == local_world_size:
+        return "cuda", local_rank
+    if device_count == 1:
+        return "cuda", 0
+    raise PmlError(f"{local_world_size} local ranks on this node but {device_count} visible GPUs "
+                   f"(local rank {local_rank}): start one rank per GPU, or bind one GPU to each rank "
+                   f"(srun --gpus-per-task=1 or --gpu-bind, CUDA_VISIBLE_DEVICES)")
+
+
+def compute_device(info: RankInfo, requested: str = "auto", model: str = ""):
+    """choose_device for this process, as a torch.device. train.device=cpu does not touch CUDA."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.device("cuda", info.local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    count = torch.cuda.device_count() if requested != "cpu" and torch.cuda.is_available() else 0
+    kind, index = choose_device(requested, count, info.local_rank, info.local_world_size, model)
+    return torch.device(kind) if index is None else torch.device(kind, index)
 
 
-def init_process_group(info: RankInfo, timeout_s: float = 600.0):
-    """Export the environment, pick the backend (nccl on GPUs, gloo on CPU) and initialise torch's
-    process group. Returns the device this rank computes on."""
+def init_process_group(info: RankInfo, timeout_s: float = 600.0, device=None):
+    """Export the environment, make `device` (compute_device's choice by default) this process's
+    current GPU, pick the backend (nccl on GPUs, gloo on CPU) and initialise torch's process group.
+    Returns the device this rank computes on."""
     import datetime
 
     import torch
     import torch.distributed as tdist
 
     export_torch_env(info)
-    device = compute_device(info)
+    device = compute_device(info) if device is None else device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not tdist.is_initialized():

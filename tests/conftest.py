@@ -11,6 +11,11 @@ REPO = Path(__file__).resolve().parent.parent
 # CI and developers have ../shared beside the checkout; users of the project do not.
 SHARED = Path(os.environ.get("PML_DIST_SHARED", REPO.parent / "shared"))
 COCO_MINI = SHARED / "data" / "coco-mini"
+# The suite runs on CPU also where a GPU is visible (train.device auto would take it): its tests start
+# DeepSpeed on gloo and compare CPU results. PML_DIST_DEVICE is train.device's default in every config
+# loaded in this session and in the processes its tests start; GPU tests (marker gpu) and presets
+# that name a device (the COCO ones: cuda) override it.
+os.environ["PML_DIST_DEVICE"] = "cpu"
 
 
 @pytest.fixture(scope="session")

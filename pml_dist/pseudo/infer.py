@@ -28,6 +28,7 @@ def infer(cfg: Config) -> Path:
     from ffcv_data.loaders import threads_per_rank
     from pml_dist import dist
     from pml_dist.log import setup_logging
+    from pml_dist.training.engine import autocast_dtype, configure_cuda
     from pml_dist.training.evaluate import predict
 
     info = dist.resolve()
@@ -40,7 +41,12 @@ def infer(cfg: Config) -> Path:
         return shard
 
     torch.set_num_threads(threads_per_rank(cfg.data.loader_workers, info.local_world_size))
-    device = dist.compute_device(info)
+    # The trainer's device choice. Made current before anything touches CUDA: otherwise every rank
+    # opens a context on GPU 0 and FFCV's copy streams (created on the current device) live there.
+    device = dist.compute_device(info, cfg.train.device, cfg.model.name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    configure_cuda(device)
     num_classes = run.data.stats().num_classes
     model = _teacher(cfg, run, num_classes, device)
     loader = _loader(cfg, run, info, device)
@@ -48,7 +54,8 @@ def infer(cfg: Config) -> Path:
              len(loader.loader.indices), ids["teacher_id"])
     t0 = time.perf_counter()
     indices, arrays = predict(model, loader, device, num_classes, hflip_tta=cfg.infer.hflip_tta,
-                              progress="infer" if info.is_main else None)
+                              progress="infer" if info.is_main else None,
+                              autocast=autocast_dtype(cfg, device))
     path = write_shard(run, info.rank, info.world_size, indices, arrays["probs"], ids,
                        seconds=time.perf_counter() - t0)
     log.info("wrote %s (%d samples)", path, len(indices))
@@ -59,11 +66,11 @@ def _teacher(cfg: Config, run: RunLayout, num_classes: int, device):
     """The teacher's best weights (the ones `teacher_id` identifies) in a fresh model on `device`."""
     import torch
 
-    from pml_dist.training.models import build_model
+    from pml_dist.training.models import build_model, on_device
 
     model = build_model(cfg.model.name, num_classes, width=cfg.model.width, norm=cfg.model.norm)
     model.load_state_dict(torch.load(run.teacher.best_weights, map_location="cpu", weights_only=True))
-    return model.to(device)
+    return on_device(model, device)
 
 
 def _loader(cfg: Config, run: RunLayout, info, device):

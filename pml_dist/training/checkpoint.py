@@ -1,7 +1,7 @@
 """Checkpoint directories: `<stage>/ckpt/step-N/` with a completion marker written last.
 
     step-N/                 DeepSpeed's files for tag step-N (weights, optimizer, scheduler, step)
-    step-N/rng-rankR.pt     each rank's torch and numpy RNG state
+    step-N/rng-rankR.pt     each rank's torch and numpy RNG state (and its GPU's, on CUDA)
     step-N/COMPLETE         step, epoch, position in it, world size, ZeRO stage; written last
 
 DeepSpeed writes the files of a tag directly into its folder; a job killed part way leaves a folder
@@ -34,16 +34,17 @@ class Checkpointer:
     `epoch_samples`); DeepSpeed stores it inside its checkpoint and hands it back on load.
     """
 
-    def __init__(self, root: Path, engine, info, keep_last: int, inputs: dict | None = None):
+    def __init__(self, root: Path, engine, info, keep_last: int, inputs: dict | None = None, device=None):
         self.root, self.engine, self.info, self.keep_last = Path(root), engine, info, keep_last
         self.inputs = inputs  # what the stage trains from (provenance.py), kept in every marker
+        self.device = device  # the rank's device: a CUDA one's RNG state is saved too
 
     def save(self, client_state: dict, protect: set[int] = frozenset()) -> None:
         """Collective: every rank writes its part, then rank 0 marks the checkpoint complete and
         prunes old ones (never those in `protect`)."""
         step = self.engine.global_steps
         self.engine.save_checkpoint(str(self.root), tag=tag(step), client_state=client_state)
-        _save_rng(self._rng_file(step))
+        _save_rng(self._rng_file(step), self.device)
         _barrier()
         if self.info.is_main:
             write_marker(self.root, step, {
@@ -64,7 +65,7 @@ class Checkpointer:
         step, marker = found
         self._check_world_size(step, marker)
         _, client = self.engine.load_checkpoint(str(self.root), tag=tag(step))
-        _load_rng(self._rng_file(step))
+        _load_rng(self._rng_file(step), self.device)
         log.info("resumed from %s (epoch %d, %d samples into it)", self.root / tag(step),
                  client["epoch"], client["epoch_samples"])
         return {**client, "step": step}
@@ -85,15 +86,27 @@ class Checkpointer:
         return self.root / tag(step) / f"rng-rank{self.info.rank}.pt"
 
 
-def _save_rng(path: Path) -> None:
+def _on_cuda(device) -> bool:
+    import torch
+
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def _save_rng(path: Path, device=None) -> None:
+    """CPU generators always; on CUDA also the generator of this rank's GPU (dropout, random ops on
+    the device), which torch.get_rng_state does not cover."""
     import numpy as np
     import torch
 
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, path)
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if _on_cuda(device):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    torch.save(state, path)
 
 
-def _load_rng(path: Path) -> None:
-    """Absent in a checkpoint from a rank that did not exist when it was written: keep this RNG."""
+def _load_rng(path: Path, device=None) -> None:
+    """Absent in a checkpoint from a rank that did not exist when it was written: keep this RNG.
+    A checkpoint written on CPU has no GPU state: the GPU's generator is kept as seeded."""
     import numpy as np
     import torch
 
@@ -101,6 +114,8 @@ def _load_rng(path: Path) -> None:
         rng = torch.load(path, weights_only=False)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
+        if _on_cuda(device) and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 def _barrier() -> None:

@@ -11,21 +11,27 @@ import torch
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device, num_classes: int,
-            hflip_tta: bool = False, progress: str | None = None) -> tuple[np.ndarray, dict]:
+            hflip_tta: bool = False, progress: str | None = None,
+            autocast: torch.dtype | None = None) -> tuple[np.ndarray, dict]:
     """(indices, {field: array}) for this rank's shard: 'probs' plus the loader's label fields.
     A rank whose shard is empty (more ranks than samples) returns empty arrays of the right width.
-    progress: a label for a progress bar (None: no bar, e.g. on ranks other than 0)."""
+    progress: a label for a progress bar (None: no bar, e.g. on ranks other than 0).
+    autocast: the forward passes' autocast dtype on CUDA (engine.autocast_dtype: bf16 when the
+    model trains in bf16), None for fp32; logits are averaged and squashed in fp32 either way."""
     from tqdm import tqdm
 
     was_training = model.training
     model.eval()
+    device = torch.device(device)
+    use_autocast = autocast is not None and device.type == "cuda"
     idx, probs, fields = [], [], {}
     for batch in tqdm(loader, desc=progress, disable=progress is None, leave=False):
         images = batch["image"].to(device, non_blocking=True)
-        logits = model(images).float()
-        if hflip_tta:
-            logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
-        probs.append(torch.sigmoid(logits).cpu().numpy())
+        with torch.autocast(device.type, dtype=autocast, enabled=use_autocast):
+            logits = model(images).float()
+            if hflip_tta:
+                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
+        probs.append(logits.float().sigmoid().cpu().numpy())
         idx.append(batch["index"].cpu().numpy().copy())
         for name in ("labels", "observed"):
             if name in batch:
@@ -66,12 +72,13 @@ def split_loader(cfg, split: str, info, device, with_labels: bool = True):
     )
 
 
-def evaluate(model, loader, device, num_classes: int, targets: str = "labels") -> dict:
+def evaluate(model, loader, device, num_classes: int, targets: str = "labels",
+             autocast: torch.dtype | None = None) -> dict:
     """mAP (percent) of `model` over the whole split behind the per-rank `loader`; every rank
-    returns the same result. targets: 'labels' (full) or 'observed'."""
+    returns the same result. targets: 'labels' (full) or 'observed'. autocast: as predict's."""
     from pml_dist.training.metrics import mean_average_precision
 
-    indices, arrays = gather(*predict(model, loader, device, num_classes))
+    indices, arrays = gather(*predict(model, loader, device, num_classes, autocast=autocast))
     if not np.array_equal(indices, np.arange(len(indices))):
         raise RuntimeError("gathered indices are not 0..N-1: the ranks' shards do not cover the split")
     result = mean_average_precision(arrays["probs"], arrays[targets])

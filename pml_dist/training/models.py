@@ -81,6 +81,16 @@ def build_model(name: str, num_classes: int, *, pretrained: str = "", width: int
     return model
 
 
+def on_device(model: nn.Module, device) -> nn.Module:
+    """`model` on `device`; on CUDA with channels_last weights too: the loaders give CUDA batches in
+    channels_last, and cuDNN's NHWC kernels want the weights in it as well (otherwise every
+    convolution converts its weight first). CPU: unchanged (NCHW, see ffcv_data/loaders.py).
+    ZeRO-1/2 later make the weights views of one flat buffer, which are NCHW again."""
+    if torch.device(device).type == "cuda":
+        return model.to(device, memory_format=torch.channels_last)
+    return model.to(device)
+
+
 def _load_imagenet(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"config key 'model.pretrained': no weights file at {path}")

@@ -1,5 +1,6 @@
 """Stopping on request (Slurm preemption, submitit's USR2, a user's SIGTERM) without saving in a
-signal handler: the handler only sets a flag, the trainer reads it at optimizer-step boundaries, all
+signal handler: the handler only sets a flag, the trainer reads it at optimizer-step boundaries
+(every train.log_every steps and at epoch ends: the agreement waits for the device), all
 ranks save together, and the process exits with `EXIT_STOPPED` so a scheduler can requeue it.
 """
 

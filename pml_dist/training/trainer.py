@@ -10,7 +10,8 @@ result.json (written last: its presence means the stage is done) and one log fil
 Resume: the newest complete checkpoint restores weights, optimizer, scheduler, RNG and `TrainState`
 (step, epoch, position inside the epoch, best), so no data is replayed. A stop request (SIGUSR2 /
 SIGTERM, e.g. Slurm preemption) only sets a flag (stop.py); all ranks agree on it at the next
-optimizer step, save together, and raise `Stopped`.
+optimizer step that logs (every train.log_every: agreeing waits for the GPU) or epoch end, save
+together, and raise `Stopped`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pml_dist.training import checkpoint, engine
 from pml_dist.training.checkpoint import Checkpointer
 from pml_dist.training.evaluate import evaluate, gather, predict, split_loader
 from pml_dist.training.losses import LossParams, build_loss, param_groups_lr_mult
-from pml_dist.training.models import build_model, param_groups
+from pml_dist.training.models import build_model, on_device, param_groups
 from pml_dist.training.stop import StopFlag, Stopped
 from pml_dist.training.targets import training_targets
 
@@ -122,7 +123,8 @@ class Trainer:
         self.samples_trained = 0  # by this process (a resumed run counts from its restart)
         self.threads = threads_per_rank(cfg.data.loader_workers, info.local_world_size)
         self.device = self._start_process_group()
-        targets_source, self.targets_of = training_targets(cfg, self.run, stage, self.num_train)
+        targets_source, self.targets_of = training_targets(cfg, self.run, stage, self.num_train, self.device)
+        self.autocast = engine.autocast_dtype(cfg, self.device)  # of evaluation (DeepSpeed trains)
         log.info("%s: rank %d/%d (%s) on %s, %d threads; targets: %s", self.files.dir, info.rank,
                  info.world_size, info.source, self.device, self.threads, targets_source)
         log.info("derived: %s", self.derived.to_dict())
@@ -135,7 +137,7 @@ class Trainer:
                            f"{cfg.dist.deepspeed_config} sets stage {self.engine.zero_optimization_stage()}")
         self._discard_stale_outputs()
         self.checkpointer = Checkpointer(self.files.ckpt, self.engine, info, cfg.train.keep_last,
-                                         inputs=self.inputs)
+                                         inputs=self.inputs, device=self.device)
         self.state = self._resume()
         self.metrics = _MetricsFile(self.files.metrics, info.is_main, self.state.step)
         if info.is_main:
@@ -164,6 +166,9 @@ class Trainer:
             if self.state.epoch == self.linear_epochs > 0:
                 self._end_linear_init()
             self._save()
+            if self.state.epoch < self.epochs and self.state.stopped_early is None:
+                # a request since the last log step: stop at this epoch's checkpoint
+                self._stop_if_requested()
         return self._finish(time.perf_counter() - start)
 
     def _train_epoch(self) -> None:
@@ -183,31 +188,42 @@ class Trainer:
                     self.state.step = self.engine.global_steps
                     self._after_optimizer_step(window, bar)
 
-    def _micro_step(self, batch: dict) -> float:
+    def _micro_step(self, batch: dict) -> torch.Tensor:
         """Forward and backward; DeepSpeed's step() updates the weights at the end of each
-        gradient-accumulation cycle only."""
+        gradient-accumulation cycle only. Returns the loss as a tensor on the device: reading it
+        here (float()) would wait for the GPU at every step; the window reads it every log_every."""
         value = self.engine(batch["image"], self.targets_of(batch), batch["index"])
         self.engine.backward(value)
         self.engine.step()
         self.state.epoch_samples += self.batch_samples
         self.samples_trained += self.batch_samples
-        return float(value.detach())
+        return value.detach()
 
     def _after_optimizer_step(self, window: _Window, bar) -> None:
-        """Log, honour a stop request, checkpoint: only here, where every rank holds the same weights."""
+        """Log, honour a stop request, checkpoint: only here, where every rank holds the same weights.
+        Reading the loss and agreeing on the stop flag both wait for the device, so they happen every
+        train.log_every steps only, together; the other steps queue GPU work without a host sync."""
         step = self.state.step
         if step % self.cfg.train.log_every == 0:
             self._log_train(window, bar)
-        if self.stop.agreed(self.device):
-            self._save()
-            raise Stopped(f"stopped at step {step}; rerun the same command to resume")
+            self._stop_if_requested()
         if self.cfg.train.ckpt_every and step % self.cfg.train.ckpt_every == 0:
             self._save()
 
+    def _stop_if_requested(self) -> None:
+        """Collective: when any rank was asked to stop, all save and raise `Stopped`."""
+        if self.stop.agreed(self.device):
+            self._save()
+            raise Stopped(f"stopped at step {self.state.step}; rerun the same command to resume")
+
     def _log_train(self, window: _Window, bar) -> None:
-        rate = window.samples_per_s()  # before the reduction below, which is not training time
+        # The window's work is queued on the GPU, not done: wait for it (reading the loss does)
+        # before taking the time. The loss's reduction over ranks is not training time.
+        loss = window.mean_loss
+        loss = loss.item() if isinstance(loss, torch.Tensor) else loss
+        rate = window.samples_per_s()
         record = {"kind": "train", "step": self.state.step, "epoch": self.state.epoch,
-                  "loss": _mean_over_ranks(window.mean_loss, self.device),
+                  "loss": _mean_over_ranks(loss, self.device),
                   "lr": self.engine.get_lr()[0], "samples_per_s": rate}
         self.metrics.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -223,12 +239,14 @@ class Trainer:
         """EM+APL: score the whole training split (observed labels only), identically on every rank,
         and let the loss pseudo-label its next share of unobserved negatives."""
         loader = split_loader(self.cfg, "train", self.info, self.device, with_labels=False)
-        indices, arrays = gather(*predict(self.net, loader, self.device, self.num_classes))
+        indices, arrays = gather(*predict(self.net, loader, self.device, self.num_classes,
+                                          autocast=self.autocast))
         added = self.loss.update_pseudo_labels(torch.from_numpy(arrays["probs"]), torch.from_numpy(indices))
         log.info("EM+APL: %d unobserved labels pseudo-labelled as negatives", added)
 
     def _validate(self) -> dict:
-        val = evaluate(self.net, self.val_loader, self.device, self.num_classes, self.val_targets)
+        val = evaluate(self.net, self.val_loader, self.device, self.num_classes, self.val_targets,
+                       autocast=self.autocast)
         epoch, step = self.state.epoch, self.state.step
         self.metrics.write({"kind": "val", "step": step, "epoch": epoch, "map": val["map"],
                             "targets": val["targets"]})
@@ -304,7 +322,7 @@ class Trainer:
         self.net.load_state_dict(torch.load(self.files.best_weights, map_location=self.device,
                                             weights_only=True))
         loader = split_loader(self.cfg, "test", self.info, self.device)
-        test = evaluate(self.net, loader, self.device, self.num_classes)
+        test = evaluate(self.net, loader, self.device, self.num_classes, autocast=self.autocast)
         best = self.state.best
         self.metrics.write({"kind": "test", "step": best["step"], "epoch": best["epoch"], "map": test["map"]})
         return test
@@ -336,7 +354,9 @@ class Trainer:
     def _start_process_group(self):
         """Threads first (FFCV's and torch's share the cores), then the group; returns the device."""
         torch.set_num_threads(self.threads)
-        device = dist.init_process_group(self.info, self.cfg.dist.timeout_s)
+        device = dist.compute_device(self.info, self.cfg.train.device, self.cfg.model.name)
+        dist.init_process_group(self.info, self.cfg.dist.timeout_s, device)
+        engine.configure_cuda(device)
         _check_sync_bn(self.cfg, device)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         return device
@@ -364,8 +384,9 @@ class Trainer:
     def _build_model(self) -> nn.Module:
         m = self.cfg.model
         torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
-        return build_model(m.name, self.num_classes, pretrained=m.pretrained, width=m.width, norm=m.norm,
-                           sync_bn=m.sync_bn)
+        model = build_model(m.name, self.num_classes, pretrained=m.pretrained, width=m.width, norm=m.norm,
+                            sync_bn=m.sync_bn)
+        return on_device(model, self.device)
 
     def _build_loss(self) -> nn.Module:
         # Observed positives are training information (ROLE and EM+APL initialise from them),
@@ -401,7 +422,10 @@ class Trainer:
 
 
 class _Window:
-    """Training loss and throughput since the last train record (or since the epoch began)."""
+    """Training loss and throughput since the last train record (or since the epoch began).
+
+    The loss is summed where it was computed, without reading it (no host sync); in float64, which
+    gives the very sums the float() of each step's float32 loss gave before on CPU."""
 
     def __init__(self):
         self.reset()
@@ -409,11 +433,14 @@ class _Window:
     def reset(self) -> None:
         self.loss_sum, self.steps, self.samples, self.start = 0.0, 0, 0, time.perf_counter()
 
-    def add(self, loss: float, samples: int) -> None:
+    def add(self, loss: torch.Tensor | float, samples: int) -> None:
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().to(torch.float64)
         self.loss_sum, self.steps, self.samples = self.loss_sum + loss, self.steps + 1, self.samples + samples
 
     @property
-    def mean_loss(self) -> float:
+    def mean_loss(self) -> torch.Tensor | float:
+        """A 0-d tensor on the loss's device (a float if only floats were added)."""
         return self.loss_sum / self.steps
 
     def samples_per_s(self) -> float:

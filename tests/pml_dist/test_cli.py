@@ -47,3 +47,19 @@ def test_prepare_generates_missing_root_then_resumes(tmp_path):
     assert sorted(mtimes) == ["test.beton", "train.beton", "val.beton"]
     assert main(["prepare", *overrides]) == 0  # rerun: nothing rewritten
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in data.glob("*.beton")}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_a_torchvision_resnet_without_cuda_fails_at_once_unless_cpu_is_asked_for(synthetic_overrides,
+                                                                                   capsys):
+    """No silent fp32 CPU training of a ResNet: one line, exit 2, before any process group."""
+    overrides = [*synthetic_overrides, "model.name=resnet18", "train.device=auto"]
+    assert main(["prepare", *overrides]) == 0
+    capsys.readouterr()
+    assert main(["train", "--stage", "teacher", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.name=resnet18 and no CUDA GPU is visible" in err and "train.device=cpu" in err
+    assert len(err.splitlines()) == 1
+    import torch.distributed as tdist
+
+    assert not tdist.is_initialized()

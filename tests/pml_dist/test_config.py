@@ -120,3 +120,25 @@ def test_a_key_added_to_the_code_since_is_accepted_at_its_default(tmp_path):
 def test_a_sweep_needs_its_losses_and_both_grids(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_train_device_is_checked_and_its_default_comes_from_the_environment(monkeypatch):
+    with pytest.raises(ConfigError, match="config key 'train.device' must be one of auto, cuda, cpu"):
+        load_config(None, ["train.device=gpu"])
+    monkeypatch.delenv("PML_DIST_DEVICE", raising=False)
+    assert load_config().train.device == "auto"
+    monkeypatch.setenv("PML_DIST_DEVICE", "cpu")  # what tests/conftest.py sets for the suite
+    assert load_config().train.device == "cpu"
+    assert load_config(None, ["train.device=cuda"]).train.device == "cuda"  # overrides win
+    assert load_config(REPO_ROOT / "configs" / "coco2014_r50.yaml").train.device == "cuda"  # presets too
+    monkeypatch.setenv("PML_DIST_DEVICE", "tpu")
+    with pytest.raises(ConfigError, match="environment variable PML_DIST_DEVICE='tpu' must be one of"):
+        load_config()
+
+
+def test_a_resolved_config_without_train_device_is_accepted_at_the_environment_default(tmp_path):
+    path = write_resolved(load_config(None, [f"run.dir={tmp_path}"]))
+    saved = yaml.safe_load(path.read_text())
+    del saved["train"]["device"]  # written before the key existed, in a session forcing the CPU
+    path.write_text(yaml.safe_dump(saved))
+    write_resolved(load_config(None, [f"run.dir={tmp_path}"]))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from pml_dist.dist import expand_nodelist, resolve
+from pml_dist.dist import choose_device, compute_device, expand_nodelist, resolve
 from pml_dist.errors import PmlError
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
@@ -70,3 +71,71 @@ def test_inconsistent_values_are_errors():
 )
 def test_expand_nodelist(nodelist, hosts):
     assert expand_nodelist(nodelist) == hosts
+
+
+def test_the_deepspeed_launcher_names_the_local_world_size_local_size():
+    env = {k: v for k, v in TORCHRUN.items() if k != "LOCAL_WORLD_SIZE"}
+    assert resolve({**env, "LOCAL_SIZE": "4"}).local_world_size == 4
+    assert resolve(env).local_world_size == 8  # neither: every rank on this node
+
+
+# ------------------------------------------------------------------------------ the device choice
+
+
+@pytest.mark.parametrize("requested, gpus, local_rank, local_world, expected", [
+    ("auto", 4, 2, 4, ("cuda", 2)),  # each rank sees the node's GPUs: one per local rank
+    ("cuda", 4, 3, 4, ("cuda", 3)),
+    ("auto", 1, 3, 4, ("cuda", 0)),  # --gpus-per-task=1 / --gpu-bind: the one GPU bound to the task
+    ("auto", 1, 0, 1, ("cuda", 0)),
+    ("auto", 0, 1, 2, ("cpu", None)),  # no CUDA, a small model: today's CPU runs
+    ("cpu", 8, 5, 8, ("cpu", None)),  # asked for: CUDA is never touched
+    ("cpu", 0, 0, 1, ("cpu", None)),
+])
+def test_device_choice(requested, gpus, local_rank, local_world, expected):
+    assert choose_device(requested, gpus, local_rank, local_world, "small_resnet") == expected
+
+
+@pytest.mark.parametrize("gpus, local_world", [(2, 3), (8, 4), (2, 1)])
+def test_ranks_and_gpus_that_do_not_match_are_one_line_errors(gpus, local_world):
+    message = f"{local_world} local ranks on this node but {gpus} visible GPUs"
+    with pytest.raises(PmlError, match=message) as err:
+        choose_device("auto", gpus, 0, local_world)
+    assert "\n" not in str(err.value) and "--gpus-per-task" in str(err.value)
+
+
+def test_no_silent_cpu_for_gpu_models_or_when_cuda_is_asked_for():
+    with pytest.raises(PmlError, match="train.device=cuda, but this process sees no CUDA GPU"):
+        choose_device("cuda", 0, 0, 1, "small_resnet")
+    for model in ("resnet18", "resnet50"):
+        with pytest.raises(PmlError, match=f"model.name={model} and no CUDA GPU .* set train.device=cpu"):
+            choose_device("auto", 0, 0, 1, model)
+        assert choose_device("cpu", 0, 0, 1, model) == ("cpu", None)
+    with pytest.raises(PmlError, match="'train.device' must be one of auto, cuda, cpu, got 'gpu'"):
+        choose_device("gpu", 1, 0, 1)
+
+
+def test_compute_device_on_cpu_does_not_ask_cuda(monkeypatch):
+    import torch
+
+    def no_cuda():
+        raise AssertionError("train.device=cpu must not touch CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", no_cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", no_cuda)
+    assert compute_device(resolve(TORCHRUN), "cpu", "resnet50") == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_choice_on_the_real_gpu():
+    """One visible GPU: cuda:0 for a single process and for any rank bound to that GPU (the
+    ordinal DeepSpeed would have taken, cuda:LOCAL_RANK, does not exist for local rank 1)."""
+    if torch.cuda.device_count() != 1:
+        pytest.skip(f"needs exactly one visible GPU, this process sees {torch.cuda.device_count()}")
+    single = resolve({})
+    bound = resolve({**TORCHRUN, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    for info in (single, bound):
+        device = compute_device(info, "auto", "resnet50")
+        assert device == torch.device("cuda", 0)
+        assert torch.ones(2, device=device).sum().item() == 2.0  # a real, usable device
+    assert compute_device(bound, "cpu") == torch.device("cpu")

@@ -221,3 +221,32 @@ def test_bad_shards_are_refused_and_nothing_is_written(prepared, tmp_path, monke
     with pytest.raises(PmlError, match=message):
         make_pseudo_labels(load_config(None, overrides))
     assert not (run / "pseudo").exists() or not any((run / "pseudo").iterdir())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision, atol", [("fp32", 5e-3), ("bf16", 4e-2)])
+def test_sharded_inference_on_the_gpu_merges_to_the_cpu_result(prepared, single, tmp_path, monkeypatch,
+                                                               precision, atol):
+    """Two ranks on the GPU (both bound to the one GPU the machine has, or one GPU each), merged,
+    against the single CPU process in fp32. Tolerances, on float16 probabilities: fp32 on the GPU
+    (TF32 convolutions and matmuls) 5e-3; bf16 autocast (8 mantissa bits) 4e-2."""
+    world = 2
+    if torch.cuda.device_count() not in (1, world):
+        pytest.skip(f"needs 1 or {world} visible GPUs, this process sees {torch.cuda.device_count()}")
+    run, overrides = clone(prepared, tmp_path)
+    overrides = [*overrides, "train.device=cuda", f"dist.precision={precision}"]
+    cfg = load_config(None, overrides)
+    torch.cuda.reset_peak_memory_stats()
+    for rank in range(world):
+        for key, value in {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world,
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 1}.items():
+            monkeypatch.setenv(key, str(value))
+        infer(cfg)
+    assert torch.cuda.max_memory_allocated() > 0  # the teacher ran on the GPU
+    result = make_pseudo_labels(load_config(None, overrides))
+    probs = np.load(run / "pseudo" / "probs.npy")
+    assert probs.dtype == np.float16 and probs.shape == single.shape == (120, 20)
+    assert result["merge"]["padding_duplicates"] == 0
+    np.testing.assert_allclose(probs.astype(np.float32), single.astype(np.float32), rtol=0, atol=atol)
+    assert not np.array_equal(probs, np.zeros_like(probs))

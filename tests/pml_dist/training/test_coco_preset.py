@@ -36,6 +36,7 @@ def test_the_preset_is_the_cole_et_al_protocol():
     assert d.max_resolution >= 640 and d.keep_original_jpegs
     # the references' arithmetic and Zhou et al.'s model selection for EM and EM+APL
     assert cfg.dist.precision == "fp32"
+    assert cfg.train.device == "cuda"  # a GPU preset: no silent fall-back to the CPU
     assert set(cfg.train.early_stop) == {"em", "em_apl"} and cfg.train.linear_init_epochs == 0
     # Cole et al.'s grid for their losses (the AN teacher and full BCE), in their order
     sw = cfg.sweep
@@ -90,6 +91,7 @@ def test_preset_data_stage_and_a_teacher_epoch_on_coco_mini(coco_mini, tmp_path,
         "data.write_workers=2",
         f"model.pretrained={weights}",
         "train.epochs=1",
+        "train.device=cpu",  # the preset is a GPU preset (train.device: cuda)
     ]
     assert main(["prepare", "--config", str(PRESET), *overrides]) == 0
     stats = json.loads((run / "data" / "stats.json").read_text())
