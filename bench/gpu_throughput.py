@@ -56,14 +56,16 @@ def build(args, device):
     from pml_dist.config import load_config
     from pml_dist.training import engine
     from pml_dist.training.losses import build_loss
-    from pml_dist.training.models import build_model, param_groups
+    from pml_dist.training.models import build_model, on_device, param_groups
     from pml_dist.training.trainer import TrainModule, _loss_params
 
     overrides = [f"train.micro_batch={args.batch}", f"data.image_size={args.size}", "model.pretrained=",
-                 f"dist.precision={'bf16' if device.type == 'cuda' else 'fp32'}"]
+                 f"dist.precision={'bf16' if device.type == 'cuda' else 'fp32'}",
+                 f"train.device={device.type}"]
     cfg = load_config(PRESET, overrides)
+    engine.configure_cuda(device)
     torch.manual_seed(0)
-    model = build_model(cfg.model.name, NUM_CLASSES, norm=cfg.model.norm)
+    model = on_device(build_model(cfg.model.name, NUM_CLASSES, norm=cfg.model.norm), device)
     loss = build_loss("an", NUM_CLASSES, args.samples, _loss_params(cfg))
     derived = engine.derive(cfg, args.samples, 1)
     ds_engine = engine.initialize(cfg, TrainModule(model, loss), param_groups(model, cfg.optim.weight_decay),
@@ -143,13 +145,17 @@ def main(argv=None) -> int:
     args = arguments(argv)
     from ffcv_data.loaders import eval_loader, train_loader
     from pml_dist import dist
+    from pml_dist.errors import PmlError
+    from pml_dist.training.engine import autocast_dtype
     from pml_dist.training.evaluate import predict
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_throughput: --device cuda but torch sees no GPU (use --tiny --device cpu)")
     info = dist.resolve()
-    dist.init_process_group(info)
+    try:
+        device = dist.compute_device(info, args.device)  # the trainer's own choice and checks
+    except PmlError as err:
+        raise SystemExit(f"gpu_throughput: {err}") from None
+    torch.set_num_threads(args.workers)
+    dist.init_process_group(info, device=device)
     cfg, ds_engine = build(args, device)
     channels_last = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
@@ -188,10 +194,12 @@ def main(argv=None) -> int:
         net = ds_engine.module.model
         scoring = eval_loader(beton, cfg.infer.batch, args.size, transform=cfg.data.eval_transform,
                               device=device, workers=args.workers, with_labels=False, jit=jit)
-        predict(net, scoring, device, NUM_CLASSES)  # the first pass compiles the loader
+        autocast = autocast_dtype(cfg, device)
+        # the first pass compiles the loader and lets cuDNN pick its algorithms
+        predict(net, scoring, device, NUM_CLASSES, autocast=autocast)
         sync(device)
         start = time.perf_counter()
-        predict(net, scoring, device, NUM_CLASSES)
+        predict(net, scoring, device, NUM_CLASSES, autocast=autocast)
         sync(device)
         rates["ffcv_infer"] = args.samples / (time.perf_counter() - start)
 
