@@ -1,7 +1,8 @@
 """The table of bench/gpu.sh: each step's status and time, the demo's stage times, the throughput
-numbers against the issue's goals; printed and written to OUTDIR/gpu-check.md and .json.
+numbers against the issue's goals; printed and written to OUTDIR/gpu-check.md and .json (which
+also holds the step records, the demo's report and the throughput result read from WORK).
 
-    python bench/gpu_table.py OUTDIR [--dry-run]
+    python bench/gpu_table.py WORK OUTDIR [--dry-run]
 """
 
 import json
@@ -20,9 +21,9 @@ def read_json(path: Path):
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0])
+    work, out = Path(argv[0]), Path(argv[1])
     dry = "--dry-run" in argv
-    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line]
+    steps = [json.loads(line) for line in (work / "steps.jsonl").read_text().splitlines() if line]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (CPU)"
     lines = [f"# GPU check{' (dry run: the GPU steps replaced by their CPU stand-ins)' if dry else ''}", "",
              f"Machine: {device}; {platform.node()}; Python {platform.python_version()}; "
@@ -33,13 +34,13 @@ def main(argv: list[str]) -> int:
         lines.append(f"| {s['step']} | {status} | {s['seconds']} |")
     lines.append(f"| total | | {sum(s['seconds'] for s in steps):.1f} |")
 
-    report = read_json(out / "demo-report.json")
+    report = read_json(work / "demo-report.json")
     if report:
         lines += ["", "Demo on the GPU, stage wall times (its report.json):", "",
                   "| stage | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in report.get("stages", {}).items() if v is not None]
 
-    result = read_json(out / "throughput.json")
+    result = read_json(work / "throughput.json")
     verdicts = {}
     if result:
         rates = result["img_per_s"]

@@ -227,4 +227,29 @@ def init_process_group(info: RankInfo, timeout_s: float = 600.0, device=None):
             "nccl" if device.type == "cuda" else "gloo", rank=info.rank, world_size=info.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        if device.type == "cuda" and info.world_size > 1:
+            check_distinct_gpus(info, device)
     return device
+
+
+def check_distinct_gpus(info: RankInfo, device) -> None:
+    """Collective: an error naming the ranks when two of them compute on one GPU. Counting visible
+    GPUs cannot tell "one GPU bound to each task" from "two tasks on a one-GPU node" (each sees one
+    GPU either way); the GPUs' UUIDs can. Exchanged over a gloo group (the TCP store), before NCCL
+    builds a communicator, which would fail with "Duplicate GPU detected" mid-traceback."""
+    import socket
+
+    import torch
+    import torch.distributed as tdist
+
+    group = tdist.new_group(backend="gloo")
+    mine = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
+    everyone: list = [None] * info.world_size
+    tdist.all_gather_object(everyone, mine, group=group)
+    tdist.destroy_process_group(group)
+    first: dict = {}
+    for rank, key in enumerate(everyone):
+        if key in first:
+            raise PmlError(f"ranks {first[key]} and {rank} both compute on GPU {key[1]} of {key[0]} "
+                           f"(NCCL needs one GPU per rank): start one rank per GPU on each node")
+        first[key] = rank

@@ -183,18 +183,21 @@ def test_gpu_check_dry_run_installs_offline_and_runs_every_cpu_step(wheelhouse, 
         Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(images / f"{i}.jpg")
     out = tmp_path / "check"
     done = subprocess.run(["bash", str(REPO / "bench/gpu.sh"), "--dry-run", "--wheelhouse", str(wheelhouse),
-                           "--python", str(cluster["python"]), "--images", str(images), str(out)],
+                           "--python", str(cluster["python"]), "--images", str(images),
+                           "--work", str(tmp_path / "work"), str(out)],
                           capture_output=True, text=True, env=OFFLINE, timeout=1200)
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(out.glob("*.log")))
     assert done.returncode == 0, done.stdout[-2000:] + logs
-    steps = {s["step"]: s["rc"] for s in map(json.loads, (out / "steps.jsonl").read_text().splitlines())}
+    assert sorted(p.name for p in out.iterdir()) == ["demo.log", "gpu-check.json", "gpu-check.md",
+                                                     "gpu_tests.log", "install.log", "throughput.log"]
+    steps = {s["step"]: s["rc"] for s in json.loads((out / "gpu-check.json").read_text())["steps"]}
     assert steps == {"install": 0, "gpu_tests": 0, "demo": 0, "throughput": 0}
     assert "wrote and decoded" in (out / "install.log").read_text()
     assert "skipped" in (out / "gpu_tests.log").read_text()  # collected, and skipped without CUDA
     table = (out / "gpu-check.md").read_text()
     assert "| ffcv_train |" in table and "| install | ok |" in table
     # the venv's torch is the cluster's: nothing was installed over it
-    venv_python = out / "venv/bin/python"
+    venv_python = tmp_path / "work/venv/bin/python"
     torch_at = subprocess.run([str(venv_python), "-c", "import torch; print(torch.__file__)"],
                               capture_output=True, text=True, check=True).stdout.strip()
     assert str(cluster["root"] / "site") in torch_at

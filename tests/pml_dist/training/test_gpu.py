@@ -258,3 +258,32 @@ def test_nccl_engine_stopped_and_resumed_ends_where_an_uninterrupted_run_does(sy
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 31))
     for (step, x), (_, y) in zip(a, b, strict=True):
         assert y == pytest.approx(x, rel=0.05, abs=1e-3), step
+
+
+SHARED_GPU_SCRIPT = r"""
+import sys, torch
+from pml_dist import dist
+from pml_dist.errors import PmlError
+try:
+    dist.init_process_group(dist.resolve(), timeout_s=120, device=torch.device("cuda", 0))
+except PmlError as err:
+    print("ERROR", err)
+    sys.exit(3)
+print("no error")
+"""
+
+
+def test_two_ranks_on_one_gpu_are_a_one_line_error_before_nccl(tmp_path):
+    """Each of two ranks sees one GPU, the same one: counting cannot tell this from one GPU bound
+    per task; the GPUs' UUIDs can, before NCCL would refuse with a traceback."""
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": port, "CUDA_VISIBLE_DEVICES": "0"}
+        procs.append(subprocess.Popen([sys.executable, "-c", SHARED_GPU_SCRIPT], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = [_finish(p, timeout=180) for p in procs]
+    for rc, out in outputs:
+        assert rc == 3, out
+        assert "ranks 0 and 1 both compute on GPU" in out, out
