@@ -182,7 +182,7 @@ def test_resize_flip_mirrors_a_seeded_half_of_the_whole_images(betons):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_transforms_on_cuda_give_the_cpu_pixels(betons):
     """The whole-image decoder and the seeded flip run in the CUDA pipeline too (ToDevice, then the
-    flip on the device), with the same output as on CPU."""
+    flip and the normalisation on the device, channels_last), with the same output as on CPU."""
     device = torch.device("cuda", 0)
     for transform in ("resize_flip", "resize"):
         cpu = train_loader(betons["train"], 64, 48, seed=5, order="sequential", transform=transform,
@@ -190,7 +190,13 @@ def test_transforms_on_cuda_give_the_cpu_pixels(betons):
         gpu = train_loader(betons["train"], 64, 48, seed=5, order="sequential", transform=transform,
                            drop_last=False, jit=True, device=device)
         a = torch.cat([b["image"].clone() for b in cpu])
-        b = torch.cat([b["image"].clone().cpu() for b in gpu])
+        parts = []
+        for batch in gpu:
+            image = batch["image"]
+            assert image.is_cuda and image.dtype == torch.float32
+            assert image.is_contiguous(memory_format=torch.channels_last)
+            parts.append(image.clone().cpu())
+        b = torch.cat(parts)
         assert torch.allclose(a, b, atol=1e-5), transform
 
 
