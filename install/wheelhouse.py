@@ -37,10 +37,10 @@ BUILT_HERE = {"ffcv", ROOT}  # not downloaded: ffcv_wheel builds the one, `pip w
 BUILD_TOOLS = ("setuptools", "wheel")
 
 
-def closure(python_version: str, extras: list[str], with_torch: bool,
+def closure(roots: list[str], python_version: str, extras: list[str], with_torch: bool,
             skip: dict[str, Version | None]) -> tuple[dict[str, str], list[str]]:
-    """{name: version} of every distribution pml-dist needs on `python_version`, as installed here,
-    and the names left out because the target has them."""
+    """{name: version} of `roots` (with `extras`) and every distribution they need on
+    `python_version`, as installed here, and the names left out because the target has them."""
     wanted: dict[str, list[Requirement]] = {}  # name -> the requirements that point at it
     edges: dict[str, list[str]] = {}
 
@@ -54,7 +54,7 @@ def closure(python_version: str, extras: list[str], with_torch: bool,
                 reqs.append(req)
         return reqs
 
-    todo = [(ROOT, set(extras))]
+    todo = [(root, set(extras)) for root in roots]
     seen: set[tuple[str, frozenset]] = set()
     while todo:
         name, with_extras = todo.pop()
@@ -75,9 +75,9 @@ def closure(python_version: str, extras: list[str], with_torch: bool,
         have = skip[name]
         return have is None or all(have in req.specifier for req in wanted.get(name, []))
 
-    keep: dict[str, str] = {}
+    stack = [canonicalize_name(root) for root in roots]
+    keep = {name: md.version(name) for name in stack}
     skipped: set[str] = set()
-    stack = [canonicalize_name(ROOT)]
     while stack:
         name = stack.pop()
         for dep in edges.get(name, []):
@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         sdist = ffcv_wheel.fetch_sdist(out)
         notes = []
         for version in args.python_version or [here]:
-            pins, skipped = closure(version, extras, args.with_torch, skip)
-            for name in BUILD_TOOLS:
-                pins.setdefault(name, md.version(name))
+            pins, skipped = closure([ROOT], version, extras, args.with_torch, skip)
+            # An isolated build sees none of the target's packages: the tools and all they need.
+            pins.update(closure(list(BUILD_TOOLS), version, [], False, {})[0])
             download({n: v for n, v in pins.items() if n not in BUILT_HERE}, version, out)
             ffcv = ffcv_for(version, out, kit, sdist)
             notes.append(f"Python {version}: {len(pins)} packages; ffcv {ffcv}; "
