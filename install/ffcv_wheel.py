@@ -13,7 +13,8 @@ Two steps, split so that the second needs no root, no system packages and no pat
          kit's libraries to the wheel there.
 
 The sdist's dependency on opencv-python (the GUI build, which needs libGL) becomes
-opencv-python-headless: FFCV's Python code uses only cv2.imencode/imdecode/resize.
+opencv-python-headless (FFCV's Python code uses only cv2.imencode/imdecode/resize), and an unused
+distutils import that breaks `import ffcv` on Python 3.12+ goes (_patch).
 
     python install/ffcv_wheel.py kit   --out DIR
     python install/ffcv_wheel.py build --out DIR [--python PY] [--kit DIR/ffcv-build-kit.tar.gz]
@@ -197,6 +198,20 @@ def add_libs(wheel: Path, libs: Path) -> None:
     tmp.replace(wheel)
 
 
+def _patch(src: Path) -> None:
+    """Two fixes to FFCV 1.0.2's sources, each checked to apply:
+    - its dependency opencv-python (the GUI build, which needs libGL) becomes opencv-python-headless;
+    - ffcv/pipeline/graph.py imports `distutils.log.warn` and never uses it: distutils is gone from
+      Python 3.12, so `import ffcv` fails there in any environment without setuptools' shim."""
+    for rel, old, new in (("setup.py", "'opencv-python',", "'opencv-python-headless',"),
+                          ("ffcv/pipeline/graph.py", "from distutils.log import warn\n", "")):
+        path = src / rel
+        text = path.read_text()
+        if old not in text:
+            raise BuildError(f"{path}: expected {old.strip()!r} (another FFCV version?)")
+        path.write_text(text.replace(old, new))
+
+
 def build(out: Path, python: str, kit: Path, sdist: Path, offline: Path | None) -> Path:
     """Build FFCV for `python` against the kit; returns the wheel (written into `out`)."""
     for needed in (kit, sdist):
@@ -209,8 +224,7 @@ def build(out: Path, python: str, kit: Path, sdist: Path, offline: Path | None) 
         with tarfile.open(sdist) as tar:
             tar.extractall(tmp, filter="data")
         kit_dir, src = tmp / "ffcv-build-kit", tmp / f"ffcv-{FFCV_VERSION}"
-        setup_py = src / "setup.py"
-        setup_py.write_text(setup_py.read_text().replace("'opencv-python',", "'opencv-python-headless',"))
+        _patch(src)
         env = dict(os.environ, PATH=f"{kit_dir / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
                    LDFLAGS=f"{os.environ.get('LDFLAGS', '')} -Wl,-rpath,$ORIGIN/../ffcv.libs".strip())
         # Offline: setuptools and wheel for the isolated build come from the wheelhouse.
