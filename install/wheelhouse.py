@@ -17,6 +17,7 @@ Plus: pml-dist itself, setuptools and wheel (for builds with no index), FFCV's s
 from __future__ import annotations
 
 import argparse
+import configparser
 import importlib.metadata as md
 import shutil
 import subprocess
@@ -31,10 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ffcv_wheel  # noqa: E402  (this folder is not a package)
 
 ROOT = "pml-dist"
+PROJECT = Path(__file__).resolve().parent.parent
 TORCH = {"torch", "torchvision"}
 BUILT_HERE = {"ffcv", ROOT}  # not downloaded: ffcv_wheel builds the one, `pip wheel .` the other
-# For builds with no index (pml-dist itself, FFCV on the target); pip before 24 also wants `wheel`.
-BUILD_TOOLS = ("setuptools", "wheel")
+# For builds with no index (pml-dist itself, FFCV on the target; pip before 24 also wants `wheel`),
+# and pip itself for a target Python without ensurepip (install/inherit.py).
+BUILD_TOOLS = ("setuptools", "wheel", "pip")
 
 
 def closure(roots: list[str], python_version: str, extras: list[str], with_torch: bool,
@@ -46,7 +49,7 @@ def closure(roots: list[str], python_version: str, extras: list[str], with_torch
 
     def requires(name: str, with_extras: set[str]) -> list[Requirement]:
         reqs = []
-        for text in md.distribution(name).requires or []:
+        for text in (project_requires() if name == ROOT else installed(name).requires or []):
             req = Requirement(text)
             env = {"python_version": python_version, "python_full_version": f"{python_version}.0"}
             extras_here = with_extras | {""}
@@ -76,7 +79,7 @@ def closure(roots: list[str], python_version: str, extras: list[str], with_torch
         return have is None or all(have in req.specifier for req in wanted.get(name, []))
 
     stack = [canonicalize_name(root) for root in roots]
-    keep = {name: md.version(name) for name in stack}
+    keep = {name: installed(name).version for name in stack if name != ROOT}
     skipped: set[str] = set()
     while stack:
         name = stack.pop()
@@ -86,9 +89,29 @@ def closure(roots: list[str], python_version: str, extras: list[str], with_torch
             if left_out(dep):
                 skipped.add(dep)
                 continue
-            keep[dep] = md.version(dep)
+            keep[dep] = installed(dep).version
             stack.append(dep)
     return keep, sorted(skipped)
+
+
+def project_requires() -> list[str]:
+    """pml-dist's own requirements as setup.cfg states them now (the installed metadata of an
+    editable install is as old as its last `make setup`), extras as `; extra == "x"` markers."""
+    cfg = configparser.ConfigParser()
+    cfg.read(PROJECT / "setup.cfg")
+    lines = [r for r in cfg["options"]["install_requires"].splitlines() if r.strip()]
+    for extra, text in cfg["options.extras_require"].items():
+        lines += [f'{r.strip()}; extra == "{extra}"' for r in text.splitlines()
+                  if r.strip() and not r.strip().startswith("#")]
+    return lines
+
+
+def installed(name: str) -> md.Distribution:
+    try:
+        return md.distribution(name)
+    except md.PackageNotFoundError:
+        raise SystemExit(f"wheelhouse: {name} is not installed in {sys.prefix}, so its verified version "
+                         f"is unknown: run `make setup` first") from None
 
 
 def read_skip(path: Path | None) -> dict[str, Version | None]:
@@ -176,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except ffcv_wheel.BuildError as err:
         print(f"wheelhouse: {err}", file=sys.stderr)
         return 1
-    project = Path(__file__).resolve().parent.parent
-    built = pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(project))
+    built = pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(PROJECT))
     if built.returncode:
         print(f"wheelhouse: building pml-dist's wheel failed:\n{built.stderr.strip()[-2000:]}",
               file=sys.stderr)

@@ -131,7 +131,6 @@ def wheelhouse(cluster, tmp_path_factory) -> Path:
 
 
 def _inheriting_venv(cluster: dict, path: Path) -> Path:
-    subprocess.run([str(cluster["python"]), "-m", "venv", str(path)], check=True)
     subprocess.run([str(cluster["python"]), str(REPO / "install/inherit.py"), str(path)], check=True,
                    capture_output=True)
     return path / "bin/python"
@@ -167,6 +166,31 @@ def test_pip_install_over_an_existing_torch_keeps_it(wheelhouse, cluster, tmp_pa
     planned = {canonicalize_name(item["metadata"]["name"]) for item in installs}
     assert {"pml-dist", "deepspeed", "ffcv"} <= planned
     assert not planned & {"torch", "torchvision", "numpy"}, f"would replace the cluster's packages: {planned}"
+
+
+@pytest.mark.slow
+def test_a_python_without_ensurepip_gets_pip_from_the_wheelhouse(wheelhouse, cluster, tmp_path):
+    """Debian/Ubuntu's Python without python3-venv, where venv's `-m ensurepip` step fails (made to
+    fail here as it does there: the step raises CalledProcessError)."""
+    no_ensurepip = (
+        "import runpy, subprocess, sys, venv\n"
+        "def fail(self, context):\n"
+        "    raise subprocess.CalledProcessError(1, [context.env_exec_cmd, '-m', 'ensurepip'])\n"
+        "venv.EnvBuilder._setup_pip = fail\n"
+        f"sys.argv = ['inherit.py', {str(tmp_path / 'venv')!r}, '--wheelhouse', {str(wheelhouse)!r}]\n"
+        f"runpy.run_path({str(REPO / 'install/inherit.py')!r}, run_name='__main__')\n"
+    )
+    done = subprocess.run([str(cluster["python"]), "-c", no_ensurepip], capture_output=True, text=True,
+                          env=OFFLINE)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no ensurepip" in done.stdout
+    pip = subprocess.run([str(tmp_path / "venv/bin/python"), "-m", "pip", "--version"], capture_output=True,
+                         text=True, env=OFFLINE)
+    assert pip.returncode == 0 and str(tmp_path / "venv") in pip.stdout, pip.stdout + pip.stderr
+    ask = "import torch; print(torch.__file__)"
+    torch_at = subprocess.run([str(tmp_path / "venv/bin/python"), "-c", ask], capture_output=True, text=True,
+                              env=OFFLINE)
+    assert str(cluster["root"] / "site") in torch_at.stdout, torch_at.stderr
 
 
 @pytest.mark.slow
