@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.atomic import save_with
+from ffcv_data.cores import usable_cores
 from ffcv_data.errors import DataError
 
 # 2 MiB pages: a .beton 1.03x the JPEG folder instead of 1.28x with FFCV's 8 MiB default (measured
@@ -126,7 +127,7 @@ def write_beton(
 
     def encode(tmp: Path) -> None:
         writer = DatasetWriter(str(tmp), fields, page_size=PAGE_SIZE,
-                               num_workers=workers if workers > 0 else (os.cpu_count() or 1))
+                               num_workers=workers if workers > 0 else usable_cores())
         writer.from_indexed_dataset(source)
         if error_log.exists() and error_log.stat().st_size:  # raising here leaves no file behind
             lines = error_log.read_text().splitlines()

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ffcv_data.cores import usable_cores
 from ffcv_data.transforms import transform_ops
 
 # ImageNet statistics (torchvision's pretrained ResNets expect them), on the 0-255 scale.
@@ -145,13 +146,24 @@ class BatchLoader:
         self.loader.next_epoch = epoch
 
 
-def threads_per_rank(requested: int, local_world_size: int = 1) -> int:
-    """FFCV's numba threads also set torch's thread count; oversubscribing cores made steps 11x slower."""
+def threads_per_rank(requested: int, local_world_size: int = 1, env: dict[str, str] | None = None) -> int:
+    """FFCV's numba threads also set torch's thread count; oversubscribing cores made steps 11x slower.
+
+    0 = the cores this rank has: the CPUs this process may run on (Slurm's binding and taskset
+    restrict them), shared by the node's local ranks unless Slurm already bound each task to its
+    own (its mask is then smaller than the job's CPUs on the node), and at most the
+    SLURM_CPUS_PER_TASK asked for."""
     if requested > 0:
         return requested
-    # The cores this process may run on (Slurm and taskset restrict them), not the machine's.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
+    env = os.environ if env is None else env
+    cores = usable_cores()
+    job_cpus = env.get("SLURM_CPUS_ON_NODE", "")
+    bound = job_cpus.isdigit() and cores < int(job_cpus)
+    threads = cores if bound else cores // max(1, local_world_size)
+    per_task = env.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        threads = min(threads, int(per_task))
+    return max(1, threads)
 
 
 def _field_ops(device: torch.device | None, squeeze: bool = False) -> list:

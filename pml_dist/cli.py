@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("local", "slurm"), default=None,
                    help="default: slurm when a working Slurm is found, else local")
     p.add_argument("--wait", action="store_true", help="(slurm) wait for every job, showing progress")
+    p.add_argument("--dry-run", action="store_true",
+                   help="(slurm) print the sbatch script of every job that would be submitted, each "
+                        "checked with sbatch --test-only; submit nothing")
     _add_config_args(p, seeds=True)
+    _add_config_args(sub.add_parser("cancel", help="scancel every queued or running job in jobs.json"),
+                     seeds=True)
+    _add_config_args(sub.add_parser("job-env", help="(inside a job) the shell lines the plain sbatch "
+                                                    "scripts eval: slurm.setup, slurm.env, log folder"))
     _add_config_args(sub.add_parser("status", help="each stage's state: done, running, failed + log"),
                      seeds=True)
     _add_config_args(sub.add_parser("report", help="report.md/json and the Figure 1 plots"), seeds=True)
@@ -137,7 +145,8 @@ def _stage(args, cfg):
 
 
 def cmd_train(args) -> int:
-    from pml_dist.training.stop import EXIT_STOPPED, StopFlag, Stopped
+    from ffcv_data.atomic import write_text
+    from pml_dist.training.stop import EXIT_STOPPED, STOPPED_FILE_ENV, StopFlag, Stopped
     from pml_dist.training.trainer import train
 
     cfg = _config(args)
@@ -148,6 +157,10 @@ def cmd_train(args) -> int:
         train(cfg, stage, stop)
     except Stopped as exc:
         log.info("%s", exc)
+        # Every rank has saved: tell a plain sbatch script to requeue, whatever exit status srun
+        # reports once a rank's slow teardown made it kill the others (137, not 3).
+        if os.environ.get(STOPPED_FILE_ENV):
+            write_text(Path(os.environ[STOPPED_FILE_ENV]), f"{exc}\n")
         return EXIT_STOPPED
     return 0
 
@@ -175,11 +188,16 @@ def cmd_run(args) -> int:
     from pml_dist.pipeline.graph import run_pipeline
     from pml_dist.pipeline.slurm import default_executor
 
-    cfg = _config(args)
+    cfg = _config(args, write=not args.dry_run)
     run = RunLayout.of(cfg)
     kind = args.executor or default_executor()
     t0 = time.perf_counter()
-    record = run_pipeline(cfg, kind, args.wait)
+    record = run_pipeline(cfg, kind, args.wait, dry_run=args.dry_run)
+    if args.dry_run:
+        for name, script in record["scripts"].items():
+            print(f"# ---- {name}\n{script}")
+        log.info("%d job(s) would be submitted; sbatch --test-only accepted each", len(record["scripts"]))
+        return 0
     if kind == "slurm" and not args.wait:
         log.info("submitted; `pml-dist status` shows progress; job ids in %s", run.jobs)
         return 0
@@ -187,6 +205,29 @@ def cmd_run(args) -> int:
     print(run.report_md.read_text())
     for figure in ("figure1a", "figure1b"):
         print(run.figure(figure))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from pml_dist.pipeline.status import cancel_jobs
+
+    for name, job_id in cancel_jobs(_config(args, write=False)):
+        print(f"{name:24s} job {job_id} cancelled")
+    return 0
+
+
+def cmd_job_env(args) -> int:
+    """Shell for the plain sbatch scripts to eval once Python runs: the site's setup lines and
+    environment (the same as submitit's jobs get) and where the run keeps Slurm logs."""
+    import shlex
+
+    from pml_dist.layout import RunLayout
+    from pml_dist.pipeline.executor import job_setup_lines
+
+    cfg = _config(args, write=False)
+    print("\n".join([*job_setup_lines(cfg),
+                     f"PML_DIST_LOG_DIR={shlex.quote(str(RunLayout.of(cfg).slurm_logs))}",
+                     f"PML_DIST_SRUN_EXTRA={shlex.quote(shlex.join(cfg.slurm.srun_extra))}"]))
     return 0
 
 
@@ -216,6 +257,8 @@ COMMANDS = {
     "infer": cmd_infer,
     "merge": cmd_merge,
     "run": cmd_run,
+    "cancel": cmd_cancel,
+    "job-env": cmd_job_env,
     "status": cmd_status,
     "report": cmd_report,
 }

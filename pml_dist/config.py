@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import types
 import typing
@@ -181,19 +182,30 @@ class SweepSection:
 
 @dataclass
 class SlurmSection:
-    """Resources per stage for `pml-dist run --executor slurm` (and tasks for the local executor)."""
+    """Resources and site rules for `pml-dist run --executor slurm` and the plain sbatch scripts (and
+    tasks for the local executor); docs/cluster.md lists every key with an example.
 
-    partition: str = ""
+    Training stages (teacher, references, sweep points, inference, students) read the plain keys and
+    get the GPUs; CPU stages (prepare, selection, merge, report) read the `cpu_` keys, so neither a
+    GPU partition nor a GPU request in `extra` reaches them. account, setup, env and the requeue
+    keys apply to every job."""
+
     account: str = ""
+    setup: list[str] = field(default_factory=list)  # shell lines each job runs before Python
+    env: list[str] = field(default_factory=list)  # NAME=value exported in each job (NCCL_*), logged
+    requeue: bool = True  # sbatch --requeue, so preemption and `scontrol requeue` can bring it back
+    max_requeues: int = 20  # submitit: timeouts/preemptions a job may be requeued after
+    signal_delay_s: int = 120  # USR2 this long before the time limit: save, then requeue
+    array_parallelism: int = 0  # students running at once (0 = no limit)
+    # training stages
+    partition: str = ""
     qos: str = ""
     cpus_per_task: int = 1
     mem_gb: int = 0  # 0 = the partition's default
-    gpus_per_node: int = 0  # teacher, inference and students; one task per GPU when > 0
-    signal_delay_s: int = 120  # USR2 this long before the time limit: save, then requeue
-    max_requeues: int = 3  # timeouts/preemptions a job may be requeued after
-    array_parallelism: int = 0  # students running at once (0 = no limit)
-    extra: list[str] = field(default_factory=list)  # more sbatch options, "key=value"
-    cpu_time_min: int = 60  # prepare, merge, report
+    gpus_per_node: int = 0  # one task per GPU: *_tasks_per_node must equal it when > 0
+    gres: str = ""  # instead of gpus_per_node, a typed request: gpu:a100:4 (also one task per GPU)
+    extra: list[str] = field(default_factory=list)  # more sbatch options, "key=value" or "flag"
+    srun_extra: list[str] = field(default_factory=list)  # more srun options, "--cpu-bind=cores"
     teacher_nodes: int = 1
     teacher_tasks_per_node: int = 2
     teacher_time_min: int = 240
@@ -203,6 +215,13 @@ class SlurmSection:
     student_nodes: int = 1
     student_tasks_per_node: int = 1
     student_time_min: int = 240
+    # CPU stages (one task each)
+    cpu_partition: str = ""  # "" = the cluster's default partition
+    cpu_qos: str = ""
+    cpu_cpus_per_task: int = 0  # 0 = cpus_per_task
+    cpu_mem_gb: int = 0
+    cpu_extra: list[str] = field(default_factory=list)
+    cpu_time_min: int = 60
 
 
 @dataclass
@@ -449,10 +468,7 @@ def validate(cfg: Config) -> None:
         (set(cfg.pseudo.beyond_modes) <= set(PSEUDO_MODES) and cfg.pseudo.beyond_modes,
          "pseudo.beyond_modes", f"must be a non-empty list of {', '.join(PSEUDO_MODES)}"),
         (set(cfg.report.references) <= set(LOSSES), "report.references", f"must be losses among {LOSSES}"),
-        (all("=" in e for e in cfg.slurm.extra), "slurm.extra", "entries must look like key=value"),
-        (min(cfg.slurm.teacher_nodes, cfg.slurm.teacher_tasks_per_node, cfg.slurm.infer_nodes,
-             cfg.slurm.infer_tasks_per_node, cfg.slurm.student_nodes, cfg.slurm.student_tasks_per_node,
-             cfg.slurm.cpus_per_task) >= 1, "slurm.*_nodes/*_tasks_per_node/cpus_per_task", "must be >= 1"),
+        *_slurm_checks(cfg.slurm),
     ]
     sw = cfg.sweep
     if sw.losses:
@@ -473,6 +489,47 @@ def validate(cfg: Config) -> None:
     for tau in cfg.pseudo.taus:
         if not 0.0 <= tau < 1.0:
             raise ConfigError(f"config key 'pseudo.taus': {tau} is outside [0, 1)")
+
+
+TRAINING_KINDS = ("teacher", "infer", "student")  # the slurm.<kind>_* shapes of training stages
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def gres_gpus(gres: str) -> int:
+    """GPUs per node a `--gres` string asks for: gpu:a100:4 -> 4, gpu:4 -> 4, gpu -> 1, "" -> 0
+    (other resources in a comma list are ignored)."""
+    for item in filter(None, gres.split(",")):
+        parts = item.split(":")
+        if parts[0] == "gpu":
+            return int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return 0
+
+
+def _slurm_checks(s: SlurmSection) -> list[tuple[bool, str, str]]:
+    gpus = s.gpus_per_node or gres_gpus(s.gres)
+    shapes = [(getattr(s, f"{k}_nodes"), getattr(s, f"{k}_tasks_per_node"), k) for k in TRAINING_KINDS]
+    checks = [
+        (all(e.strip() and not e.startswith("-") for e in s.extra), "slurm.extra",
+         "entries must look like key=value or flag (sbatch's long option without the dashes)"),
+        (all(e.strip() and not e.startswith("-") for e in s.cpu_extra), "slurm.cpu_extra",
+         "entries must look like key=value or flag (sbatch's long option without the dashes)"),
+        (all(e.startswith("-") for e in s.srun_extra), "slurm.srun_extra",
+         "entries must be srun options, e.g. --cpu-bind=cores"),
+        (all(_ENV_NAME.fullmatch(e.partition("=")[0]) and "=" in e for e in s.env), "slurm.env",
+         "entries must look like NAME=value"),
+        (min(min(n, t) for n, t, _ in shapes) >= 1 and s.cpus_per_task >= 1,
+         "slurm.*_nodes/*_tasks_per_node/cpus_per_task", "must be >= 1"),
+        (s.cpu_cpus_per_task >= 0 and s.cpu_mem_gb >= 0 and s.mem_gb >= 0, "slurm.*cpus_per_task/*mem_gb",
+         "must be >= 0"),
+        (not (s.gpus_per_node and s.gres), "slurm.gres",
+         "and slurm.gpus_per_node both ask for GPUs: set one"),
+        (s.max_requeues >= 0, "slurm.max_requeues", "must be >= 0"),
+    ]
+    for _, tasks, kind in shapes:  # one rank per GPU: more would share one, fewer leave some idle
+        checks.append((not gpus or tasks == gpus, f"slurm.{kind}_tasks_per_node",
+                       f"is {tasks} but each node gets {gpus} GPUs (slurm.gpus_per_node / slurm.gres): "
+                       f"training stages run one task per GPU"))
+    return checks
 
 
 # ---------------------------------------------------------------------------------------- saving

@@ -74,11 +74,20 @@ def resolve(env: dict[str, str] | None = None) -> RankInfo:
             local_rank=_int(env, "SLURM_LOCALID"),
             local_world_size=_tasks_on_this_node(env, ntasks, len(hosts)),
             master_addr=hosts[0],
-            # one port per job, so two jobs sharing a node do not collide
-            master_port=int(env.get("PML_DIST_MASTER_PORT", 0)) or 15000 + _int(env, "SLURM_JOB_ID") % 20000,
+            master_port=int(env.get("PML_DIST_MASTER_PORT", 0)) or job_port(_int(env, "SLURM_JOB_ID")),
             source="slurm",
         ))
     return RankInfo(0, 1, 0, 1, "127.0.0.1", _free_port(), "single")
+
+
+# Rendezvous ports: one per job from its own id (an array task's SLURM_JOB_ID is its own), so two
+# jobs sharing a master node never collide unless their ids differ by a multiple of PORT_SPAN; all
+# below Linux's ephemeral range (32768-60999), where the kernel hands out ports to other programs.
+PORT_BASE, PORT_SPAN = 17000, 15000
+
+
+def job_port(job_id: int) -> int:
+    return PORT_BASE + job_id % PORT_SPAN
 
 
 def _checked(info: RankInfo) -> RankInfo:
@@ -151,14 +160,16 @@ def export_submitit_env() -> RankInfo | None:
         env = submitit.JobEnvironment()
     except (ImportError, RuntimeError):
         return None
-    digits = re.sub(r"\D", "", str(env.job_id)) or "0"
+    # The task's own SLURM_JOB_ID (an array task has one besides the array's id); the local
+    # executor's job id is its process id.
+    job_id = os.environ.get("SLURM_JOB_ID") or re.sub(r"\D", "", str(env.job_id)) or "0"
     info = RankInfo(
         rank=env.global_rank,
         world_size=env.num_tasks,
         local_rank=env.local_rank,
         local_world_size=max(1, env.num_tasks // max(1, env.num_nodes)),
         master_addr=env.hostnames[0] if env.hostnames else "127.0.0.1",
-        master_port=15000 + int(digits[-6:]) % 20000,  # array tasks of one job get different ports
+        master_port=int(os.environ.get("PML_DIST_MASTER_PORT", 0)) or job_port(int(job_id)),
         source="submitit",
     )
     export_torch_env(info)
@@ -166,12 +177,13 @@ def export_submitit_env() -> RankInfo | None:
 
 
 def choose_device(requested: str, device_count: int, local_rank: int, local_world_size: int,
-                  model: str = "") -> tuple[str, int | None]:
+                  model: str = "", promised: int = 0) -> tuple[str, int | None]:
     """The one device choice of a rank, as ("cpu", None) or ("cuda", ordinal): training (which hands
     it to DeepSpeed) and inference both use it. Pure, so it is tested without GPUs.
 
     requested: train.device; device_count: the GPUs this process sees (CUDA_VISIBLE_DEVICES
-    applied), 0 without CUDA; model: model.name (a torchvision ResNet does not fall back to CPU).
+    applied), 0 without CUDA; model: model.name (a torchvision ResNet does not fall back to CPU);
+    promised: the GPUs Slurm gave this job on this node (promised_gpus), which must then be usable.
     The GPUs must match the local ranks: each rank sees all of the node's GPUs, one per local rank
     (cuda:LOCAL_RANK), or exactly the one bound to it (srun --gpus-per-task=1 / --gpu-bind: cuda:0).
     Anything else would give a rank an ordinal it cannot see, or two ranks one GPU (NCCL refuses).
@@ -183,6 +195,10 @@ def choose_device(requested: str, device_count: int, local_rank: int, local_worl
     if requested == "cpu":
         return "cpu", None
     if device_count == 0:
+        if promised:
+            raise PmlError(f"local rank {local_rank}: Slurm gave this job {promised} GPU(s) on this node, "
+                           f"but torch sees none (a CPU-only torch, or CUDA_VISIBLE_DEVICES "
+                           f"changed by the job's setup lines); it would train on the CPU")
         if requested == "cuda":
             raise PmlError("train.device=cuda, but this process sees no CUDA GPU (check the node and "
                            "CUDA_VISIBLE_DEVICES); set train.device=cpu to run on the CPU")
@@ -200,12 +216,23 @@ def choose_device(requested: str, device_count: int, local_rank: int, local_worl
                    f"(srun --gpus-per-task=1 or --gpu-bind, CUDA_VISIBLE_DEVICES)")
 
 
+def promised_gpus(env: dict[str, str] | None = None) -> int:
+    """GPUs Slurm allocated to this job on this node (SLURM_GPUS_ON_NODE, else the index list
+    SLURM_STEP_GPUS / SLURM_JOB_GPUS); 0 outside Slurm or without a GPU request."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_GPUS_ON_NODE", "").isdigit():
+        return int(env["SLURM_GPUS_ON_NODE"])
+    ids = env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS") or ""
+    return len([i for i in ids.split(",") if i.strip()])
+
+
 def compute_device(info: RankInfo, requested: str = "auto", model: str = ""):
     """choose_device for this process, as a torch.device. train.device=cpu does not touch CUDA."""
     import torch
 
     count = torch.cuda.device_count() if requested != "cpu" and torch.cuda.is_available() else 0
-    kind, index = choose_device(requested, count, info.local_rank, info.local_world_size, model)
+    kind, index = choose_device(requested, count, info.local_rank, info.local_world_size, model,
+                                promised=promised_gpus() if requested != "cpu" else 0)
     return torch.device(kind) if index is None else torch.device(kind, index)
 
 
@@ -253,3 +280,63 @@ def check_distinct_gpus(info: RankInfo, device) -> None:
             raise PmlError(f"ranks {first[key]} and {rank} both compute on GPU {key[1]} of {key[0]} "
                            f"(NCCL needs one GPU per rank): start one rank per GPU on each node")
         first[key] = rank
+
+
+def rank_summary(info: RankInfo, device, threads: int, backend: str, env_names=()) -> str:
+    """One line each rank logs at start: where it runs and on what, so a wrong binding or a shared
+    GPU is visible in the first lines of every rank's log; with the communication variables and
+    `env_names` (slurm.env's) as this process sees them."""
+    import socket
+
+    import torch
+
+    mask = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    gpu = "no GPU"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = f"GPU {device} {props.name} {props.uuid}"
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                   if k.startswith(ENV_PREFIXES) or k in set(env_names))
+    return (f"rank {info.rank}/{info.world_size} local {info.local_rank}/{info.local_world_size} "
+            f"({info.source}) on {socket.gethostname()}: CPUs {_ranges(mask)} ({len(mask)}), "
+            f"{threads} threads; {gpu}; backend {backend}, master {info.master_addr}:{info.master_port} "
+            f"via {_interface(info.master_addr)}" + (f"; {env}" if env else ""))
+
+
+ENV_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "PML_DIST_")
+
+
+def _ranges(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, start = [], None
+    for i, c in enumerate(cpus):
+        if start is None:
+            start = c
+        if i + 1 == len(cpus) or cpus[i + 1] != c + 1:
+            out.append(f"{start}-{c}" if c != start else str(c))
+            start = None
+    return ",".join(out) or "?"
+
+
+def _interface(master_addr: str) -> str:
+    """The network interface this host reaches the master through (NCCL/gloo pick theirs from
+    NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME when set, which the summary's env part shows)."""
+    import fcntl
+    import socket
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master_addr, 9))  # UDP: no packet is sent, only a route is chosen
+            local = s.getsockname()[0]
+            for _, name in socket.if_nameindex():
+                req = struct.pack("256s", name.encode()[:15])
+                try:
+                    addr = socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, req)[20:24])  # SIOCGIFADDR
+                except OSError:
+                    continue
+                if addr == local:
+                    return f"{name} ({local})"
+            return local
+    except OSError as exc:
+        return f"unknown ({exc.strerror or exc})"

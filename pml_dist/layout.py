@@ -4,6 +4,7 @@ the record several modules read (`StageResult`). No other module spells a file n
     <run>/config.yaml                  the resolved config (config.write_resolved)
     <run>/jobs.json                    job ids and logs of every submission (pipeline/graph.py)
     <run>/logs/submitit/               submitit's job folders
+    <run>/logs/slurm/                  the plain sbatch scripts' logs (slurm/*.sbatch)
     <run>/data/                        prepared data (ffcv_data/prepared.py; sub-runs share it)
     <run>/teacher/                     a training stage's folder, see `StageFiles`
     <run>/teacher/probs/shard-RRRRR-of-WWWWW.{npz,json}   inference shards + manifests
@@ -150,6 +151,11 @@ class RunLayout:
     @property
     def submitit_logs(self) -> Path:
         return self.root / "logs" / "submitit"
+
+    @property
+    def slurm_logs(self) -> Path:
+        """The plain sbatch scripts' logs (slurm/*.sbatch)."""
+        return self.root / "logs" / "slurm"
 
     def reference(self, loss: str) -> StageFiles:
         return StageFiles(self.root / "references" / loss)

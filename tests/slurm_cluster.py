@@ -8,6 +8,14 @@ Its stdin is a pipe from this process: if this process dies, even by SIGKILL, th
 cluster. ``stop()`` runs ``stop.sh`` (cancel every job, SIGTERM each daemon by PID file, SIGKILL
 after a bounded wait) and then waits for that shell, killing its process group as the last resort.
 
+The cluster looks like a site (slurm/testcluster/README.md has the measured behaviour): CPU binding
+(task/affinity), partitions ``cpu`` (default), ``gpu``, ``debug``, ``short`` (MaxTime 10 min, refused at
+submission above it), ``low`` (preemptible: requeued when ``urgent`` needs its CPUs, GraceTime 5 s) and
+``urgent``; two fake GPUs per node (gres gpu, CUDA_VISIBLE_DEVICES set); enforced accounting: account
+``pml`` (root's default), account ``other`` (refused), QOS ``normal`` (default) and ``tight``
+(MaxSubmitJobsPerUser=2, MaxWall 5 min, refused at submission). ``site`` has these names as start.sh
+wrote them to ``<dir>/site``; ``preempt()`` preempts a job running in ``low``.
+
 When neither a directory nor a port is given (arguments or SLURM_TEST_DIR / SLURM_TEST_PORT), a busy
 slot (another session's cluster, or a port in use) makes ``start()`` try the next one: directory
 suffix ``-1``, ``-2``, ... and ports 100 higher each, so concurrent test sessions on one machine work.
@@ -54,6 +62,14 @@ def _which(program: str) -> str | None:
     return shutil.which(program, path=path)
 
 
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (this machine's PID 1 reaps orphans late)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def _state_word(state: str) -> str:
     """``CANCELLED by 0`` -> ``CANCELLED``."""
     return state.split()[0].upper() if state.strip() else ""
@@ -73,6 +89,7 @@ class SlurmCluster:
         self.start_seconds: float | None = None
         self.stop_seconds: float | None = None
         self._proc: subprocess.Popen | None = None
+        self._restarted: list = []  # (slurmd Popen, log file) started by start_node
         self._log = None
 
     # ------------------------------------------------------------------ availability
@@ -113,6 +130,20 @@ class SlurmCluster:
         """Node names, in slurm.conf order (they resolve to this machine)."""
         return (self.directory / "nodes").read_text().split()
 
+    @property
+    def site(self) -> dict[str, str]:
+        """What start.sh set up, from ``<dir>/site``: partitions, default_partition,
+        preemptible_partition (low), preemptor_partition (urgent), grace_time_s, short_partition,
+        short_max_time_min, account (root's default), other_account (root may not use it), qos,
+        tight_qos, tight_max_submit_jobs, tight_max_wall_min, gpus_per_node, cpus_per_node."""
+        lines = (self.directory / "site").read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines if "=" in line)
+
+    @property
+    def partitions(self) -> list[str]:
+        """Partition names, default first (all partitions span every node)."""
+        return self.site["partitions"].split()
+
     def subprocess_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not is_foreign_slurm_var(k)}
         env.update(self.env)
@@ -144,18 +175,76 @@ class SlurmCluster:
         res = self.run("sacct", "-X", "-n", "-P", "-o", "State", "-j", str(job_id), check=False)
         return [_state_word(s) for s in res.stdout.splitlines() if s.strip()] if res.returncode == 0 else []
 
+    def restarts(self, job_id: str) -> int:
+        """How often JOB_ID was requeued (``scontrol show job``'s Restarts=; sacct has no such field,
+        but ``sacct -D`` lists one record per run); -1 once slurmctld has purged the job."""
+        res = self.run("scontrol", "-o", "show", "job", str(job_id), check=False)
+        for word in res.stdout.split():
+            if word.startswith("Restarts="):
+                return int(word.split("=", 1)[1])
+        return -1
+
+    def stop_node(self, name: str, timeout: float = 15) -> None:
+        """Stop node NAME's slurmd (a lost node: slurmctld marks it DOWN after SlurmdTimeout and
+        fails or requeues its jobs); `start_node` brings it back."""
+        pid = int((self.directory / "run" / f"slurmd-{name}.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def start_node(self, name: str, timeout: float = 60) -> None:
+        """Start node NAME's slurmd again (a child of this process; stop.sh stops it by its pid file
+        as before) and wait until slurmctld has it idle (ReturnToService=2)."""
+        log = open(self.directory / "log" / f"slurmd-{name}.restart.out", "ab")  # noqa: SIM115 (the daemon's)
+        proc = subprocess.Popen([_which("slurmd"), "-D", "-f", str(self.conf), "-N", name],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self._script_env())
+        self._restarted.append((proc, log))
+        (self.directory / "run" / f"slurmd-{name}.pid").write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = self.run("sinfo", "-h", "-n", name, "-N", "-o", "%T", check=False).stdout.split()
+            if states and set(states) <= {"idle", "mixed", "allocated"}:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"node {name} not back after {timeout}s")
+
+    def preempt(self, job_id: str, seconds: float = 1, timeout: float = 60) -> str:
+        """Preempt JOB_ID, running in the preemptible partition (``low``): submit a job to ``urgent``
+        that wants the victim's nodes exclusively and runs ``sleep SECONDS``; wait until the victim
+        is no longer RUNNING; return the urgent job's id. Other jobs on those nodes must be
+        preemptible too, else the urgent job just waits. Measured: the victim's srun steps get SIGCONT
+        and SIGTERM at once (a step that dies of it usually ends the job FAILED, not requeued: `--wrap
+        "srun sleep 100"` does), the whole job (batch script too) 7-16 s later; it is requeued
+        (PENDING, reason BeginTime) about 5 s after that and runs again 10 s later (cred_expire)."""
+        nodes = self.run("squeue", "-h", "-j", str(job_id), "-o", "%N").stdout.strip()
+        count = len(self.run("scontrol", "show", "hostnames", nodes).stdout.split())
+        urgent = self.sbatch("-p", self.site["preemptor_partition"], "--nodelist", nodes, "-N", str(count),
+                             "--exclusive", "--output", "/dev/null", "--wrap", f"sleep {seconds}")
+        deadline = time.monotonic() + timeout
+        while "RUNNING" in self.squeue_states(job_id):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still running {timeout}s after urgent job {urgent}")
+            time.sleep(0.2)
+        return urgent
+
     def wait_for_job(self, job_id: str, timeout: float = 60, source: str = "squeue") -> str:
         """Wait until JOB_ID (all its array elements) has ended; return its state.
 
         ``source`` is "squeue" (slurmctld: immediate; falls back to sacct for a purged job) or
         "sacct" (the accounting database: a second or so later). For an array the result is the
-        first state that is not COMPLETED, else COMPLETED. Raises TimeoutError.
+        first state that is not COMPLETED, else COMPLETED. A job that sacct calls PREEMPTED but
+        that squeue still has pending or running (requeued after preemption) is not over yet.
+        Raises TimeoutError.
         """
         deadline = time.monotonic() + timeout
         states: list[str] = []
         while True:
             states = self.sacct_states(job_id) if source == "sacct" else (
                 self.squeue_states(job_id) or self.sacct_states(job_id))
+            if "PREEMPTED" in states and source == "sacct" and any(
+                    s not in TERMINAL_STATES for s in self.squeue_states(job_id)):
+                states = [*states, "REQUEUED"]  # PreemptMode=REQUEUE: it will run again
             if states and all(s in TERMINAL_STATES for s in states):
                 return next((s for s in states if s != "COMPLETED"), "COMPLETED")
             if time.monotonic() > deadline:
@@ -267,6 +356,13 @@ class SlurmCluster:
             self._proc = None
         except subprocess.TimeoutExpired:
             self._terminate(15)
+        for daemon, log in self._restarted:  # stop.sh stopped them; reap them
+            try:
+                daemon.wait(15)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+            log.close()
+        self._restarted = []
         self.stop_seconds = time.monotonic() - t0
         if self._log is not None:
             self._log.close()

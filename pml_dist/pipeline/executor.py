@@ -1,8 +1,10 @@
 """submitit executors with a stage's resources: the `slurm` config section turned into sbatch
-parameters in one place."""
+parameters and job setup lines in one place (the plain sbatch scripts read the same lines through
+`pml-dist job-env`)."""
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 from pml_dist.config import Config
@@ -14,17 +16,56 @@ class Resources:
     nodes: int = 1
     tasks_per_node: int = 1
     time_min: int = 60
-    gpus: bool = False  # ask for slurm.gpus_per_node GPUs per node
+    gpus: bool = False  # a training stage: the plain slurm keys and the GPUs; else the cpu_ keys
 
 
 def resources(cfg: Config, kind: str) -> Resources:
     """`teacher`, `infer` and `student` read slurm.<kind>_nodes / _tasks_per_node / _time_min and get
-    GPUs; `cpu` (prepare, merge, report) is one task for slurm.cpu_time_min."""
+    GPUs; `cpu` (prepare, selection, merge, report) is one task for slurm.cpu_time_min."""
     s = cfg.slurm
     if kind == "cpu":
         return Resources(1, 1, s.cpu_time_min)
     return Resources(getattr(s, f"{kind}_nodes"), getattr(s, f"{kind}_tasks_per_node"),
                      getattr(s, f"{kind}_time_min"), gpus=True)
+
+
+def job_setup_lines(cfg: Config) -> list[str]:
+    """Shell lines every Slurm job runs before Python starts: the site's slurm.setup (module load,
+    conda activate), slurm.env exported, and for srun: cpus-per-task handed on (since Slurm 22.05
+    srun no longer inherits it from sbatch, and its tasks would get one CPU each), and the job's
+    environment passed to the tasks even under `sbatch --export=NONE` (which sets
+    SLURM_EXPORT_ENV=NONE for srun too, and the tasks would lose everything set up here)."""
+    lines = list(cfg.slurm.setup)
+    for item in cfg.slurm.env:
+        name, _, value = item.partition("=")
+        lines.append(f"export {name}={shlex.quote(value)}")
+    lines.append('[ -z "${SLURM_CPUS_PER_TASK:-}" ] || export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK')
+    lines.append("unset SLURM_EXPORT_ENV")
+    return lines
+
+
+def sbatch_options(cfg: Config, res: Resources) -> dict[str, str | bool]:
+    """The site keys of one job as sbatch long options (name without dashes -> value, True for a
+    flag): partition, qos, account, memory, CPUs and GPUs of a training or a CPU stage."""
+    s = cfg.slurm
+    if res.gpus:
+        opts = {"partition": s.partition, "qos": s.qos, "cpus-per-task": s.cpus_per_task,
+                "mem": f"{s.mem_gb}G" if s.mem_gb else "", "gres": s.gres,
+                "gpus-per-node": s.gpus_per_node or ""}
+        extra = s.extra
+    else:
+        opts = {"partition": s.cpu_partition, "qos": s.cpu_qos,
+                "cpus-per-task": s.cpu_cpus_per_task or s.cpus_per_task,
+                "mem": f"{s.cpu_mem_gb}G" if s.cpu_mem_gb else ""}
+        extra = s.cpu_extra
+    opts["account"] = s.account
+    if s.requeue:
+        opts["requeue"] = True
+    opts = {k: v for k, v in opts.items() if v not in ("", 0)}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        opts[key] = value if sep else True
+    return opts
 
 
 def make_executor(cfg: Config, kind: str, name: str, res: Resources, after: list[str] = ()):
@@ -36,26 +77,30 @@ def make_executor(cfg: Config, kind: str, name: str, res: Resources, after: list
     executor = submitit.AutoExecutor(folder=RunLayout.of(cfg).submitit_logs / "%j", cluster=kind, **requeues)
     params = {"name": f"pml-{name.replace('/', '-')}", "timeout_min": res.time_min,
               "tasks_per_node": res.tasks_per_node, "nodes": res.nodes}
-    if res.gpus and s.gpus_per_node:
-        params["gpus_per_node"] = s.gpus_per_node
     if kind == "slurm":
-        extra = dict(e.split("=", 1) for e in s.extra)
+        opts = sbatch_options(cfg, res)  # as additional parameters: submitit writes them verbatim
         if after:
-            extra["dependency"] = "afterok:" + ":".join(after)
-            extra["kill-on-invalid-dep"] = "yes"  # a failed upstream cancels, never strands, this job
-        for key in ("account", "qos"):
-            if getattr(s, key):
-                extra[key] = getattr(s, key)
+            opts["dependency"] = "afterok:" + ":".join(after)
+            opts["kill-on-invalid-dep"] = "yes"  # a failed upstream cancels, never strands, this job
         params.update(
-            cpus_per_task=s.cpus_per_task,
             slurm_signal_delay_s=s.signal_delay_s,
-            slurm_additional_parameters=extra,
+            slurm_setup=job_setup_lines(cfg),
+            slurm_srun_args=list(s.srun_extra) if res.gpus else [],
+            slurm_additional_parameters=opts,
         )
-        if s.partition:
-            params["slurm_partition"] = s.partition
-        if s.mem_gb:
-            params["mem_gb"] = s.mem_gb
         if s.array_parallelism:
             params["slurm_array_parallelism"] = s.array_parallelism
     executor.update_parameters(**params)
     return executor
+
+
+def script_text(executor, array_size: int = 0) -> str:
+    """The sbatch script submitit would submit for this executor (an array of `array_size` tasks
+    when > 0), for `pml-dist run --dry-run` and its `sbatch --test-only` check."""
+    slurm = executor._executor  # submitit's SlurmExecutor inside the AutoExecutor
+    params = dict(slurm.parameters)
+    if array_size:
+        params["map_count"] = array_size
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(command=slurm._submitit_command_str, folder=slurm.folder, **params)

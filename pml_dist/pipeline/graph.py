@@ -16,15 +16,16 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import time
 
 from ffcv_data.atomic import write_json
 from pml_dist.config import Config, write_resolved
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout
-from pml_dist.pipeline.executor import make_executor
+from pml_dist.pipeline.executor import make_executor, script_text
 from pml_dist.pipeline.progress import wait_local
-from pml_dist.pipeline.slurm import is_active, max_array_size, slurm_available
+from pml_dist.pipeline.slurm import SlurmUnreachable, is_active, max_array_size, require_slurm, test_only
 from pml_dist.pipeline.stage_list import Entry, stage_list
 from pml_dist.pipeline.wait import wait_for
 
@@ -37,10 +38,15 @@ def load_jobs_record(cfg: Config) -> dict:
 
 
 class Graph:
-    """Submits (Slurm) or runs (local) entries, each after the jobs it needs."""
+    """Submits (Slurm) or runs (local) entries, each after the jobs it needs. A dry graph submits
+    nothing: it keeps each job's sbatch script in `scripts` after `sbatch --test-only` accepted it
+    (run_pipeline makes one before every Slurm submission, so a job Slurm would refuse stops the
+    pipeline before its first job is queued)."""
 
-    def __init__(self, cfg: Config, kind: str):
-        self.root, self.kind, self.local = cfg, kind, kind == "local"
+    def __init__(self, cfg: Config, kind: str, dry: bool = False):
+        self.root, self.kind, self.local, self.dry = cfg, kind, kind == "local", dry
+        self.scripts: dict[str, str] = {}  # job name -> sbatch script (dry graphs)
+        self.submitted: list[str] = []  # names submitted by this graph
         self.previous = load_jobs_record(cfg).get("jobs", {})
         self.record: dict = {
             "executor": kind,
@@ -77,15 +83,24 @@ class Graph:
 
     def active(self, name: str) -> str | None:
         """The job id of `name` from an earlier submission if Slurm still has it queued or running
-        (then --wait follows that job too, and dependants wait for it)."""
+        (then --wait follows that job too, and dependants wait for it). When squeue does not answer
+        nothing is submitted: the job may still run, and a second one would share its folders."""
         job = self.previous.get(name)
-        if self.local or job is None or not is_active(job["job_id"]):
+        if self.local or job is None:
             return None
-        import submitit
-
-        self.jobs[name] = submitit.SlurmJob(RunLayout.of(self.root).submitit_logs / "%j", job["job_id"])
+        try:
+            active = is_active(job["job_id"])
+        except SlurmUnreachable as exc:
+            raise PmlError(f"{name}: cannot tell whether its job {job['job_id']} is still queued or "
+                           f"running ({exc}); nothing was submitted: retry when Slurm answers") from None
+        if not active:
+            return None
         self.ids[name] = [job["job_id"]]
         log.info("%-24s job %s still queued or running: not submitted again", name, job["job_id"])
+        if not self.dry:
+            import submitit
+
+            self.jobs[name] = submitit.SlurmJob(RunLayout.of(self.root).submitit_logs / "%j", job["job_id"])
         return job["job_id"]
 
     def submit(self, entry: Entry) -> None:
@@ -94,8 +109,10 @@ class Graph:
             return
         executor = make_executor(self.root, self.kind, entry.name, entry.resources,
                                  after=[] if self.local else self._after(entry))
+        if self.dry:
+            return self._check(entry.name, executor)
         job = entry.job if not entry.array else functools.partial(entry.job, *entry.task_args)
-        j = executor.submit(job)
+        j = self._sbatch(entry.name, executor.submit, job)
         self._submitted(entry.name, j)
         if self.local:
             wait_local(entry.name, j)
@@ -112,13 +129,42 @@ class Graph:
             first = part[0]
             executor = make_executor(self.root, self.kind, first.array, first.resources,
                                      after=self._after(first))
-            tasks = executor.map_array(first.job, *zip(*(e.task_args for e in part), strict=True))
+            if self.dry:
+                self._check(f"{first.array}[{start}-{start + len(part) - 1}]", executor, len(part))
+                for entry in part:
+                    self.ids[entry.name] = [f"<{first.array}>"]
+                continue
+            tasks = self._sbatch(first.array, executor.map_array, first.job,
+                                 *zip(*(e.task_args for e in part), strict=True))
             for entry, j in zip(part, tasks, strict=True):
                 self._submitted(entry.name, j)
                 self.ids[entry.name] = [str(j.job_id).split("_")[0]]
 
+    def _check(self, name: str, executor, array_size: int = 0) -> None:
+        """Dry: the job's script, accepted by `sbatch --test-only` (without its dependency on jobs
+        that do not exist yet); dependants wait for `<name>`."""
+        script = script_text(executor, array_size)
+        test_only(re.sub(r"(?m)^#SBATCH --(dependency|kill-on-invalid-dep)=.*\n", "", script), name)
+        self.scripts[name] = script
+        self.ids.setdefault(name, [f"<{name}>"])
+
+    def _sbatch(self, name: str, submit, *args):
+        """submit(*args), with sbatch's refusal (a limit reached since the test-only check: jobs per user)
+        as one line naming the job and what is already queued."""
+        from submitit.core.utils import FailedJobError
+
+        try:
+            return submit(*args)
+        except FailedJobError as exc:
+            why = (str(exc).strip().splitlines() or ["no message"])[-1].removeprefix("sbatch: error: ")
+            queued = ", ".join(self.submitted)
+            raise PmlError(f"{name}: sbatch refused the job: {why}"
+                           + (f"; already queued (see {RunLayout.of(self.root).jobs}, `pml-dist cancel` "
+                              f"cancels them): {queued}" if queued else "")) from None
+
     def _submitted(self, name: str, job) -> None:
         self.jobs[name] = job
+        self.submitted.append(name)
         self.record["jobs"][name] = {
             "job_id": str(job.job_id),
             "stdout": str(job.paths.stdout),
@@ -128,14 +174,24 @@ class Graph:
         write_json(RunLayout.of(self.root).jobs, self.record)
 
 
-def run_pipeline(cfg: Config, kind: str, wait: bool) -> dict:
-    """Submit (slurm) or run (local) every stage that must run; returns the jobs record.
-    The jobs read their run's resolved config, written here for every sub-run."""
-    if kind == "slurm" and not slurm_available():
-        raise PmlError("--executor slurm: no working Slurm here (sbatch/sinfo failed); use --executor local")
+def run_pipeline(cfg: Config, kind: str, wait: bool, dry_run: bool = False) -> dict:
+    """Submit (slurm) or run (local) every stage that must run; returns the jobs record, or with
+    dry_run the sbatch script of every job that would be submitted (`{"scripts": {name: text}}`).
+    On Slurm every script passes `sbatch --test-only` before the first job is submitted. The jobs
+    read their run's resolved config, written here for every sub-run."""
+    if kind == "slurm":
+        require_slurm()
     entries = stage_list(cfg)
-    for run in {e.run.run.dir: e.run for e in entries}.values():  # the run and each sub-run, once
-        write_resolved(run)
+    if not dry_run:
+        for run in {e.run.run.dir: e.run for e in entries}.values():  # the run and each sub-run, once
+            write_resolved(run)
+    if kind == "slurm":
+        plan = Graph(cfg, kind, dry=True)
+        plan.run(entries)
+        if dry_run:
+            return {"scripts": plan.scripts}
+    elif dry_run:
+        raise PmlError("--dry-run shows the sbatch scripts of --executor slurm; there is no Slurm here")
     graph = Graph(cfg, kind)
     graph.run(entries)
     if wait and not graph.local:

@@ -10,7 +10,15 @@ import time
 from pml_dist.config import Config
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout
-from pml_dist.pipeline.slurm import TERMINAL_BAD, TERMINAL_OK
+from pml_dist.pipeline.slurm import (
+    REQUEUABLE,
+    STUCK_REASONS,
+    TERMINAL_BAD,
+    TERMINAL_OK,
+    SlurmUnreachable,
+    pending_reasons,
+    queue_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +34,8 @@ def cause_of(text: str) -> str | None:
 
 
 def wait_for(
-    cfg: Config, jobs: dict, poll_s: float = 2.0, result_grace_s: float = 15.0, unknown_s: float = 300.0
+    cfg: Config, jobs: dict, poll_s: float = 2.0, result_grace_s: float = 15.0, unknown_s: float = 300.0,
+    stuck_s: float = 300.0,
 ) -> None:
     """Wait until every Slurm job has ended, logging each state change, then report every failure.
 
@@ -34,13 +43,23 @@ def wait_for(
     (--kill-on-invalid-dep); a failed student or reference leaves the others running, since each
     can be retried alone; a job that ends COMPLETED without submitit's result file (killed after
     its last line, or by a node dying) is a failure once `result_grace_s` have passed (shared file
-    systems can lag); a job that neither squeue nor sacct knows for `unknown_s` is reported."""
+    systems can lag); a job that neither squeue nor sacct knows for `unknown_s` is reported. A job
+    preempted, timed out or on a failed node that Slurm requeued (PENDING again under its id) is
+    followed on, not reported; one that then pends for `stuck_s` for a reason that waiting does not
+    cure (its nodes are down or drained: a lost node) is."""
     states: dict[str, str] = {}
     first_seen: dict[str, float] = {}
+    stuck_since: dict[str, float] = {}
     failed: dict[str, str] = {}
     cancelled: list[str] = []
     while True:
         now = time.time()
+        stuck = _stuck(jobs, states)
+        stuck_since = {name: stuck_since.get(name, now) for name in stuck}
+        for name, why in stuck.items():
+            if now - stuck_since[name] > stuck_s:
+                failed[name] = (f"cannot start: {why} (for {stuck_s:.0f} s; `sinfo -R` lists nodes that "
+                                f"are down or drained, and why)")
         for name, job in jobs.items():
             if name in failed or name in cancelled or states.get(name) == "OK":
                 continue
@@ -56,6 +75,8 @@ def wait_for(
                     failed[name] = "ended COMPLETED without a result (the job died after its last line)"
             elif state.startswith("CANCELLED") and not job.paths.result_pickle.exists():
                 cancelled.append(name)
+            elif state in REQUEUABLE and _back_in_queue(job.job_id):
+                continue  # preempted, timed out or its node failed, and requeued: it runs again
             elif state in TERMINAL_BAD:
                 cause = cause_of(_read(job.paths.stderr)) or "no Python error in the log"
                 failed[name] = f"ended {state} ({cause})"
@@ -77,6 +98,25 @@ def wait_for(
             + retry_command(cfg, "slurm")
         )
         raise PmlError("\n".join(lines))
+
+
+def _stuck(jobs: dict, states: dict[str, str]) -> dict[str, str]:
+    """name -> pending reason, for the PENDING jobs whose reason waiting does not cure."""
+    pending = {str(jobs[n].job_id): n for n, s in states.items() if s == "PENDING"}
+    try:
+        reasons = pending_reasons(list(pending))
+    except SlurmUnreachable:
+        return {}  # decide nothing on a controller that does not answer
+    return {pending[j]: r for j, r in reasons.items() if j in pending and r.startswith(STUCK_REASONS)}
+
+
+def _back_in_queue(job_id: str) -> bool:
+    """Requeued: squeue has the job again. A squeue that does not answer decides nothing yet."""
+    try:
+        state = queue_state(job_id)
+    except SlurmUnreachable:
+        return True
+    return state is not None and state not in (*TERMINAL_OK, *TERMINAL_BAD)
 
 
 def _read(path) -> str:

@@ -40,13 +40,16 @@ def infer(cfg: Config) -> Path:
         log.info("%s is complete, skipping", shard)
         return shard
 
-    torch.set_num_threads(threads_per_rank(cfg.data.loader_workers, info.local_world_size))
+    threads = threads_per_rank(cfg.data.loader_workers, info.local_world_size)
+    torch.set_num_threads(threads)
     # The trainer's device choice. Made current before anything touches CUDA: otherwise every rank
     # opens a context on GPU 0 and FFCV's copy streams (created on the current device) live there.
     device = dist.compute_device(info, cfg.train.device, cfg.model.name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     configure_cuda(device)
+    log.info("%s", dist.rank_summary(info, device, threads, "none (independent shards)",
+                                     [e.split("=")[0] for e in cfg.slurm.env]))
     num_classes = run.data.stats().num_classes
     model = _teacher(cfg, run, num_classes, device)
     loader = _loader(cfg, run, info, device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 
 EXIT_STOPPED = 3  # stopped at a checkpoint on request; rerunning resumes
+STOPPED_FILE_ENV = "PML_DIST_STOPPED_FILE"  # `pml-dist train` writes this file once all ranks saved
 
 
 class Stopped(Exception):

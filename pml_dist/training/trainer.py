@@ -125,8 +125,9 @@ class Trainer:
         self.device = self._start_process_group()
         targets_source, self.targets_of = training_targets(cfg, self.run, stage, self.num_train, self.device)
         self.autocast = engine.autocast_dtype(cfg, self.device)  # of evaluation (DeepSpeed trains)
-        log.info("%s: rank %d/%d (%s) on %s, %d threads; targets: %s", self.files.dir, info.rank,
-                 info.world_size, info.source, self.device, self.threads, targets_source)
+        log.info("%s: %s", self.files.dir, dist.rank_summary(
+            info, self.device, self.threads, _backend(), [e.split("=")[0] for e in cfg.slurm.env]))
+        log.info("targets: %s", targets_source)
         log.info("derived: %s", self.derived.to_dict())
 
         self.model, self.loss = self._build_model(), self._build_loss()
@@ -477,6 +478,12 @@ def _check_sync_bn(cfg: Config, device) -> None:
     if cfg.model.sync_bn and device.type == "cpu":
         raise PmlError("model.sync_bn=true needs GPUs: torch's SyncBatchNorm runs only on CUDA/XPU. On "
                        "CPU every rank gets rank 0's BatchNorm statistics before each evaluation instead")
+
+
+def _backend() -> str:
+    import torch.distributed as tdist
+
+    return str(tdist.get_backend()) if tdist.is_initialized() else "none (one process)"
 
 
 def _barrier() -> None:

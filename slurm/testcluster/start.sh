@@ -20,7 +20,9 @@
 #                          mariadbd PORT+60 (all on 127.0.0.1)                        (default 26817)
 #   SLURM_TEST_NODE_NAMES  space-separated node names, one slurmd each; they must resolve to this
 #                          machine                                    (default "$(hostname -s) localhost")
-#   SLURM_TEST_CPUS        CPUs per node (every node gets the whole machine)          (default nproc)
+#   SLURM_TEST_CPUS        CPUs per node (every node gets the whole machine)
+#                                                         (default getconf _NPROCESSORS_ONLN)
+#   SLURM_TEST_GPUS        fake GPUs (gres gpu) per node; 0 = no gres                 (default 2)
 #   SLURM_TEST_REQUEUE_DELAY  seconds before a requeued job may start again (cred_expire; Slurm's
 #                          default 120, minimum 5)                                    (default 10)
 #   SLURM_TEST_TIMEOUT     seconds each start-up stage may take                       (default 60)
@@ -35,7 +37,10 @@ D=${SLURM_TEST_DIR:-${TMPDIR:-/tmp}/pml-dist-slurm}
 PORT=${SLURM_TEST_PORT:-26817}
 HOST=$(hostname -s)
 NAMES=${SLURM_TEST_NODE_NAMES:-"$HOST localhost"}
-CPUS=${SLURM_TEST_CPUS:-$(nproc)}
+# every CPU of the machine, as slurmd -C counts them: not nproc, which honours OMP_NUM_THREADS
+# (OMP_NUM_THREADS=1 would give each node 1 CPU) and the caller's affinity mask
+CPUS=${SLURM_TEST_CPUS:-$(getconf _NPROCESSORS_ONLN)}
+GPUS=${SLURM_TEST_GPUS:-2}
 REQUEUE_DELAY=${SLURM_TEST_REQUEUE_DELAY:-10}
 TIMEOUT=${SLURM_TEST_TIMEOUT:-60}
 MEM_MB=$(( $(awk '/^MemTotal:/{print $2}' /proc/meminfo) / 1024 * 8 / 10 ))   # 80% of RAM, per node
@@ -54,7 +59,8 @@ done
 [ "$STOP_ON_EOF" = 0 ] || [ "$FOREGROUND" = 1 ] || { echo "$0: --stop-on-eof needs --foreground" >&2; exit 2; }
 
 missing=""
-for p in munged mariadb-install-db mariadbd mariadb slurmdbd slurmctld slurmd sinfo scontrol flock; do
+for p in munged mariadb-install-db mariadbd mariadb slurmdbd slurmctld slurmd sinfo scontrol sacctmgr \
+         flock; do
     command -v "$p" >/dev/null 2>&1 || missing+=" $p"
 done
 if [ -n "$missing" ]; then
@@ -212,44 +218,49 @@ launch mariadbd mariadbd "${DB_OPTS[@]}" --socket="$D/db/mysqld.sock" --pid-file
     --port="$DB_PORT" --bind-address=127.0.0.1 --skip-grant-tables --log-error="$D/log/mariadbd.log"
 wait_for "mariadbd" mariadb --no-defaults --socket="$D/db/mysqld.sock" -e 'select 1'
 
-# ------------------------------------------------------------------ slurmdbd
-cat > "$D/etc/slurmdbd.conf" <<EOF
-AuthType=auth/munge
-AuthInfo=socket=$SOCK
-DbdHost=localhost
-DbdAddr=127.0.0.1
-DbdPort=$DBD_PORT
-SlurmUser=root
-StorageType=accounting_storage/mysql
-StorageHost=127.0.0.1
-StoragePort=$DB_PORT
-StorageUser=root
-StorageLoc=slurm_acct_db
-LogFile=$D/log/slurmdbd.log
-PidFile=$D/state/slurmdbd.pid
-EOF
-chmod 600 "$D/etc/slurmdbd.conf"   # slurmdbd refuses a slurmdbd.conf that others can read
-launch slurmdbd slurmdbd -D
-wait_for "slurmdbd on port $DBD_PORT" port_busy "$DBD_PORT"
-
-# ------------------------------------------------------------------ slurm.conf
+# ------------------------------------------------------------------ slurm.conf, gres.conf, slurmdbd.conf
+# The site: names tests may rely on (also written to $D/site for tests/slurm_cluster.py).
+ACCOUNT=pml          # root's default account
+OTHER_ACCOUNT=other  # exists, but root has no association with it: --account=other is refused
+TIGHT_QOS=tight      # MaxSubmitJobsPerUser=2, MaxWall=5 min, DenyOnLimit (sbatch refuses, no job
+                     # pending forever); root may use normal (the default) and tight
+SHORT_MAX_MIN=10     # MaxTime of partition "short"
+GRACE_S=5            # GraceTime of partition "low" (preemptible): SIGTERM, then SIGKILL this much later
 NODE_LINES=""
+GRES_LINES=""
 i=0
 for n in $NAMES; do
     i=$((i + 1))
     NODE_LINES+="NodeName=$n NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((PORT + i)) CPUs=$CPUS"
-    NODE_LINES+=" RealMemory=$MEM_MB State=UNKNOWN"$'\n'
+    NODE_LINES+=" RealMemory=$MEM_MB"
+    if [ "$GPUS" -gt 0 ]; then
+        # fake GPUs: symlinks to /dev/null, one directory per node (slurmd wants character or block
+        # devices: with regular files it logs "is not a valid character or block device" and sets
+        # no CUDA_VISIBLE_DEVICES)
+        mkdir -p "$D/dev/$n"
+        for g in $(seq 0 $((GPUS - 1))); do ln -s /dev/null "$D/dev/$n/nvidia$g"; done
+        NODE_LINES+=" Gres=gpu:$GPUS"
+        GRES_LINES+="NodeName=$n Name=gpu File=$D/dev/$n/nvidia[0-$((GPUS - 1))]"$'\n'
+    fi
+    NODE_LINES+=" State=UNKNOWN"$'\n'
 done
+GRES_CONF=""
+[ "$GPUS" -gt 0 ] && GRES_CONF="GresTypes=gpu"$'\n'"AccountingStorageTRES=gres/gpu"
+printf 'AutoDetect=off\n%s' "$GRES_LINES" > "$D/etc/gres.conf"
 # Notes on the choices (README.md has more):
 # - AuthInfo socket=: clients and daemons use our munged, not /run/munge; cred_expire: requeue delay.
 # - AccountingStoragePass: the munge socket slurmctld/sacct use towards slurmdbd (without it they
 #   try /run/munge/munge.socket.2 and slurmctld dies with "we have no TRES").
+# - AccountingStorageEnforce: jobs need an association (account pml), QOS and limits are enforced;
+#   EnforcePartLimits=ALL: a job above a partition's MaxTime is refused by sbatch, not left pending.
 # - DependencyParameters=kill_invalid_depend: a job whose dependency can never be satisfied (afterok
 #   on a failed job) is cancelled instead of pending forever with DependencyNeverSatisfied (Slurm's
 #   default). Since 20.02 this is no longer read from SchedulerParameters.
 # - MinJobAge=600: finished jobs stay visible to squeue/scontrol for 10 minutes.
 # - MaxArraySize=5: small, so that the tests exercise splitting larger student arrays, yet large
 #   enough for `sbatch --array=0-4 slurm/students.sbatch` (indices must be below MaxArraySize).
+# - Preemption by partition PriorityTier, only of jobs in "low" (the others have PreemptMode=OFF)
+#   and only by jobs in "urgent" (the only higher tier): ordinary jobs are never preempted.
 cat > "$SLURM_CONF" <<EOF
 ClusterName=testcluster
 SlurmctldHost=$HOST(127.0.0.1)
@@ -267,16 +278,21 @@ SlurmdPidFile=$D/state/slurmd-%n.pid
 SlurmctldLogFile=$D/log/slurmctld.log
 SlurmdLogFile=$D/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+$GRES_CONF
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1,bf_interval=1
 DependencyParameters=kill_invalid_depend
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$SOCK
+AccountingStorageEnforce=associations,limits,qos
+EnforcePartLimits=ALL
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
@@ -292,7 +308,49 @@ MaxArraySize=5
 KillWait=5
 Waittime=0
 $NODE_LINES
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=cpu    Nodes=ALL Default=YES MaxTime=INFINITE PriorityTier=1 PreemptMode=OFF State=UP
+PartitionName=gpu    Nodes=ALL MaxTime=INFINITE PriorityTier=1 PreemptMode=OFF State=UP
+PartitionName=debug  Nodes=ALL MaxTime=INFINITE PriorityTier=1 PreemptMode=OFF State=UP
+PartitionName=short  Nodes=ALL MaxTime=$SHORT_MAX_MIN PriorityTier=1 PreemptMode=OFF State=UP
+PartitionName=low    Nodes=ALL MaxTime=INFINITE PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_S State=UP
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE PriorityTier=10 PreemptMode=OFF State=UP
+EOF
+
+cat > "$D/etc/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+AuthInfo=socket=$SOCK
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=root
+StorageLoc=slurm_acct_db
+LogFile=$D/log/slurmdbd.log
+PidFile=$D/state/slurmdbd.pid
+EOF
+chmod 600 "$D/etc/slurmdbd.conf"   # slurmdbd refuses a slurmdbd.conf that others can read
+
+# ------------------------------------------------------------------ slurmdbd, accounts
+launch slurmdbd slurmdbd -D
+wait_for "slurmdbd on port $DBD_PORT" port_busy "$DBD_PORT"
+# Before slurmctld starts, so that it loads the associations when it registers: no job can be
+# submitted before they exist (with AccountingStorageEnforce=associations it would be refused).
+# The QOS first (a load file cannot create one), then the cluster, accounts and user from one load
+# file: one sacctmgr, one commit (1.2 s; separate `add` commands took 2.8 s).
+cat > "$D/etc/accounts.cfg" <<EOF
+Cluster - 'testcluster'
+Parent - 'root'
+Account - '$ACCOUNT':Description='pml-dist':Organization='pml':QOS='normal,$TIGHT_QOS':DefaultQOS='normal'
+Account - '$OTHER_ACCOUNT':Description='not for root':Organization='other'
+Parent - '$ACCOUNT'
+User - 'root':DefaultAccount='$ACCOUNT'
+EOF
+sacctmgr -i >"$D/log/sacctmgr.log" 2>&1 <<EOF || fail "sacctmgr failed: $(cat "$D/log/sacctmgr.log")"
+add qos $TIGHT_QOS MaxSubmitJobsPerUser=2 MaxWall=00:05:00 Flags=DenyOnLimit
+load file=$D/etc/accounts.cfg
 EOF
 
 # ------------------------------------------------------------------ slurmctld, slurmd's
@@ -305,6 +363,23 @@ done
 all_idle() { [ "$(timeout 5 sinfo -h -N -o '%T' 2>/dev/null | sort -u)" = idle ]; }
 wait_for "every node to be idle" all_idle
 
+cat > "$D/site" <<EOF
+partitions=cpu gpu debug short low urgent
+default_partition=cpu
+preemptible_partition=low
+preemptor_partition=urgent
+grace_time_s=$GRACE_S
+short_partition=short
+short_max_time_min=$SHORT_MAX_MIN
+account=$ACCOUNT
+other_account=$OTHER_ACCOUNT
+qos=normal
+tight_qos=$TIGHT_QOS
+tight_max_submit_jobs=2
+tight_max_wall_min=5
+gpus_per_node=$GPUS
+cpus_per_node=$CPUS
+EOF
 printf '%s\n' $NAMES > "$D/nodes"
 cat > "$D/env.sh" <<EOF
 # source this to use the test cluster

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -207,3 +209,26 @@ def test_the_whole_image_decoder_compiles_to_the_same_pixels(betons):
                                                                           transform="resize", jit=jit)])
                        for jit in (False, True))
     assert torch.equal(plain, compiled)
+
+
+def test_a_process_bound_to_one_cpu_exits_after_parallel_loops_in_a_thread(tmp_path):
+    """Slurm binds a 1-CPU task to one core. numba's TBB layer then hung at exit after a parallel
+    loop launched from a non-main thread (FFCV's loader thread does that): the job's last line
+    printed, the process never ended, and the job ran into its time limit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import threading\nimport numpy as np\nimport ffcv_data  # noqa: F401 (what every process imports)\n"
+        "def work():\n    import numba\n"
+        "    @numba.vectorize(['int32(int32, int32)'], nopython=True, target='parallel')\n"
+        "    def add(x, y):\n        return x + y\n"
+        "    add(np.arange(100000, dtype=np.int32), np.ones(100000, dtype=np.int32))\n"
+        "    print(numba.threading_layer())\n"
+        "t = threading.Thread(target=work)\nt.start()\nt.join()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING_LAYER")}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env,
+                         preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() != "tbb"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pml_dist.dist import choose_device, compute_device, expand_nodelist, resolve
+from pml_dist.dist import choose_device, compute_device, expand_nodelist, promised_gpus, resolve
 from pml_dist.errors import PmlError
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
@@ -29,8 +29,26 @@ def test_slurm_environment_master_is_the_first_node_and_port_follows_the_job():
     info = resolve(SLURM)
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (5, 8, 1, 2)
     assert info.master_addr == "gpu07" and info.source == "slurm"
-    assert info.master_port == 15000 + 123456 % 20000
-    assert resolve({**SLURM, "SLURM_JOB_ID": "123457"}).master_port == info.master_port + 1
+    # consecutive jobs (which may share a master node) get different ports, and none is in Linux's
+    # ephemeral range (32768-60999), where the kernel may have handed it to another program
+    ports = [resolve({**SLURM, "SLURM_JOB_ID": str(job)}).master_port for job in range(123456, 133456)]
+    assert len(set(ports)) == len(ports) and info.master_port == ports[0]
+    assert 1024 < min(ports) and max(ports) < 32768
+
+
+def test_threads_per_rank_follow_what_slurm_gave_each_task(monkeypatch):
+    """Under CPU binding a task's mask is already its own (do not divide it again by the local
+    ranks); without binding the local ranks share the node's mask; SLURM_CPUS_PER_TASK caps both."""
+    from ffcv_data import loaders
+
+    monkeypatch.setattr(loaders, "usable_cores", lambda: 8)
+    bound = {"SLURM_CPUS_ON_NODE": "32", "SLURM_CPUS_PER_TASK": "8"}  # 4 tasks x 8, each bound
+    assert loaders.threads_per_rank(0, 4, bound) == 8
+    shared = {"SLURM_CPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "2"}  # 4 tasks x 2, no binding
+    assert loaders.threads_per_rank(0, 4, shared) == 2
+    assert loaders.threads_per_rank(0, 4, {}) == 2  # torchrun: 4 ranks share the 8 cores
+    assert loaders.threads_per_rank(0, 1, {"SLURM_CPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "4"}) == 4
+    assert loaders.threads_per_rank(3, 4, bound) == 3  # data.loader_workers, as given
 
 
 def test_no_launcher_is_one_process():
@@ -112,6 +130,16 @@ def test_no_silent_cpu_for_gpu_models_or_when_cuda_is_asked_for():
         assert choose_device("cpu", 0, 0, 1, model) == ("cpu", None)
     with pytest.raises(PmlError, match="'train.device' must be one of auto, cuda, cpu, got 'gpu'"):
         choose_device("gpu", 1, 0, 1)
+
+
+def test_a_gpu_slurm_gave_but_torch_cannot_see_is_an_error():
+    """A CPU-only torch in a GPU job (or setup lines that reset CUDA_VISIBLE_DEVICES) must not train
+    on the CPU for days: the rank names what it was promised."""
+    assert promised_gpus({"SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_GPUS": "0,1"}) == 4
+    assert promised_gpus({"SLURM_STEP_GPUS": "2,3"}) == 2 and promised_gpus({}) == 0
+    with pytest.raises(PmlError, match="local rank 1: Slurm gave this job 2 GPU.* torch sees none"):
+        choose_device("auto", 0, 1, 2, "small_resnet", promised=2)
+    assert choose_device("cpu", 0, 1, 2, "small_resnet", promised=2) == ("cpu", None)  # as asked
 
 
 def test_compute_device_on_cpu_does_not_ask_cuda(monkeypatch):

@@ -4,6 +4,7 @@ a two-node teacher, afterok on failure, preemption / timeout requeue, and the pl
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -88,6 +89,9 @@ def test_whole_graph_on_slurm_with_a_two_node_teacher(slurm_cluster, synthetic_r
     assert main(["status", *overrides]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert rows["students/tau-0.5"].split()[1] == "done"
+    # a finished stage shows its result and, from sacct, its job's elapsed time
+    assert re.search(r"^data +done +job \d+ \d\d:\d\d:\d\d$", rows["data"])
+    assert re.search(r"done +test mAP \d+\.\d\d, val \d+\.\d\d; job \d+ ", rows["teacher"])
     assert rows["students/tau-0.7"].split()[1] == "failed" and ".err" in rows["students/tau-0.7"]
     retry = rows["retry"].split(None, 1)[1].split()
     assert retry[:4] == ["pml-dist", "run", "--executor", "slurm"]
@@ -182,83 +186,113 @@ def test_a_failing_teacher_starts_nothing_downstream(slurm_cluster, synthetic_ro
     assert "teacher" in status and "failed" in status and "log" in status
 
 
-@pytest.mark.parametrize("timeout", [False, True], ids=["preemption", "timeout"])
-def test_interrupted_training_job_requeues_and_matches_an_uninterrupted_run(
-    slurm_cluster, synthetic_root, tmp_path, timeout
-):
+def test_interrupted_training_requeues_and_matches_an_uninterrupted_run(slurm_cluster, synthetic_root,
+                                                                        tmp_path):
+    """Three ways a 2-rank teacher is stopped and requeued, each resuming to the weights of the
+    uninterrupted run: submitit at its time limit (USR2), submitit preempted (SIGTERM), and the
+    plain teacher.sbatch stopped with USR2 while one rank's teardown outlasts KillWait, so srun
+    kills it and exits 137, not 3 (the script must requeue on the ranks' stop file anyway)."""
+    import sys
+
     import submitit
 
     from pml_dist.config import load_config, write_resolved
     from pml_dist.pipeline.jobs import TrainJob
     from pml_dist.stages import Teacher
 
-    # 8 epochs of 7 steps of a wider model at 48 px: after the first checkpoint (step 2) the job
+    # 8 epochs of 4 steps of a wider model at 48 px: after the first checkpoint (step 2) the job
     # trains for many more seconds, so the signal lands inside training, not after its last step
     # (a stop request during the final evaluation is rightly ignored: the job is finishing anyway).
-    common = [
-        f"data.root={synthetic_root}",
-        *SMALL[:-7],
-        "train.epochs=8",
-        "train.ckpt_every=2",
-        "train.log_every=1",
-        "model.width=32",
-        "data.image_size=48",
-    ]
-    results = {}
-    for name in ("whole", "interrupted"):
-        cfg = load_config(None, [f"run.dir={tmp_path / name}", *common])
-        write_resolved(cfg)
-        assert main(["prepare", f"run.dir={tmp_path / name}", *common]) == 0
-        executor = submitit.AutoExecutor(folder=tmp_path / name / "submitit", cluster="slurm")
-        executor.update_parameters(timeout_min=20, tasks_per_node=1, nodes=1, slurm_signal_delay_s=30)
-        job = executor.submit(TrainJob(str(tmp_path / name / "config.yaml"), stage=Teacher()))
-        if name == "interrupted":
-            marker = tmp_path / name / "teacher" / "ckpt" / "step-2" / "COMPLETE"
-            deadline = time.time() + 300
-            while not marker.exists() and time.time() < deadline:
-                time.sleep(0.05)
-            # Slurm's time limit: USR2 (signal_delay_s early); preemption: SIGTERM. (submitit's
-            # job._interrupt() sends SIGTERM then USR2, and the second scancel can find the job
-            # already requeued by the first.)
-            signal = "USR2" if timeout else "TERM"
-            subprocess.run(["scancel", "--signal", signal, job.job_id], check=True)
-        results[name] = job.result()
-        state_log = (tmp_path / name / "teacher" / "logs" / "rank-0.log").read_text()
-        if name == "interrupted":
-            assert "resumed from" in state_log  # it really was stopped and requeued
-    assert results["whole"] == results["interrupted"]
-    ckpts = [
-        max((tmp_path / n / "teacher" / "ckpt").glob("step-*"), key=lambda p: int(p.name[5:]))
-        for n in ("whole", "interrupted")
-    ]
-    a, b = (torch.load(c / "mp_rank_00_model_states.pt", weights_only=False)["module"] for c in ckpts)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    common = [f"data.root={synthetic_root}", *SMALL[:-7], "train.epochs=8", "train.ckpt_every=2",
+              "train.log_every=1", "model.width=32", "data.image_size=48"]
+    slow = tmp_path / "slow-teardown"  # a rank whose exit takes 12 s (KillWait is 5 s)
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text("import atexit, os, time\n"
+                                           "if os.environ.get('SLURM_PROCID') == '1':\n"
+                                           "    atexit.register(time.sleep, 12)\n")
+    setup = tmp_path / "setup.sh"
+    setup.write_text(f"export PATH={Path(sys.executable).parent}:$PATH PYTHONPATH={slow}\n")
+    jobs = {}
+    for name in ("whole", "usr2", "term", "plain"):
+        run = tmp_path / name
+        write_resolved(load_config(None, [f"run.dir={run}", *common]))
+        assert main(["prepare", f"run.dir={run}", *common]) == 0
+        if name == "plain":
+            jobs[name] = slurm_cluster.sbatch("--nodes=1", "--ntasks-per-node=2", f"--output={run}/slurm.out",
+                                              str(REPO / "slurm" / "teacher.sbatch"), "--setup", str(setup),
+                                              str(run / "config.yaml"))
+            continue
+        executor = submitit.AutoExecutor(folder=run / "submitit", cluster="slurm")
+        executor.update_parameters(timeout_min=20, tasks_per_node=2, nodes=1, slurm_signal_delay_s=30)
+        jobs[name] = executor.submit(TrainJob(str(run / "config.yaml"), stage=Teacher()))
+    # Slurm's time limit: USR2 (signal_delay_s early); preemption: SIGTERM. (submitit's
+    # job._interrupt() sends SIGTERM then USR2, and the second scancel can find the job already
+    # requeued by the first.) scancel --signal reaches every rank of the job's steps.
+    for name, signal in (("usr2", "USR2"), ("term", "TERM"), ("plain", "USR2")):
+        marker = tmp_path / name / "teacher" / "ckpt" / "step-2" / "COMPLETE"
+        deadline = time.time() + 400
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        job_id = jobs[name] if name == "plain" else jobs[name].job_id
+        subprocess.run(["scancel", "--signal", signal, job_id], check=True)
+    results = {name: job.results()[0] for name, job in jobs.items() if name != "plain"}
+    assert slurm_cluster.wait_for_job(jobs["plain"], timeout=600) == "COMPLETED"
+    results["plain"] = {k: json.loads((tmp_path / "plain" / "teacher" / "result.json").read_text())[k]
+                        for k in ("test_map", "val_map")}
+    # (a killed rank can cut a progress bar's character in half)
+    plain_log = (tmp_path / "plain" / "logs" / "slurm" / f"teacher-{jobs['plain']}.out").read_text(
+        errors="replace")
+    requeued = re.search(r"every rank saved a checkpoint \(srun status (\d+)\); requeueing", plain_log)
+    assert requeued and requeued.group(1) != "3", plain_log[-3000:]  # the slow rank was killed
+    for name in ("usr2", "term", "plain"):
+        assert "resumed from" in (tmp_path / name / "teacher" / "logs" / "rank-0.log").read_text(), name
+        assert {k: results[name][k] for k in ("test_map", "val_map")} == {
+            k: results["whole"][k] for k in ("test_map", "val_map")}, name
+    last = {name: max((tmp_path / name / "teacher" / "ckpt").glob("step-*"), key=lambda p: int(p.name[5:]))
+            for name in jobs}
+    weights = {name: torch.load(c / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+               for name, c in last.items()}
+    for name in ("usr2", "term", "plain"):
+        assert all(torch.equal(weights["whole"][k], weights[name][k]) for k in weights["whole"]), name
 
 
-def test_plain_sbatch_scripts(slurm_cluster, synthetic_root, tmp_path):
+def test_plain_sbatch_scripts_from_another_directory_with_a_clean_environment(
+    slurm_cluster, synthetic_root, tmp_path
+):
+    """As on a site that demands it: submitted from a scratch folder (not the repository) with
+    --export=NONE, so the job sees nothing of this shell; a setup file makes `python3 -m pml_dist`
+    work, the preset's slurm.env reaches every rank, and the logs land in the run directory."""
+    import sys
+
     run = tmp_path / "run"
-    overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *SMALL]
+    overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *SMALL, "slurm.env=[SITE_VAR=42]"]
     assert main(["prepare", *overrides]) == 0
     config = str(run / "config.yaml")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    setup = scratch / "setup.sh"  # what `module load` / `conda activate` do on a site
+    setup.write_text(f"export PATH={Path(sys.executable).parent}:$PATH\n")
 
     def sbatch(*args: str) -> str:
-        log = str(tmp_path / "slurm-%x-%A_%a.out")
         out = subprocess.run(
-            ["sbatch", "--parsable", "--wait", "--output", log, *args, config],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
+            ["sbatch", "--parsable", "--wait", "--export=NONE", *args, "--setup", str(setup), config],
+            cwd=scratch, capture_output=True, text=True, timeout=600, env=slurm_cluster.subprocess_env(),
         )
-        assert out.returncode == 0, out.stderr + "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+        logs = "".join(p.read_text() for p in [*scratch.glob("slurm-*.out"), *run.glob("logs/slurm/*.out")])
+        assert out.returncode == 0, out.stderr + logs
         return out.stdout.strip().split(";")[0]
 
-    teacher = sbatch("--nodes=2", "--ntasks-per-node=1", "slurm/teacher.sbatch")
+    teacher = sbatch("--nodes=2", "--ntasks-per-node=1", str(REPO / "slurm" / "teacher.sbatch"))
     assert sacct(teacher)[teacher] == "COMPLETED"
     assert json.loads((run / "teacher" / "result.json").read_text())["world_size"] == 2
-    infer = sbatch("slurm/infer.sbatch")
+    assert "rank 0/2 local 0/1 (slurm)" in (run / "logs" / "slurm" / f"teacher-{teacher}.out").read_text()
+    for rank in (0, 1):  # each rank's start line shows the site's variable: it reached every task
+        assert "SITE_VAR=42" in (run / "teacher" / "logs" / f"rank-{rank}.log").read_text()
+    infer = sbatch(str(REPO / "slurm" / "infer.sbatch"))
     assert sacct(infer)[infer] == "COMPLETED" and (run / "pseudo" / "tau-0.7" / "labels.npy").is_file()
-    students = sbatch("--array=0-1", "slurm/students.sbatch")
+    students = sbatch("--array=0-1", str(REPO / "slurm" / "students.sbatch"))
     assert set(sacct(students).values()) == {"COMPLETED"}
     for target in ("tau-0.5", "tau-0.7"):
         assert (run / "students" / target / "result.json").is_file()
+    assert sorted(p.name for p in (run / "logs" / "slurm").glob("students-*.out")) == [
+        f"students-{students}_0.out", f"students-{students}_1.out"]
