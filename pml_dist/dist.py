@@ -169,7 +169,7 @@ def export_submitit_env() -> RankInfo | None:
         local_rank=env.local_rank,
         local_world_size=max(1, env.num_tasks // max(1, env.num_nodes)),
         master_addr=env.hostnames[0] if env.hostnames else "127.0.0.1",
-        master_port=int(os.environ.get("PML_DIST_MASTER_PORT", 0)) or job_port(int(job_id)),
+        master_port=int(os.environ.get("PML_DIST_MASTER_PORT") or 0) or job_port(int(job_id)),
         source="submitit",
     )
     export_torch_env(info)
@@ -282,6 +282,10 @@ def check_distinct_gpus(info: RankInfo, device) -> None:
         first[key] = rank
 
 
+# The variables a rank's start line shows (besides slurm.env's): what steers communication and threads.
+ENV_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "PML_DIST_")
+
+
 def rank_summary(info: RankInfo, device, threads: int, backend: str, env_names=()) -> str:
     """One line each rank logs at start: where it runs and on what, so a wrong binding or a shared
     GPU is visible in the first lines of every rank's log; with the communication variables and
@@ -302,8 +306,6 @@ def rank_summary(info: RankInfo, device, threads: int, backend: str, env_names=(
             f"{threads} threads; {gpu}; backend {backend}, master {info.master_addr}:{info.master_port} "
             f"via {_interface(info.master_addr)}" + (f"; {env}" if env else ""))
 
-
-ENV_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "PML_DIST_")
 
 
 def _ranges(cpus: list[int]) -> str:
