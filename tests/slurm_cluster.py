@@ -201,6 +201,7 @@ class SlurmCluster:
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self._script_env())
         self._restarted.append((proc, log))
         (self.directory / "run" / f"slurmd-{name}.pid").write_text(f"{proc.pid}\n")
+        self.run("scontrol", "update", f"nodename={name}", "state=resume", check=False)  # if set DOWN
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             states = self.run("sinfo", "-h", "-n", name, "-N", "-o", "%T", check=False).stdout.split()

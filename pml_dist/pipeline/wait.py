@@ -35,7 +35,7 @@ def cause_of(text: str) -> str | None:
 
 def wait_for(
     cfg: Config, jobs: dict, poll_s: float = 2.0, result_grace_s: float = 15.0, unknown_s: float = 300.0,
-    stuck_s: float = 300.0,
+    stuck_s: float = 300.0, requeue_s: float = 60.0,
 ) -> None:
     """Wait until every Slurm job has ended, logging each state change, then report every failure.
 
@@ -44,9 +44,10 @@ def wait_for(
     can be retried alone; a job that ends COMPLETED without submitit's result file (killed after
     its last line, or by a node dying) is a failure once `result_grace_s` have passed (shared file
     systems can lag); a job that neither squeue nor sacct knows for `unknown_s` is reported. A job
-    preempted, timed out or on a failed node that Slurm requeued (PENDING again under its id) is
-    followed on, not reported; one that then pends for `stuck_s` for a reason that waiting does not
-    cure (its nodes are down or drained: a lost node) is."""
+    preempted, timed out or on a failed node is given `requeue_s` to come back under its id
+    (PENDING again: requeued), and then followed on, not reported; one that then pends for
+    `stuck_s` for a reason that waiting does not cure (its nodes are down or drained: a lost
+    node) is."""
     states: dict[str, str] = {}
     first_seen: dict[str, float] = {}
     stuck_since: dict[str, float] = {}
@@ -75,8 +76,10 @@ def wait_for(
                     failed[name] = "ended COMPLETED without a result (the job died after its last line)"
             elif state.startswith("CANCELLED") and not job.paths.result_pickle.exists():
                 cancelled.append(name)
-            elif state in REQUEUABLE and _back_in_queue(job.job_id):
-                continue  # preempted, timed out or its node failed, and requeued: it runs again
+            elif state in REQUEUABLE and (now - first_seen[name] < requeue_s or _back_in_queue(job.job_id)):
+                # preempted, timed out or its node failed: Slurm requeues within seconds (squeue
+                # shows the job PREEMPTED or COMPLETING first), and then it runs again
+                continue
             elif state in TERMINAL_BAD:
                 cause = cause_of(_read(job.paths.stderr)) or "no Python error in the log"
                 failed[name] = f"ended {state} ({cause})"

@@ -71,3 +71,12 @@ def test_a_squeue_that_does_not_answer_decides_nothing(cfg, tmp_path, monkeypatc
     monkeypatch.setattr(wait, "pending_reasons", unreachable)
     job = Job(tmp_path, ["RUNNING", "NODE_FAIL", "PENDING", "COMPLETED"])  # requeued after its node died
     wait.wait_for(cfg, {"teacher": job}, poll_s=0, stuck_s=0)
+
+
+def test_a_preempted_job_that_does_not_come_back_is_reported(cfg, tmp_path, monkeypatch):
+    """Without --requeue (slurm.requeue=false) a preempted job stays PREEMPTED and leaves the queue."""
+    monkeypatch.setattr(wait, "queue_state", lambda job_id: None)
+    monkeypatch.setattr(wait, "pending_reasons", lambda ids: {})
+    job = Job(tmp_path, ["RUNNING", "PREEMPTED"])
+    with pytest.raises(PmlError, match=r"teacher \(job 41\) ended PREEMPTED"):
+        wait.wait_for(cfg, {"teacher": job}, poll_s=0.01, requeue_s=0.05)
