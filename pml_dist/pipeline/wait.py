@@ -55,7 +55,8 @@ def wait_for(
     cancelled: list[str] = []
     while True:
         now = time.time()
-        stuck = _stuck(jobs, states)
+        stuck = _stuck({n: j for n, j in jobs.items() if n not in failed and n not in cancelled
+                        and states.get(n) != "OK"})
         stuck_since = {name: stuck_since.get(name, now) for name in stuck}
         for name, why in stuck.items():
             if now - stuck_since[name] > stuck_s:
@@ -103,9 +104,11 @@ def wait_for(
         raise PmlError("\n".join(lines))
 
 
-def _stuck(jobs: dict, states: dict[str, str]) -> dict[str, str]:
-    """name -> pending reason, for the PENDING jobs whose reason waiting does not cure."""
-    pending = {str(jobs[n].job_id): n for n, s in states.items() if s == "PENDING"}
+def _stuck(jobs: dict) -> dict[str, str]:
+    """name -> pending reason, for the jobs squeue has PENDING for a reason waiting does not cure.
+    squeue itself, not submitit's state: that comes from sacct, which may still show the run
+    before a requeue (NODE_FAIL) while the job already pends again."""
+    pending = {str(job.job_id): name for name, job in jobs.items()}
     try:
         reasons = pending_reasons(list(pending))
     except SlurmUnreachable:
