@@ -199,12 +199,18 @@ def add_libs(wheel: Path, libs: Path) -> None:
 
 
 def _patch(src: Path) -> None:
-    """Two fixes to FFCV 1.0.2's sources, each checked to apply:
+    """Three fixes to FFCV 1.0.2's sources, each checked to apply:
     - its dependency opencv-python (the GUI build, which needs libGL) becomes opencv-python-headless;
     - ffcv/pipeline/graph.py imports `distutils.log.warn` and never uses it: distutils is gone from
-      Python 3.12, so `import ffcv` fails there in any environment without setuptools' shim."""
+      Python 3.12, so `import ffcv` fails there in any environment without setuptools' shim;
+    - ffcv/fields/rgb_image.py keeps its two image modes in a numba typed Dict, which numba compiles
+      at import, uncached: ~10 s of CPU in every process that imports ffcv (each rank of each job;
+      py-spy, 2-core machine). Only Python code reads it (generate_code, the writer), so a plain
+      dict does the same."""
+    modes = "IMAGE_MODES = Dict()\nIMAGE_MODES['jpg'] = 0\nIMAGE_MODES['raw'] = 1\n"
     for rel, old, new in (("setup.py", "'opencv-python',", "'opencv-python-headless',"),
-                          ("ffcv/pipeline/graph.py", "from distutils.log import warn\n", "")):
+                          ("ffcv/pipeline/graph.py", "from distutils.log import warn\n", ""),
+                          ("ffcv/fields/rgb_image.py", modes, "IMAGE_MODES = {'jpg': 0, 'raw': 1}\n")):
         path = src / rel
         text = path.read_text()
         if old not in text:

@@ -29,7 +29,7 @@ from pml_dist.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PRESET = REPO_ROOT / "configs" / "demo.yaml"
 
-LOSSES = ("bce", "an", "an_ls", "wan", "epr", "role", "em", "em_apl")
+LOSSES = ("bce", "an", "an_ls", "wan", "epr", "role", "em", "em_apl", "ll_r", "ll_ct")
 SMALL_MODEL = "small_resnet"
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 ORDERS = ("random", "sequential", "quasi_random")
@@ -98,6 +98,9 @@ class LossSection:
     apl_beta: float = 0.9  # EM+APL: weight of the pseudo-labelled negatives' BCE term
     apl_neg_proportion: float = 0.9  # EM+APL: share of unobserved labels pseudo-labelled in all
     apl_warmup_epochs: int = 5  # EM+APL: pseudo-labelling starts after this many epochs
+    # LL-R / LL-Ct (Kim et al. 2022): per-epoch rise of the share of each batch's labels rejected /
+    # corrected, the unobserved ones with the largest AN losses (none in epoch 0); 0.2 % per epoch
+    ll_delta_rel: float = 0.002
 
 
 @dataclass
@@ -155,11 +158,19 @@ class PseudoSection:
     # matching each class's estimated prior. Each becomes its own student.
     modes: list[str] = field(default_factory=lambda: ["hard", "soft", "class_prior"])
     dup_tolerance: float = 2e-3  # max |difference| of a sample scored twice (sampler padding)
-    # Beyond the paper: a second teacher trained with this loss ("" = none) makes its own pseudo
-    # labels (beyond_modes) and students, in <run>/beyond-<loss>/. When the loss is also one of
-    # report.references, that chain's teacher is the reference (it is trained once).
-    beyond_teacher: str = ""
-    beyond_modes: list[str] = field(default_factory=lambda: ["soft", "class_prior"])
+    # The experiment's teacher chains (teacher -> pseudo labels -> students), one per loss.
+    # loss.name's chain is always one (listed or not: [] is it alone) and is the run itself; every
+    # other is <run>/chain-<loss>/ (pipeline/subruns.py), whose teacher is also that loss's
+    # reference (trained once).
+    teachers: list[str] = field(default_factory=list)
+    # The chain-<loss> sub-runs' own taus and modes instead of the two keys above, keyed by loss:
+    # {em: [0.55, 0.65, 0.75]}. loss.name's chain (the run itself) uses pseudo.taus / pseudo.modes;
+    # a key that is not another chain's loss is not used (a preset may list chains a run turns off).
+    teacher_taus: dict[str, list[float]] = field(default_factory=dict)
+    teacher_modes: dict[str, list[str]] = field(default_factory=dict)
+    # Self-training: in round k > 1 the student of round k-1 with the best validation mAP is the
+    # chain's teacher (<chain>/round-<k>/), with the same taus and modes.
+    rounds: int = 1
 
 
 @dataclass
@@ -333,6 +344,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         )
 
     origin = typing.get_origin(hint)
+    if origin is dict:  # string keys (YAML mapping or override `{em: [0.55, 0.65]}`)
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise bad()
+        return {_coerce(k, key_hint, key, source): _coerce(v, value_hint, key, source)
+                for k, v in value.items()}
     if origin in (list, tuple):
         (item_hint,) = typing.get_args(hint)[:1]
         if not isinstance(value, (list, tuple)):
@@ -372,6 +389,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is dict:
+        key, value = typing.get_args(hint)
+        return f"a mapping of {_type_name(key)} to {_type_name(value)}"
     if typing.get_origin(hint) in (list, tuple):
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
     return getattr(hint, "__name__", str(hint))
@@ -402,7 +422,7 @@ def apl_schedule_fits(warmup_epochs: int, epochs: int) -> bool:
 
 def apl_schedule(warmup_epochs: int, epochs: int) -> tuple[int, int]:
     """(warm-up, schedule length) EM+APL trains with in a stage of `epochs` epochs, fitted to the
-    rule above. The teacher's always fits (validate); a reference or the beyond chain's teacher
+    rule above. The teacher's always fits (validate); a reference or another chain's teacher
     training em_apl reads the same key and has it shortened to fit, so a short run may still list
     em_apl among its references."""
     return min(warmup_epochs, max(1, epochs - 1)), max(epochs, 2)
@@ -439,6 +459,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.epochs >= 1, "train.epochs", "must be >= 1"),
         (cfg.loss.name != "em_apl" or apl_schedule_fits(cfg.loss.apl_warmup_epochs, cfg.train.epochs),
          "loss.apl_warmup_epochs", APL_WARMUP_RULE),
+        (0.0 <= cfg.loss.ll_delta_rel < 1.0, "loss.ll_delta_rel", "must be in [0, 1)"),
         (cfg.train.micro_batch >= 1, "train.micro_batch", "must be >= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
         (cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1"),
@@ -463,10 +484,16 @@ def validate(cfg: Config) -> None:
          f"must be a non-empty list of {', '.join(PSEUDO_MODES)}"),
         (cfg.infer.batch >= 1, "infer.batch", "must be >= 1"),
         (cfg.run.seeds >= 1, "run.seeds", "must be >= 1"),
-        (cfg.pseudo.beyond_teacher in ("", *LOSSES), "pseudo.beyond_teacher",
-         f"must be empty or one of {', '.join(LOSSES)}"),
-        (set(cfg.pseudo.beyond_modes) <= set(PSEUDO_MODES) and cfg.pseudo.beyond_modes,
-         "pseudo.beyond_modes", f"must be a non-empty list of {', '.join(PSEUDO_MODES)}"),
+        (set(cfg.pseudo.teachers) <= set(LOSSES), "pseudo.teachers",
+         f"must list losses among {', '.join(LOSSES)}"),
+        (len(set(cfg.pseudo.teachers)) == len(cfg.pseudo.teachers), "pseudo.teachers",
+         "lists a loss twice"),
+        (set(cfg.pseudo.teacher_taus) | set(cfg.pseudo.teacher_modes) <= set(LOSSES),
+         "pseudo.teacher_taus/teacher_modes", f"must be keyed by losses among {', '.join(LOSSES)}"),
+        (all(set(m) <= set(PSEUDO_MODES) and m for m in cfg.pseudo.teacher_modes.values()),
+         "pseudo.teacher_modes", f"values must be non-empty lists of {', '.join(PSEUDO_MODES)}"),
+        (all(cfg.pseudo.teacher_taus.values()), "pseudo.teacher_taus", "values must not be empty"),
+        (cfg.pseudo.rounds >= 1, "pseudo.rounds", "must be >= 1"),
         (set(cfg.report.references) <= set(LOSSES), "report.references", f"must be losses among {LOSSES}"),
         *_slurm_checks(cfg.slurm),
     ]
@@ -486,9 +513,16 @@ def validate(cfg: Config) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' {message}")
-    for tau in cfg.pseudo.taus:
-        if not 0.0 <= tau < 1.0:
-            raise ConfigError(f"config key 'pseudo.taus': {tau} is outside [0, 1)")
+    for key, taus in [("pseudo.taus", cfg.pseudo.taus)] + [
+            (f"pseudo.teacher_taus.{loss}", t) for loss, t in cfg.pseudo.teacher_taus.items()]:
+        for tau in taus:
+            if not 0.0 <= tau < 1.0:
+                raise ConfigError(f"config key '{key}': {tau} is outside [0, 1)")
+
+
+def chain_losses(cfg: Config) -> list[str]:
+    """The teacher losses of the run's chains, its own (loss.name) first."""
+    return [cfg.loss.name, *(loss for loss in cfg.pseudo.teachers if loss != cfg.loss.name)]
 
 
 TRAINING_KINDS = ("teacher", "infer", "student")  # the slurm.<kind>_* shapes of training stages

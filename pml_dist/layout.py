@@ -14,7 +14,8 @@ the record several modules read (`StageResult`). No other module spells a file n
     <run>/pseudo/<target>/labels.npy   one target set per student: tau-0.75, soft, class_prior
     <run>/students/<target>/           the student trained on it
     <run>/references/<loss>/           reference teachers (full-label BCE, EM, ...)
-    <run>/seed-<s>/, <run>/beyond-<loss>/   sub-runs (pipeline/subruns.py), each a run directory
+    <run>/seed-<s>/, <run>/chain-<loss>/, <chain>/round-<k>/   sub-runs (pipeline/subruns.py),
+                                       each a run directory
     <run>/sweep/<stage>/lr-<lr>_mb-<b>/     sub-runs too: one point of a stage's sweep grid
     <run>/report.md, report.json, figure1a.png, figure1b.png
 """
@@ -65,7 +66,10 @@ class StageFiles:
     """One training stage's folder (teacher, reference, student); trainer.py writes it.
 
     ckpt/step-N/ DeepSpeed checkpoints + COMPLETE; metrics.jsonl; derived.json; best.pt + best.json
-    (the best validation epoch's plain weights); result.json (written last); logs/rank-R.log."""
+    (the best validation epoch's plain weights); test_logits.npy (its test-set logits, float16, in
+    test-index order, for the report's paired intervals: AP needs only the order of the scores, and
+    float16 probabilities tie near 1 where float16 logits do not); result.json (written last);
+    logs/rank-R.log."""
 
     dir: Path
 
@@ -88,6 +92,10 @@ class StageFiles:
     @property
     def best_record(self) -> Path:
         return self.dir / "best.json"
+
+    @property
+    def test_logits(self) -> Path:
+        return self.dir / "test_logits.npy"
 
     @property
     def result(self) -> Path:
@@ -198,6 +206,9 @@ class RunLayout:
         """One point of a stage's grid: <run>/sweep/<the stage's folder>/lr-<lr>_mb-<micro batch>."""
         return self.root / "sweep" / Path(stage_dir).relative_to(self.root) / f"lr-{lr:g}_mb-{micro_batch}"
 
-    def beyond_run(self, loss: str) -> Path:
-        return self.root / f"beyond-{loss}"
+    def chain_run(self, loss: str) -> Path:
+        return self.root / f"chain-{loss}"
+
+    def round_run(self, k: int) -> Path:
+        return self.root / f"round-{k}"
 

@@ -89,6 +89,21 @@ class SelectJob(StageJob):
 
 
 @dataclass
+class PromoteJob(StageJob):
+    """A self-training round's teacher: the previous round's best student (pipeline/rounds.py)."""
+
+    previous: str = ""  # the previous round's resolved config
+
+    def __call__(self) -> dict:
+        from pml_dist.pipeline.rounds import promote
+
+        self._setup()
+        result = promote(self.config(), self.config(self.previous))
+        return {"val_map": result["val_map"], "test_map": result["test_map"],
+                "student": result["round"]["chosen"]}
+
+
+@dataclass
 class InferJob(StageJob):
     def __call__(self) -> str:
         from pml_dist.pseudo.infer import infer

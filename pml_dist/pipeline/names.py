@@ -13,6 +13,8 @@ LOSS_LABELS = {
     "epr": "EPR",
     "role": "ROLE",
     "em_apl": "EM+APL",
+    "ll_r": "LL-R",
+    "ll_ct": "LL-Ct",
 }
 
 

@@ -1,10 +1,16 @@
-"""`pml-dist report`: test mAP of the teacher, every student, the reference runs and the beyond-paper
-chain, with the pseudo-label statistics and stage timings, as report.md + report.json, and the
-paper's Figure 1 as two plots. With run.seeds > 1, every number is a mean with its standard
-deviation over the seeds, and the plots carry error bars.
+"""`pml-dist report`: test mAP of every teacher chain (each teacher and its students, per
+self-training round), the reference teachers, the pseudo-label statistics and stage timings, as
+report.md + report.json, and the paper's Figure 1 as two plots (figures.py).
 
-    figure1a.png   student test mAP vs tau, horizontal lines for the AN / EM / full-BCE references
-    figure1b.png   mean positives per image of the pseudo labels vs tau (and the true mean)
+Every verdict is statistical: each model's test-set scores (<stage>/test_logits.npy) are
+compared on the same test images, as a paired difference with a 95% bootstrap interval
+(intervals.py; over seeds too, with run.seeds > 1). A claim is "yes" only when its interval is
+above zero, "no" when it is below, and "not resolved" otherwise.
+
+    comparisons   each student against its own teacher and against the AN, EM and full-BCE
+                  teachers the run has (a chain's teacher is its loss's reference)
+    findings      the paper's claims per chain, and the beyond-the-paper ones: a student beating
+                  its own teacher, self-training rounds
 """
 
 from __future__ import annotations
@@ -12,59 +18,57 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 from ffcv_data.atomic import write_json, write_text
 from pml_dist.config import Config, git_revision
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout, StageResult
 from pml_dist.pipeline.figures import figures
+from pml_dist.pipeline.intervals import mean_ap_interval, paired_difference
 from pml_dist.pipeline.names import PUBLISHED_COCO, loss_label
 from pml_dist.pipeline.stage_list import Entry, experiment, report_inputs
 from pml_dist.pipeline.subruns import seed_runs
 
 NUMBERS = ("test_map", "val_map", "positives", "precision", "recall", "train_seconds", "samples_per_s")
+REFERENCE_LOSSES = ("an", "em", "bce")  # what every student is compared with, when the run has it
+RESAMPLES = 1000
 
 
 def _trained(result: StageResult | None) -> dict:
-    keys = {
-        "test_map": "test_map",
-        "val_map": "val_map",
-        "train_seconds": "train_seconds",
-        "samples_per_s": "train_samples_per_s",
-    }
+    keys = {"test_map": "test_map", "val_map": "val_map", "train_seconds": "train_seconds",
+            "samples_per_s": "train_samples_per_s"}
     return {k: (result.raw if result else {}).get(v) for k, v in keys.items()}
 
 
-def _row(entry: Entry, teacher_loss: str) -> dict | None:
-    """The report's row of one training entry of the stage list (None: not shown)."""
+def _row(entry: Entry) -> dict | None:
+    """The report's row of one training entry of the stage list (None: not shown). `id` is the
+    entry's name, the same in every seed's run."""
     if entry.role == "sweep":  # a grid point: shown in its stage's model-selection table
         return None
     layout = RunLayout.of(entry.run)
     stage, result = entry.stage, entry.stage.files(layout).read_result()
-    loss = stage.loss(entry.run)
-    if entry.role == "teacher" and not entry.beyond:
-        pseudo = layout.pseudo.read_stats() or {}
-        return {"kind": "teacher", "name": f"teacher ({loss_label(loss)})", "loss": loss, **_trained(result),
-                "positives": pseudo.get("teacher", {}).get("mean_positives_per_image")}
-    if entry.role in ("teacher", "reference"):  # the beyond chain's teacher is its loss's reference
-        if result is None or loss == teacher_loss:
-            return None
-        return {"kind": "reference", "name": f"reference {loss_label(loss)}", "loss": loss,
-                **_trained(result)}
+    base = {"id": entry.name, "chain": entry.chain, "round": entry.round, **_trained(result)}
+    if entry.role == "reference":
+        return {**base, "kind": "reference", "name": f"reference {loss_label(stage.loss(entry.run))}",
+                "loss": stage.loss(entry.run)}
+    chain = loss_label(entry.chain)
+    if entry.role == "teacher":
+        pseudo = (layout.pseudo.read_stats() or {}).get("teacher", {})
+        promoted = (result.raw.get("round") or {}).get("chosen") if result else None
+        name = f"{chain} teacher" if entry.round == 1 else \
+            f"{chain} round {entry.round} teacher (student {promoted or '?'})"
+        return {**base, "kind": "teacher", "name": name, "loss": entry.chain if entry.round == 1 else "bce",
+                "positives": pseudo.get("mean_positives_per_image")}
     stats = (layout.pseudo.read_stats() or {"targets": {}})["targets"].get(stage.target, {})
-    label = f"{loss_label(entry.run.loss.name)} teacher -> student " if entry.beyond else "student "
-    return {
-        "kind": "beyond" if entry.beyond else "student",
-        "name": f"{label}{stage.target}",
-        "mode": stats.get("mode"),
-        "tau": stats.get("tau"),
-        **_trained(result),
-        "positives": stats.get("mean_positives_per_image"),
-        "precision": stats.get("precision"),
-        "recall": stats.get("recall"),
-    }
+    rounds = f" (round {entry.round})" if entry.round > 1 else ""
+    return {**base, "kind": "student", "name": f"{chain} -> {stage.target}{rounds}", "loss": "bce",
+            "mode": stats.get("mode"), "tau": stats.get("tau"),
+            "positives": stats.get("mean_positives_per_image"), "precision": stats.get("precision"),
+            "recall": stats.get("recall")}
 
 
-ROW_ORDER = {"teacher": 0, "reference": 1, "student": 2, "beyond": 3}
+ROW_ORDER = {"teacher": 0, "reference": 1, "student": 2}
 
 
 def collect(cfg: Config) -> dict:
@@ -74,7 +78,7 @@ def collect(cfg: Config) -> dict:
     if teacher is None:
         raise PmlError(f"no {run.teacher.result}: the teacher has not finished")
     entries = [e for e in experiment(cfg, cfg) if e.stage is not None]
-    rows = [row for row in (_row(e, cfg.loss.name) for e in entries) if row is not None]
+    rows = [row for row in map(_row, entries) if row is not None]
     rows.sort(key=lambda row: ROW_ORDER[row["kind"]])  # stable: stage-list order within a kind
     merge = run.pseudo.read_record() or {}
     data = run.data.stats().raw if run.data.is_complete() else {}
@@ -100,12 +104,10 @@ def collect(cfg: Config) -> dict:
         "world_size": teacher.raw["world_size"],
         "rows": rows,
         "stages": stages,
-        "findings": findings(rows, cfg),
         "model_selection": [s for s in selection if s is not None],
-        "true_labels_per_image": data.get("splits", {})
-        .get("train", {})
-        .get("labels_per_image", {})
+        "true_labels_per_image": data.get("splits", {}).get("train", {}).get("labels_per_image", {})
         .get("mean"),
+        "test_images": data.get("splits", {}).get("test", {}).get("images"),
         "published_coco": PUBLISHED_COCO if cfg.report.published_coco else None,
         "git": git_revision(),
         "config": cfg.to_dict(),
@@ -122,32 +124,6 @@ def _selection(entry: Entry, seed: int) -> dict | None:
     return {"stage": entry.name, "seed": seed, **sweep}
 
 
-def findings(rows: list[dict], cfg: Config) -> dict:
-    """The paper's claims and the beyond-paper one, measured on this run: margins in mAP points."""
-    by_kind = {
-        k: [r for r in rows if r["kind"] == k and r["test_map"] is not None]
-        for k in ("teacher", "reference", "student", "beyond")
-    }
-    out: dict = {}
-    teacher = by_kind["teacher"][0]["test_map"]
-    hard = sorted((r for r in by_kind["student"] if r["mode"] == "hard"), key=lambda r: r["tau"])
-    if hard:
-        out["hard_students_minus_teacher_min"] = min(r["test_map"] for r in hard) - teacher
-        positives = [r["positives"] for r in hard]
-        pairs = zip(positives, positives[1:], strict=False)
-        out["positives_fall_as_tau_rises"] = all(a >= b for a, b in pairs)
-    em = next((r["test_map"] for r in by_kind["reference"] if r["loss"] == "em"), None)
-    if em is not None and by_kind["student"]:
-        out["students_minus_em_max"] = max(r["test_map"] for r in by_kind["student"]) - em
-    beyond_loss = cfg.pseudo.beyond_teacher
-    beyond_teacher = next((r["test_map"] for r in by_kind["reference"] if r["loss"] == beyond_loss), None)
-    if beyond_teacher is not None and by_kind["beyond"]:
-        best = max(by_kind["beyond"], key=lambda r: r["test_map"])
-        out["beyond_best_student"] = best["name"]
-        out["beyond_student_minus_teacher"] = best["test_map"] - beyond_teacher
-    return out
-
-
 def summarize(reports: list[dict]) -> dict:
     """Mean and standard deviation over seeds of every number (fields `<x>` and `<x>_std`)."""
     first = reports[0]
@@ -158,70 +134,246 @@ def summarize(reports: list[dict]) -> dict:
             return None, None
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
-    by_name = [{row["name"]: row for row in r["rows"]} for r in reports]
+    by_id = [{row["id"]: row for row in r["rows"]} for r in reports]
     rows = []
     for row in first["rows"]:
         merged = dict(row)
         for key in NUMBERS:
-            merged[key], merged[f"{key}_std"] = mean_std([r.get(row["name"], {}).get(key) for r in by_name])
+            merged[key], merged[f"{key}_std"] = mean_std([r.get(row["id"], {}).get(key) for r in by_id])
         rows.append(merged)
-    found = {}
-    for key, value in first["findings"].items():
-        values = [r["findings"].get(key) for r in reports]
-        if isinstance(value, bool):
-            found[key] = all(values)
-        elif isinstance(value, str):
-            found[key] = sorted(set(values))
-        else:
-            found[key], found[f"{key}_std"] = mean_std(values)
-            found[f"{key}_per_seed"] = values
-    stages = {}
-    for key in first["stages"]:
-        stages[key], _ = mean_std([r["stages"].get(key) for r in reports])
-    return {
-        **first,
-        "seeds": [s for r in reports for s in r["seeds"]],
-        "rows": rows,
-        "stages": stages,
-        "findings": found,
-        "model_selection": [m for r in reports for m in r["model_selection"]],
-    }
+    stages = {key: mean_std([r["stages"].get(key) for r in reports])[0] for key in first["stages"]}
+    return {**first, "seeds": [s for r in reports for s in r["seeds"]], "rows": rows, "stages": stages,
+            "model_selection": [m for r in reports for m in r["model_selection"]]}
+
+
+# ------------------------------------------------------------------------ intervals and verdicts
+
+
+def test_scores(runs: list[Config]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The test labels and, per row id, the stage's test logits stacked over the seeds' runs
+    (S, N, L); a stage missing in any seed (not finished, or trained before they were kept) is
+    left out. AP needs only the order of the scores, so logits serve as the probabilities would."""
+    labels = RunLayout.of(runs[0]).data.read_meta("test", "labels")
+    paths: dict[str, list[Path]] = {}
+    for run in runs:
+        for entry in experiment(run, run):
+            if entry.stage is not None and entry.role != "sweep":
+                files = entry.stage.files(RunLayout.of(entry.run))
+                paths.setdefault(entry.name, []).append(files.test_logits)
+    scores = {}
+    for name, files in paths.items():
+        if len(files) == len(runs) and all(f.is_file() for f in files):
+            stacked = np.stack([np.load(f) for f in files])
+            if stacked.shape[1:] != labels.shape:
+                raise PmlError(f"{files[0]}: shape {stacked.shape[1:]} is not the test split's "
+                               f"{labels.shape}: retrain that stage")
+            scores[name] = stacked
+    return labels, scores
+
+
+def references(rows: list[dict]) -> dict[str, dict]:
+    """The row standing for each loss of REFERENCE_LOSSES: a chain's first-round teacher or a
+    reference teacher."""
+    out = {}
+    for row in rows:
+        if (row["kind"] == "reference" or (row["kind"] == "teacher" and row["round"] == 1)) \
+                and row["loss"] in REFERENCE_LOSSES:
+            out.setdefault(row["loss"], row)
+    return out
+
+
+def own_teacher(rows: list[dict], student: dict) -> dict | None:
+    return next((r for r in rows if r["kind"] == "teacher" and r["chain"] == student["chain"]
+                 and r["round"] == student["round"]), None)
+
+
+def add_intervals(r: dict, labels: np.ndarray, scores: dict[str, np.ndarray]) -> None:
+    """Each row's test mAP interval, and `comparisons`: every student against its own teacher and
+    each reference; a round's teacher against the teacher before it."""
+    for row in r["rows"]:
+        if row["id"] in scores:
+            ci = mean_ap_interval(scores[row["id"]], labels, resamples=RESAMPLES)
+            row["test_map_low"], row["test_map_high"] = ci["low"], ci["high"]
+    refs = references(r["rows"])
+    comparisons = []
+
+    def compare(a: dict, b: dict, against: str) -> None:
+        if a["id"] in scores and b["id"] in scores and a["id"] != b["id"]:
+            d = paired_difference(scores[a["id"]], scores[b["id"]], labels, resamples=RESAMPLES)
+            comparisons.append({"a": a["id"], "b": b["id"], "against": against,
+                                **{k: d[k] for k in ("diff", "low", "high", "verdict", "images", "seeds")}})
+
+    for row in r["rows"]:
+        if row["kind"] == "student":
+            teacher = own_teacher(r["rows"], row)
+            if teacher is not None:
+                compare(row, teacher, "teacher")
+            for loss, ref in refs.items():
+                if ref is not teacher:  # a chain's first teacher is also its loss's reference
+                    compare(row, ref, loss)
+        elif row["kind"] == "teacher" and row["round"] > 1:
+            before = next((t for t in r["rows"] if t["kind"] == "teacher" and t["chain"] == row["chain"]
+                           and t["round"] == row["round"] - 1), None)
+            if before is not None:
+                compare(row, before, "previous round")
+    r["comparisons"] = comparisons
+    r["interval"] = {"level": 0.95, "resamples": RESAMPLES, "images": int(labels.shape[0]),
+                     "seeds": len(r["seeds"])}
+
+
+def _comparison(r: dict, a: str, against: str) -> dict | None:
+    return next((c for c in r["comparisons"] if c["a"] == a and c["against"] == against), None)
+
+
+def _combine(verdicts: list[str]) -> str:
+    """All of several claims: yes when every one is resolved yes, no when one is resolved no."""
+    if not verdicts:
+        return "not measured"
+    if all(v == "yes" for v in verdicts):
+        return "yes"
+    if any(v == "no" for v in verdicts):
+        return "no"
+    return f"not resolved ({sum(v == 'yes' for v in verdicts)} of {len(verdicts)} resolved yes)"
+
+
+def findings(r: dict) -> list[dict]:
+    """The claims the report states, each with its verdict and the numbers behind it."""
+    rows, out = r["rows"], []
+    refs = references(rows)
+    for chain in dict.fromkeys(row["chain"] for row in rows if row["chain"]):
+        label = loss_label(chain)
+        students = [s for s in rows if s["kind"] == "student" and s["chain"] == chain and s["round"] == 1]
+        hard = sorted((s for s in students if s["mode"] == "hard" and s["tau"] is not None),
+                      key=lambda s: s["tau"])
+        vs_teacher = [c for s in hard if (c := _comparison(r, s["id"], "teacher"))]
+        if vs_teacher:
+            out.append({"chain": chain, "claim": f"every tau's student beats its {label} teacher",
+                        "verdict": _combine([c["verdict"] for c in vs_teacher]), "comparisons": vs_teacher})
+        positives = [s["positives"] for s in hard if s["positives"] is not None]
+        if len(positives) > 1:
+            falls = all(a >= b for a, b in zip(positives, positives[1:], strict=False))
+            out.append({"chain": chain, "claim": "mean positives per image fall as tau rises",
+                        "verdict": "yes" if falls else "no",
+                        "values": [round(p, 3) for p in positives]})
+        best = _best_by_val(students)
+        for loss in ("em", "bce"):
+            c = best and loss in refs and _comparison(r, best["id"], loss)
+            if c:
+                out.append({"chain": chain, "claim": f"its best student (by val mAP, {best['name']}) beats "
+                            f"{loss_label(loss)}", "verdict": c["verdict"], "comparisons": [c]})
+    # beyond the paper: any student (any chain, any round) resolved above its own teacher
+    wins = [c for c in r["comparisons"] if c["against"] == "teacher" and c["verdict"] == "yes"]
+    tried = [c for c in r["comparisons"] if c["against"] == "teacher"]
+    if tried:
+        names = {row["id"]: row["name"] for row in rows}
+        out.append({"chain": "", "claim": "beyond the paper: a student beats its own teacher by a resolved "
+                    "margin", "verdict": "yes" if wins else "no such student",
+                    "students": [names[c["a"]] for c in wins], "comparisons": wins})
+    for c in r["comparisons"]:
+        if c["against"] == "previous round":
+            row = next(x for x in rows if x["id"] == c["a"])
+            out.append({"chain": row["chain"], "claim": f"self-training: the round {row['round']} teacher "
+                        "(the best student before) beats the teacher of the round before",
+                        "verdict": c["verdict"], "comparisons": [c]})
+    return out
+
+
+def _best_by_val(rows: list[dict]) -> dict | None:
+    done = [row for row in rows if row["val_map"] is not None]
+    return max(done, key=lambda row: row["val_map"]) if done else None
+
+
+# ------------------------------------------------------------------------------------ markdown
 
 
 def _fmt(row: dict, key: str, digits: int = 2) -> str:
     value, std = row.get(key), row.get(f"{key}_std")
     if value is None:
         return "-"
-    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+
+
+def _ci(value: float | None, low: float | None, high: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:+.2f}" if signed else f"{value:.2f}"
+    return text + (f" [{low:.2f}, {high:.2f}]" if low is not None else "")
 
 
 def markdown(r: dict) -> str:
     seeds = r["seeds"]
-    spread = f" (mean ± std over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+    spread = f" (means over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+    iv = r.get("interval") or {}
     lines = [
         f"# pml-dist report: {r['data_root']}",
         "",
         f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, observed-label seed "
         f"{r['observed_seed']}, git {r['git']}{spread}",
         "",
-        "| run | test mAP | val mAP | positives / image | precision | recall | train s | samples/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"Test mAP with its 95% bootstrap interval over the {iv.get('images', '?')} test images"
+        + (" and the seeds" if len(seeds) > 1 else "") + "; differences are paired (the same images "
+        "for both models): a verdict is yes or no only when its interval excludes 0.",
+        "",
+        "| run | test mAP [95% CI] | val mAP | positives / image | precision | recall | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *_table_rows(r),
     ]
     if r["true_labels_per_image"] is not None:
         lines += ["", f"True labels per training image: {r['true_labels_per_image']:.2f}."]
-    claims = _claims(r)
-    if claims:
-        lines += ["", "Findings (test mAP):", *claims]
+    lines += _comparison_tables(r)
+    if r.get("findings"):
+        lines += ["", "Findings:"]
+        for f in r["findings"]:
+            chain = f"{loss_label(f['chain'])} chain: " if f["chain"] else ""
+            detail = "; ".join(_ci(c["diff"], c["low"], c["high"], signed=True)
+                               for c in f.get("comparisons", []))
+            if "values" in f:
+                detail = ", ".join(f"{v:g}" for v in f["values"])
+            lines.append(f"- {chain}{f['claim']}: **{f['verdict']}**" + (f" ({detail})" if detail else ""))
     lines += _model_selection(r["model_selection"])
     lines += ["", _timing(r["stages"])]
     if r["published_coco"]:
-        lines += [
-            "",
-            "Published COCO test mAP (Cole et al. 2021; Zhou et al. 2022): "
-            + ", ".join(f"{loss_label(k)} {v}" for k, v in r["published_coco"].items()),
-        ]
+        lines += ["", "Published COCO test mAP (Cole et al. 2021; Zhou et al. 2022): "
+                  + ", ".join(f"{loss_label(k)} {v}" for k, v in r["published_coco"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _table_rows(r: dict) -> list[str]:
+    lines = []
+    published = r["published_coco"] or {}
+    for row in r["rows"]:
+        test = _ci(row["test_map"], row.get("test_map_low"), row.get("test_map_high"))
+        if row["kind"] in ("teacher", "reference") and row.get("loss") in published and row["round"] == 1:
+            test += f" (published {published[row['loss']]})"
+        positives = _fmt(row, "positives") + (" (observed)" if row["kind"] == "teacher" and row["round"] == 1
+                                              and row.get("positives") is not None else "")
+        lines.append(f"| {row['name']} | {test} | {_fmt(row, 'val_map')} | "
+                     f"{positives if row.get('positives') is not None else '-'} | "
+                     f"{_fmt(row, 'precision', 3)} | {_fmt(row, 'recall', 3)} | "
+                     f"{_fmt(row, 'train_seconds', 0)} |")
+    return lines
+
+
+def _comparison_tables(r: dict) -> list[str]:
+    """Per chain and round: each student minus its teacher and minus each reference, with intervals."""
+    rows = r["rows"]
+    refs = [loss for loss in REFERENCE_LOSSES if loss in references(rows)]
+    lines = []
+    groups = dict.fromkeys((row["chain"], row["round"]) for row in rows if row["kind"] == "student")
+    for chain, k in groups:
+        students = [s for s in rows if s["kind"] == "student" and (s["chain"], s["round"]) == (chain, k)]
+        rounds = f", round {k}" if k > 1 else ""
+        head = ["vs its teacher", *(f"vs {loss_label(loss)}" for loss in refs)]
+        lines += ["", f"{loss_label(chain)} chain{rounds}: student minus teacher, test mAP [95% CI], verdict",
+                  "", "| student | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+        for s in students:
+            cells = []
+            for against in ("teacher", *refs):
+                c = _comparison(r, s["id"], against)
+                cells.append(f"{_ci(c['diff'], c['low'], c['high'], signed=True)} {c['verdict']}" if c else
+                             "(its teacher)" if against == s["chain"] and s["round"] == 1 else "-")
+            lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _model_selection(selection: list[dict]) -> list[str]:
@@ -239,90 +391,14 @@ def _model_selection(selection: list[dict]) -> list[str]:
     return lines
 
 
-def _table_rows(r: dict) -> list[str]:
-    lines = []
-    published = r["published_coco"] or {}
-    for row in r["rows"]:
-        positives = _fmt(row, "positives") + (" (expected)" if row["kind"] == "teacher" else "")
-        test = _fmt(row, "test_map")
-        if row["kind"] in ("teacher", "reference") and row.get("loss") in published:
-            test += f" (published {published[row['loss']]})"
-        lines.append(
-            f"| {row['name']} | {test} | {_fmt(row, 'val_map')} | "
-            f"{positives if row.get('positives') is not None else '-'} | "
-            f"{_fmt(row, 'precision', 3)} | {_fmt(row, 'recall', 3)} | "
-            f"{_fmt(row, 'train_seconds', 0)} | {_fmt(row, 'samples_per_s', 0)} |"
-        )
-    return lines
-
-
-def _claims(r: dict) -> list[str]:
-    """The paper's claims (and the beyond-paper one) with their measured verdicts."""
-    f = r["findings"]
-    claims = []
-    if "hard_students_minus_teacher_min" in f:
-        key = "hard_students_minus_teacher_min"
-        claims.append(
-            f"- Every tau's student beats its {loss_label(r['teacher_loss'])} teacher: {_verdict(f, key)} "
-            f"(smallest margin {_fmt(f, key)} mAP{_per_seed(f, key)})"
-        )
-        claims.append(
-            f"- Mean positives per image fall as tau rises: "
-            f"{'yes' if f['positives_fall_as_tau_rises'] else 'no'}"
-        )
-    if "students_minus_em_max" in f:
-        key = "students_minus_em_max"
-        claims.append(
-            f"- A student beats EM: {_verdict(f, key)} "
-            f"(best student - EM: {_fmt(f, key)} mAP{_per_seed(f, key)})"
-        )
-    if "beyond_student_minus_teacher" in f:
-        key = "beyond_student_minus_teacher"
-        best = f["beyond_best_student"]
-        claims.append(
-            f"- Beyond the paper, a student beats its own teacher: {_verdict(f, key)} "
-            f"({', '.join(best) if isinstance(best, list) else best}: "
-            f"{_fmt(f, key)} mAP{_per_seed(f, key)})"
-        )
-    return claims
-
-
 def _timing(s: dict) -> str:
-    timing = [
-        f"{name} {s[key]:.0f} s"
-        for name, key in (
-            ("prepare", "prepare_seconds"),
-            ("teacher", "teacher_seconds"),
-            ("inference", "infer_seconds"),
-            ("merge", "merge_seconds"),
-            ("students", "students_seconds"),
-        )
-        if s.get(key) is not None
-    ]
-    rates = [
-        f"{name} {s[key]:.0f} samples/s"
-        for name, key in (
-            ("teacher", "teacher_samples_per_s"),
-            ("inference", "infer_samples_per_s"),
-            ("students", "student_samples_per_s"),
-        )
-        if s.get(key) is not None
-    ]
+    timing = [f"{name} {s[key]:.0f} s" for name, key in (
+        ("prepare", "prepare_seconds"), ("teacher", "teacher_seconds"), ("inference", "infer_seconds"),
+        ("merge", "merge_seconds"), ("students", "students_seconds")) if s.get(key) is not None]
+    rates = [f"{name} {s[key]:.0f} samples/s" for name, key in (
+        ("teacher", "teacher_samples_per_s"), ("inference", "infer_samples_per_s"),
+        ("students", "student_samples_per_s")) if s.get(key) is not None]
     return f"Stage wall time: {', '.join(timing)}; throughput: {', '.join(rates)}."
-
-
-def _verdict(f: dict, key: str) -> str:
-    """yes / no for one run; over seeds, yes only when it holds on every seed."""
-    values = [v for v in f.get(f"{key}_per_seed") or [f[key]] if v is not None]
-    wins = sum(v > 0 for v in values)
-    if wins in (0, len(values)):
-        return "yes" if wins else "no"
-    return f"on {wins} of {len(values)} seeds"
-
-
-def _per_seed(f: dict, key: str) -> str:
-    values = f.get(f"{key}_per_seed")
-    return f"; per seed: {', '.join(f'{v:+.2f}' for v in values if v is not None)}" if values else ""
 
 
 def report(cfg: Config) -> tuple[str, list[Path]]:
@@ -330,6 +406,8 @@ def report(cfg: Config) -> tuple[str, list[Path]]:
     runs = seed_runs(cfg)
     inputs = report_inputs(cfg)
     r = collect(cfg) if len(runs) == 1 else summarize([collect(run) for run in runs])
+    add_intervals(r, *test_scores(runs))
+    r["findings"] = findings(r)
     r["inputs"] = inputs
     layout = RunLayout.of(cfg)
     text = markdown(r)

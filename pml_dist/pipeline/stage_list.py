@@ -4,8 +4,10 @@
     data -> teacher -> teacher/probs (sharded inference) -> pseudo (merge + pseudo labels)
          -> students/<target> (one job array)
     data -> references/<loss>                 beside the chain: they need only the data
-    data -> beyond-<loss>/...                 the same chain with another teacher, which is also
-                                              the reference of that loss (trained once)
+    data -> chain-<loss>/...                  pseudo.teachers: the same chain with another teacher,
+                                              which is also the reference of that loss (trained once)
+    <chain>/students -> <chain>/round-<k>/teacher (the best student, selected) -> ... the chain again
+                                              pseudo.rounds: self-training, round k from round k-1
     run.seeds > 1: each seed's chain in seed-<s>/ with its own seed-<s>/report; then the report
     sweep.losses: a swept teacher or reference is its grid points (one job array, each point a
     sub-run in sweep/) and then the selection of the best, which fills the stage's own folder
@@ -29,17 +31,14 @@ from pml_dist.pipeline.executor import Resources, resources
 from pml_dist.pipeline.jobs import (
     InferJob,
     PrepareJob,
+    PromoteJob,
     PseudoLabelsJob,
     ReportJob,
     SelectJob,
     TrainJob,
 )
-from pml_dist.pipeline.subruns import (
-    beyond_run,
-    references_to_train,
-    seed_runs,
-    sweep_runs,
-)
+from pml_dist.pipeline.rounds import round_inputs
+from pml_dist.pipeline.subruns import chain_runs, references_to_train, round_runs, seed_runs, sweep_runs
 from pml_dist.provenance import data_id, file_id, stale, teacher_id, training_inputs
 from pml_dist.stages import Reference, Stage, Student, Teacher
 
@@ -54,7 +53,8 @@ class Entry:
     after: tuple[str, ...]  # names of the entries whose outputs it consumes
     outdated: Callable[[], str | None]  # None when its output is up to date, else why it must run
     stage: Stage | None = None  # training entries
-    beyond: bool = False  # part of the beyond-the-paper chain
+    chain: str = ""  # the teacher loss of the chain it belongs to ("" for data, references, report)
+    round: int = 1  # its self-training round in that chain
     array: str = ""  # entries with one array name go out as one Slurm job array (map_array)
     listed: bool = True  # a row of `status` (inference is shown through the merge it feeds)
 
@@ -71,7 +71,7 @@ class Entry:
 
 
 def stage_list(cfg: Config) -> list[Entry]:
-    """Every stage of the experiment `cfg`, its seeds and beyond chains, upstream before downstream."""
+    """Every stage of the experiment `cfg`, its seeds and chains, upstream before downstream."""
     root = RunLayout.of(cfg)
     data = Entry("data", "data", cfg, PrepareJob(str(root.config)), resources(cfg, "cpu"), (),
                  lambda: None if root.data.is_complete() else "not run")
@@ -89,61 +89,78 @@ def stage_list(cfg: Config) -> list[Entry]:
 
 
 def experiment(root: Config, run: Config) -> list[Entry]:
-    """One seed's stages: its chain, its references, then the beyond chain (named relative to `root`)."""
-    entries = _chain(root, run, beyond=False)
+    """One seed's stages: its own chain, its references, then the other teachers' chains, each
+    followed by its self-training rounds (named relative to `root`)."""
+    entries = _chain_with_rounds(root, run)
     for loss in references_to_train(run):
         entries += _training(root, run, Reference(loss), "reference", resources(run, "teacher"))
-    sub = beyond_run(run)
-    if sub is not None:
-        entries += _chain(root, sub, beyond=True)
+    for sub in chain_runs(run):
+        entries += _chain_with_rounds(root, sub)
     return entries
 
 
-def _chain(root: Config, run: Config, beyond: bool) -> list[Entry]:
-    """teacher -> inference -> merge -> one student per pseudo-label target."""
+def _chain_with_rounds(root: Config, run: Config) -> list[Entry]:
+    chain = run.loss.name
+    entries = _training(root, run, Teacher(), "teacher", resources(run, "teacher"), chain=chain)
+    entries += _labels_and_students(root, run, entries[-1], chain, 1)
+    previous = run
+    for k, sub in enumerate(round_runs(run), start=2):
+        layout, students = RunLayout.of(sub), [e for e in entries if e.role == "student" and e.round == k - 1]
+        teacher = Entry(_name(root, layout.teacher.dir), "teacher", sub,
+                        PromoteJob(str(layout.config), previous=str(RunLayout.of(previous).config)),
+                        resources(sub, "cpu"), tuple(e.name for e in students),
+                        lambda sub=sub, previous=previous: _round_outdated(sub, previous),
+                        stage=Teacher(), chain=chain, round=k)
+        entries += [teacher, *_labels_and_students(root, sub, teacher, chain, k)]
+        previous = sub
+    return entries
+
+
+def _labels_and_students(root: Config, run: Config, teacher: Entry, chain: str, k: int) -> list[Entry]:
+    """inference -> merge -> one student per pseudo-label target, from `teacher`."""
     from pml_dist.pseudo.labels import target_names
 
     layout = RunLayout.of(run)
     resolved = str(layout.config)
-    *points, teacher = _training(root, run, Teacher(), "teacher", resources(run, "teacher"), beyond=beyond)
     pseudo_name = _name(root, layout.pseudo.dir)
     infer = Entry(_name(root, layout.probs_dir), "infer", run, InferJob(resolved), resources(run, "infer"),
-                  (teacher.name,), lambda: _pseudo_outdated(layout), beyond=beyond, listed=False)
+                  (teacher.name,), lambda: _pseudo_outdated(layout), chain=chain, round=k, listed=False)
     pseudo = Entry(pseudo_name, "pseudo", run, PseudoLabelsJob(resolved), resources(run, "cpu"),
-                   (infer.name,), lambda: _pseudo_outdated(layout), beyond=beyond)
+                   (infer.name,), lambda: _pseudo_outdated(layout), chain=chain, round=k)
     students = [
         student
         for target in target_names(run.pseudo.taus, run.pseudo.modes)
         for student in _training(root, run, Student(target), "student", resources(run, "student"),
-                                 after=(pseudo.name,), beyond=beyond,
+                                 after=(pseudo.name,), chain=chain, round=k,
                                  array=_name(root, layout.root / "students"))
     ]
-    return [*points, teacher, infer, pseudo, *students]
+    return [infer, pseudo, *students]
 
 
 def _training(root: Config, run: Config, stage: Stage, role: str, res: Resources, after=("data",),
-              beyond: bool = False, array: str = "") -> list[Entry]:
+              chain: str = "", round: int = 1, array: str = "") -> list[Entry]:
     """The entry that trains `stage`; for a swept stage, its grid points (one array) and then the
     selection, which is the stage's entry (its name is the stage's folder, as downstream expects)."""
     layout = RunLayout.of(run)
-    points = [_point(root, point, stage, res, after, beyond) for point in sweep_runs(run, stage)]
+    points = [_point(root, point, stage, res, after, chain) for point in sweep_runs(run, stage)]
     if points:
         return [*points, Entry(_name(root, stage.files(layout).dir), role, run,
                                SelectJob(str(layout.config), stage=stage), resources(run, "cpu"),
                                tuple(p.name for p in points), lambda: _training_outdated(layout, stage),
-                               stage=stage, beyond=beyond)]
+                               stage=stage, chain=chain)]
     # An array's tasks share one callable; map_array passes each its stage.
     job = TrainJob(str(layout.config), stage=None if array else stage)
     return [Entry(_name(root, stage.files(layout).dir), role, run, job, res, tuple(after),
-                  lambda: _training_outdated(layout, stage), stage=stage, beyond=beyond, array=array)]
+                  lambda: _training_outdated(layout, stage), stage=stage, chain=chain, round=round,
+                  array=array)]
 
 
-def _point(root: Config, point: Config, stage: Stage, res: Resources, after, beyond: bool) -> Entry:
+def _point(root: Config, point: Config, stage: Stage, res: Resources, after, chain: str) -> Entry:
     """One grid point of a sweep: the stage trained in its own sub-run, a task of the sweep's array."""
     layout = RunLayout.of(point)
     folder = stage.files(layout).dir
     return Entry(_name(root, folder), "sweep", point, TrainJob(str(layout.config)), res, tuple(after),
-                 lambda: _training_outdated(layout, stage), stage=stage, beyond=beyond,
+                 lambda: _training_outdated(layout, stage), stage=stage, chain=chain,
                  array=_name(root, layout.root.parent))
 
 
@@ -175,6 +192,13 @@ def _training_outdated(layout: RunLayout, stage: Stage) -> str | None:
     if result is None:
         return "not run"
     return _why(result.inputs, lambda: training_inputs(layout, stage))
+
+
+def _round_outdated(run: Config, previous: Config) -> str | None:
+    result = RunLayout.of(run).teacher.read_result()
+    if result is None:
+        return "not run"
+    return _why(result.inputs, lambda: round_inputs(previous))
 
 
 def _pseudo_outdated(layout: RunLayout) -> str | None:

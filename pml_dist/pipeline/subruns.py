@@ -1,9 +1,11 @@
-"""Runs inside a run: repeats over seeds and the beyond-the-paper teacher chain.
+"""Runs inside a run: repeats over seeds, the other teachers' chains and self-training rounds.
 
     <run>/data/                     prepared once, shared by every run below
     <run>/seed-<s>/                 run.seeds > 1: the whole experiment with train.seed = s
-    <run>[/seed-<s>]/beyond-<loss>/ pseudo.beyond_teacher: a teacher trained with <loss> (EM), its
-                                    pseudo labels (pseudo.beyond_modes) and their students
+    <run>[/seed-<s>]/chain-<loss>/  pseudo.teachers: the chain of a teacher trained with <loss>
+                                    (EM), its pseudo labels (pseudo.teacher_taus/modes) and students
+    <chain>/round-<k>/              pseudo.rounds: round k's chain, whose teacher is round k-1's
+                                    best student (by validation mAP), installed by selection
     <run>/.../sweep/<stage>/lr-<lr>_mb-<b>/   sweep.losses: one grid point of a stage, which trains
                                     only that stage; the best one becomes the stage (sweep.py)
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from pml_dist.config import Config, SweepSection
+from pml_dist.config import Config, SweepSection, chain_losses
 from pml_dist.layout import RunLayout
 
 
@@ -32,24 +34,36 @@ def seed_runs(cfg: Config) -> list[Config]:
     return runs
 
 
-def beyond_run(cfg: Config) -> Config | None:
-    """The chain whose teacher uses pseudo.beyond_teacher, or None when it is off. Its teacher is
-    also the reference of that loss (it is the same training): see stage_list.py."""
-    loss = cfg.pseudo.beyond_teacher
-    if not loss:
-        return None
-    sub = _derive(cfg, RunLayout.of(cfg).beyond_run(loss))
-    sub.loss.name = loss
-    sub.pseudo.modes = list(cfg.pseudo.beyond_modes)
-    sub.pseudo.beyond_teacher = ""
-    sub.report.references = []
-    return sub
+def chain_runs(cfg: Config) -> list[Config]:
+    """The chains of pseudo.teachers other than loss.name's (which is `cfg` itself), each with its
+    own taus and modes. A chain's teacher is also the reference of its loss (the same training)."""
+    runs = []
+    for loss in chain_losses(cfg)[1:]:
+        sub = _derive(cfg, RunLayout.of(cfg).chain_run(loss))
+        sub.loss.name = loss
+        sub.pseudo.taus = list(cfg.pseudo.teacher_taus.get(loss, cfg.pseudo.taus))
+        sub.pseudo.modes = list(cfg.pseudo.teacher_modes.get(loss, cfg.pseudo.modes))
+        sub.pseudo.teachers, sub.pseudo.teacher_taus, sub.pseudo.teacher_modes = [], {}, {}
+        sub.report.references = []
+        runs.append(sub)
+    return runs
+
+
+def round_runs(chain: Config) -> list[Config]:
+    """Rounds 2..pseudo.rounds of one chain (`chain`: its round 1), each a sub-run of the chain."""
+    runs = []
+    for k in range(2, chain.pseudo.rounds + 1):
+        sub = _derive(chain, RunLayout.of(chain).round_run(k))
+        sub.pseudo.rounds, sub.pseudo.teachers, sub.report.references = 1, [], []
+        sub.pseudo.teacher_taus, sub.pseudo.teacher_modes = {}, {}
+        runs.append(sub)
+    return runs
 
 
 def references_to_train(cfg: Config) -> list[str]:
-    """report.references this run trains as reference teachers: not its own teacher's loss, and not
-    the beyond chain's (that chain's teacher is the reference)."""
-    return [loss for loss in cfg.report.references if loss not in (cfg.loss.name, cfg.pseudo.beyond_teacher)]
+    """report.references this run trains as reference teachers: not a chain's teacher loss (that
+    chain's teacher is the reference)."""
+    return [loss for loss in cfg.report.references if loss not in chain_losses(cfg)]
 
 
 def sweep_runs(cfg: Config, stage) -> list[Config]:

@@ -4,7 +4,8 @@ installs it as the stage itself, so inference, students, status and the report r
 unswept stage would be.
 
     <run>/sweep/<stage>/lr-<lr>_mb-<b>/<stage>/   each point's stage folder (one array task each)
-    <run>/<stage>/best.pt, best.json, derived.json, metrics.jsonl   copied from the chosen point
+    <run>/<stage>/best.pt, best.json, derived.json, metrics.jsonl, test_logits.npy   copied from the
+                                chosen point
     <run>/<stage>/result.json   the chosen point's, with this run's inputs and a "sweep" record:
                                 the grid (lr, micro batch, val and test mAP of each) and the choice
 """
@@ -17,7 +18,7 @@ import shutil
 from ffcv_data.atomic import save_with, write_json
 from pml_dist.config import Config
 from pml_dist.errors import PmlError
-from pml_dist.layout import RunLayout
+from pml_dist.layout import RunLayout, StageFiles
 from pml_dist.pipeline.subruns import sweep_runs
 from pml_dist.provenance import training_inputs
 
@@ -44,6 +45,20 @@ def best_point(points: list[dict]) -> int:
     return max(range(len(points)), key=lambda i: (points[i]["val_map"], -i))
 
 
+def install(src: StageFiles, dst: StageFiles, record: dict) -> dict:
+    """Copy a trained stage's files into another stage folder; its result.json, updated with
+    `record` (the inputs of the new place, how it was chosen), is written last, as the completion
+    record. Returns that result. Also how a self-training round gets its teacher (rounds.py)."""
+    dst.dir.mkdir(parents=True, exist_ok=True)
+    for name in ("best_weights", "best_record", "derived", "metrics", "test_logits"):
+        origin, target = getattr(src, name), getattr(dst, name)
+        if origin.is_file():
+            save_with(target, lambda tmp, origin=origin: shutil.copyfile(origin, tmp))
+    result = {**src.read_result().raw, **record}
+    write_json(dst.result, result)
+    return result
+
+
 def select(cfg: Config, stage) -> dict:
     """Install the best grid point as `stage` of run `cfg`; returns its result.json content."""
     runs = sweep_runs(cfg, stage)
@@ -53,16 +68,9 @@ def select(cfg: Config, stage) -> dict:
         raise PmlError(f"sweep of {stage.files(RunLayout.of(cfg)).dir}: grid point(s) not trained: "
                        f"{', '.join(missing) or 'none defined'}")
     chosen = best_point(points)
-    source = RunLayout.of(runs[chosen])
-    src, dst = stage.files(source), stage.files(RunLayout.of(cfg))
-    dst.dir.mkdir(parents=True, exist_ok=True)
-    for name in ("best_weights", "best_record", "derived", "metrics"):
-        origin, target = getattr(src, name), getattr(dst, name)
-        if origin.is_file():
-            save_with(target, lambda tmp, origin=origin: shutil.copyfile(origin, tmp))
-    result = {**src.read_result().raw, "inputs": training_inputs(RunLayout.of(cfg), stage),
-              "sweep": {"grid": points, "chosen": chosen}}
-    write_json(dst.result, result)  # last: the stage's completion record
+    dst = stage.files(RunLayout.of(cfg))
+    result = install(stage.files(RunLayout.of(runs[chosen])), dst, {
+        "inputs": training_inputs(RunLayout.of(cfg), stage), "sweep": {"grid": points, "chosen": chosen}})
     p = points[chosen]
     log.info("%s: chose lr %g, micro batch %d (val mAP %.2f) of %d grid points", dst.dir, p["lr"],
              p["micro_batch"], p["val_map"], len(points))

@@ -12,12 +12,13 @@ import torch
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device, num_classes: int,
             hflip_tta: bool = False, progress: str | None = None,
-            autocast: torch.dtype | None = None) -> tuple[np.ndarray, dict]:
+            autocast: torch.dtype | None = None, keep_logits: bool = False) -> tuple[np.ndarray, dict]:
     """(indices, {field: array}) for this rank's shard: 'probs' plus the loader's label fields.
     A rank whose shard is empty (more ranks than samples) returns empty arrays of the right width.
     progress: a label for a progress bar (None: no bar, e.g. on ranks other than 0).
     autocast: the forward passes' autocast dtype on CUDA (engine.autocast_dtype: bf16 when the
-    model trains in bf16), None for fp32; logits are averaged and squashed in fp32 either way."""
+    model trains in bf16), None for fp32; logits are averaged and squashed in fp32 either way.
+    keep_logits: also return the logits themselves, under 'logits'."""
     from tqdm import tqdm
 
     was_training = model.training
@@ -32,6 +33,8 @@ def predict(model: torch.nn.Module, loader, device, num_classes: int,
             if hflip_tta:
                 logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
         probs.append(logits.float().sigmoid().cpu().numpy())
+        if keep_logits:
+            fields.setdefault("logits", []).append(logits.float().cpu().numpy())
         idx.append(batch["index"].cpu().numpy().copy())
         for name in ("labels", "observed"):
             if name in batch:
@@ -40,7 +43,8 @@ def predict(model: torch.nn.Module, loader, device, num_classes: int,
     if not probs:
         empty = np.zeros((0, num_classes), np.float32)
         return np.zeros(0, np.int64), {"probs": empty, **{k: empty for k in loader.fields if k in
-                                                           ("labels", "observed")}}
+                                                           ("labels", "observed")},
+                                       **({"logits": empty} if keep_logits else {})}
     out = {"probs": np.concatenate(probs), **{k: np.concatenate(v) for k, v in fields.items()}}
     return np.concatenate(idx), out
 
@@ -73,14 +77,18 @@ def split_loader(cfg, split: str, info, device, with_labels: bool = True):
 
 
 def evaluate(model, loader, device, num_classes: int, targets: str = "labels",
-             autocast: torch.dtype | None = None) -> dict:
+             autocast: torch.dtype | None = None, keep_logits: bool = False) -> dict:
     """mAP (percent) of `model` over the whole split behind the per-rank `loader`; every rank
-    returns the same result. targets: 'labels' (full) or 'observed'. autocast: as predict's."""
+    returns the same result. targets: 'labels' (full) or 'observed'. autocast: as predict's.
+    keep_logits: also return the (N, L) logits in index order under "logits"."""
     from pml_dist.training.metrics import mean_average_precision
 
-    indices, arrays = gather(*predict(model, loader, device, num_classes, autocast=autocast))
+    indices, arrays = gather(*predict(model, loader, device, num_classes, autocast=autocast,
+                                      keep_logits=keep_logits))
     if not np.array_equal(indices, np.arange(len(indices))):
         raise RuntimeError("gathered indices are not 0..N-1: the ranks' shards do not cover the split")
     result = mean_average_precision(arrays["probs"], arrays[targets])
     result["targets"] = targets
+    if keep_logits:
+        result["logits"] = arrays["logits"]
     return result

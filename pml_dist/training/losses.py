@@ -8,8 +8,11 @@ Sources (read from the authors' repositories):
   [Zhou22] Zhou et al., "Acknowledging the Unknown for Multi-label Learning with Single Positive Labels",
            ECCV 2022, github.com/Correr-Zhou/SPML-AckTheUnknown, losses.py (loss_EM, loss_EM_APL),
            train.py (aysmmetric_pseudo_labeling and the per-data-set hyper-parameters).
+  [Kim22]  Kim et al., "Large Loss Matters in Weakly Supervised Multi-Label Classification", CVPR 2022,
+           github.com/snucml/LargeLossMatters, losses.py (compute_batch_loss: LL-R, LL-Ct), train.py
+           (clean_rate -= delta_rel after every epoch), config.py (delta_rel given in percent, / 100).
 
-Conventions shared by every loss, as in both references:
+Conventions shared by every loss, as in the [Cole21] and [Zhou22] references ([Kim22]: see LargeLossLoss):
   * p = sigmoid(logits); neg_log(x) = -log(x + 1e-5) (the references' LOG_EPSILON clamp, copied as is: it
     bounds every term by -log(1e-5) ~ 11.5, so saturated sigmoids give finite values and gradients);
   * the loss matrix is summed and divided by B * L (compute_batch_loss), i.e. a mean over all entries,
@@ -52,6 +55,9 @@ class LossParams:
     apl_neg_proportion: float = 0.9  # share of unobserved labels pseudo-labelled in all, [Zhou22]
     apl_warmup_epochs: int = 5  # pseudo-label after 1-based epoch e >= this, COCO, [Zhou22] P['warmup_epoch']
     apl_num_epochs: int = 10  # the schedule spreads the quota over (num_epochs - warmup), [Zhou22]
+    # LL-R / LL-Ct: rise of the per-batch share of modified labels per epoch, [Kim22] P['delta_rel'] (a
+    # required argument there, given in percent; its README's grid is 0.1 ... 0.5 %): 0.2 % per epoch.
+    ll_delta_rel: float = 0.002
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ls_eps <= 1.0:
@@ -64,6 +70,8 @@ class LossParams:
             raise ValueError(f"em_alpha and apl_beta must be >= 0, got {self.em_alpha}, {self.apl_beta}")
         if not 0.0 <= self.apl_neg_proportion <= 1.0:
             raise ValueError(f"apl_neg_proportion must be in [0, 1], got {self.apl_neg_proportion}")
+        if not 0.0 <= self.ll_delta_rel < 1.0:
+            raise ValueError(f"ll_delta_rel must be in [0, 1), got {self.ll_delta_rel}")
         # apl_warmup_epochs / apl_num_epochs are checked by EmAplLoss, the one loss with a schedule:
         # every other loss ignores them, so a short run may build it with any values.
 
@@ -155,6 +163,44 @@ def loss_role(p: torch.Tensor, t: torch.Tensor, est: torch.Tensor, k: float) -> 
     return (0.5 * (pos + cross)).mean() + 0.5 * reg / num_classes**2
 
 
+def large_loss_count(num_entries: int, rate: float) -> int:
+    """k = ceil(B * L * rate), at most B * L: how many entries [Kim22] compute_batch_loss modifies.
+
+    The product is rounded to 9 decimals first, so float noise cannot add an entry where B * L * rate
+    is a whole number (the reference's rate, 1 - (1 - d - d - ...), can exceed e * d by an ulp there).
+    """
+    if rate <= 0.0:
+        return 0
+    return min(num_entries, math.ceil(round(num_entries * rate, 9)))
+
+
+def large_loss_mask(an_matrix: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, L) bool: the unobserved entries whose AN loss is >= the k-th largest unobserved AN loss.
+
+    As [Kim22] compute_batch_loss: torch.topk over the flattened batch, threshold = the k-th value,
+    every entry at or above it selected (ties included, so a few more than k may be). Observed
+    positives are filled with -inf before the topk and masked out after it (the reference fills them
+    with 0 and does not mask: the same selection whenever the threshold is > 0; it differs only where
+    k exceeds the unobserved entries with a positive loss, where the reference would also modify the
+    observed positives).
+    """
+    unobserved = t == 0
+    if k == 0:
+        return torch.zeros_like(unobserved)
+    losses = an_matrix.detach()
+    threshold = torch.topk(losses.masked_fill(~unobserved, float("-inf")).flatten(), k).values[-1]
+    return unobserved & (losses >= threshold)
+
+
+def loss_large_loss(p: torch.Tensor, t: torch.Tensor, rate: float, correct: bool) -> torch.Tensor:
+    # [Kim22] losses.py compute_batch_loss: with l = AN matrix t nl(p) + (1-t) nl(1-p) and S = the
+    # large-loss entries (large_loss_mask, k = ceil(B L rate)), mean[l off S; on S 0 (LL-R) or nl(p) (LL-Ct)]
+    an = _bce_matrix(p, t)
+    selected = large_loss_mask(an, t, large_loss_count(an.numel(), rate))
+    replacement = neg_log(p) if correct else torch.zeros_like(an)
+    return torch.where(selected, replacement, an).mean()
+
+
 # ----------------------------------------------------------------------------------- the modules
 
 
@@ -178,7 +224,7 @@ class SPMLLoss(nn.Module):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Record the 0-based epoch about to be trained (only EM+APL's schedule depends on it)."""
+        """Record the 0-based epoch about to be trained (EM+APL's and LL-R/LL-Ct's schedules read it)."""
         self.epoch = int(epoch)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
@@ -360,6 +406,39 @@ def _first_occurrence(index: torch.Tensor, probs: torch.Tensor, num_train: int
     return rows, probs[first[rows]]
 
 
+class LargeLossLoss(SPMLLoss):
+    """LL-R ('ll_r', reject) and LL-Ct ('ll_ct', temporary correction) [Kim22].
+
+    AN, except that in every batch the unobserved labels with the largest AN losses are modified: their
+    loss is dropped (LL-R) or replaced by the loss of a positive label, -log p (LL-Ct), for this step
+    only. The share modified is rate = epoch * ll_delta_rel of all B * L entries, `epoch` as the trainer
+    passes it to set_epoch (0-based): the reference starts at clean_rate = 1 (plain AN in its epoch 1)
+    and subtracts delta_rel after each epoch. The mean is over all B * L entries, rejected ones counting
+    as 0, as the reference's final_loss_matrix.mean(). See large_loss_mask for the selection.
+
+    The only state is the epoch, set by the trainer before every epoch (resume included), so nothing is
+    checkpointed. Each rank selects within its own micro-batch, as the reference does within its batch
+    (16 images); LinearInit's head-only epochs count in `epoch` (the reference trains end to end only).
+    Permanent correction (the reference's LL-Cp, which rewrites the label matrix) is not provided.
+    The AN and corrected terms use this module's nl = -log(x + 1e-5), like every loss here, where [Kim22]
+    calls binary_cross_entropy_with_logits (no clamp): they differ by log(1 + 1e-5 / x), noticeably only
+    where x = p or 1 - p nears 1e-5 (the clamp bounds each term by ~11.5).
+    """
+
+    def __init__(self, name: str, num_classes: int, num_train: int, params: LossParams) -> None:
+        if name not in ("ll_r", "ll_ct"):
+            raise ValueError(f"LargeLossLoss is 'll_r' or 'll_ct', got {name!r}")
+        super().__init__(name, num_classes, num_train, params)
+
+    @property
+    def rate(self) -> float:
+        """Share of the batch's B * L entries modified in this epoch: epoch * ll_delta_rel, at most 1."""
+        return min(1.0, self.epoch * self.params.ll_delta_rel)
+
+    def _loss(self, p: torch.Tensor, t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        return loss_large_loss(p, t, self.rate, correct=self.name == "ll_ct")
+
+
 # ------------------------------------------------------------------------------------- factories
 
 
@@ -384,6 +463,8 @@ def build_loss(name: str, num_classes: int, num_train: int, params: LossParams |
     if name == "em_apl":
         observed = _observed_matrix(observed_labels, num_train, num_classes, name)
         return EmAplLoss(num_classes, num_train, params, observed)
+    if name in ("ll_r", "ll_ct"):
+        return LargeLossLoss(name, num_classes, num_train, params)
     return SPMLLoss(name, num_classes, num_train, params)
 
 

@@ -24,6 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -323,7 +324,10 @@ class Trainer:
         self.net.load_state_dict(torch.load(self.files.best_weights, map_location=self.device,
                                             weights_only=True))
         loader = split_loader(self.cfg, "test", self.info, self.device)
-        test = evaluate(self.net, loader, self.device, self.num_classes, autocast=self.autocast)
+        test = evaluate(self.net, loader, self.device, self.num_classes, autocast=self.autocast,
+                        keep_logits=True)
+        if self.info.is_main:  # the report's paired intervals compare models on these (layout.py)
+            save_with(self.files.test_logits, lambda tmp: np.save(tmp, test["logits"].astype(np.float16)))
         best = self.state.best
         self.metrics.write({"kind": "test", "step": best["step"], "epoch": best["epoch"], "map": test["map"]})
         return test
@@ -371,7 +375,7 @@ class Trainer:
             log.info("%s is stale (%s): training it anew", self.files.dir, why)
             shutil.rmtree(self.files.ckpt, ignore_errors=True)
             for path in (self.files.result, self.files.best_weights, self.files.best_record,
-                         self.files.metrics, self.files.derived):
+                         self.files.metrics, self.files.derived, self.files.test_logits):
                 path.unlink(missing_ok=True)
         _barrier()
 
@@ -471,7 +475,7 @@ def _loss_params(cfg: Config) -> LossParams:
     return LossParams(ls_eps=c.ls_eps, expected_positives=c.expected_positives, em_alpha=c.em_alpha,
                       role_lr_mult=c.role_lr_mult, apl_beta=c.apl_beta,
                       apl_neg_proportion=c.apl_neg_proportion,
-                      apl_warmup_epochs=warmup, apl_num_epochs=num_epochs)
+                      apl_warmup_epochs=warmup, apl_num_epochs=num_epochs, ll_delta_rel=c.ll_delta_rel)
 
 
 def _check_sync_bn(cfg: Config, device) -> None:

@@ -85,7 +85,7 @@ def test_run_never_falls_back_to_local_when_the_controller_does_not_answer(slurm
 def test_dry_run_prints_every_script_checked_by_slurm_and_submits_nothing(slurm_cluster, tmp_path, capsys):
     run = tmp_path / "run"
     overrides = [f"run.dir={run}", "pseudo.taus=[0.5, 0.7]", "pseudo.modes=[hard]", "report.references=[]",
-                 "pseudo.beyond_teacher=", "slurm.env=[NCCL_DEBUG=WARN]"]
+                 "pseudo.teachers=[]", "slurm.env=[NCCL_DEBUG=WARN]"]
     assert main(["run", "--executor", "slurm", "--dry-run", *overrides]) == 0
     out = capsys.readouterr().out
     names = [line.removeprefix("# ---- ") for line in out.splitlines() if line.startswith("# ---- ")]
@@ -100,7 +100,7 @@ def test_cancel_cancels_every_queued_job_of_the_run(slurm_cluster, tmp_path, cap
     run = tmp_path / "run"
     # the first job is held, so its dependants are pending when cancel comes
     overrides = [f"run.dir={run}", "pseudo.taus=[0.5]", "pseudo.modes=[hard]", "report.references=[]",
-                 "pseudo.beyond_teacher=", "slurm.cpu_extra=[hold]"]
+                 "pseudo.teachers=[]", "slurm.cpu_extra=[hold]"]
     assert main(["run", "--executor", "slurm", *overrides]) == 0
     jobs = json.loads((run / "jobs.json").read_text())["jobs"]
     assert main(["cancel", *overrides]) == 0
@@ -131,7 +131,7 @@ def test_a_limit_reached_while_submitting_names_the_stage_and_what_is_queued(slu
     5-task students array counts 5: that one `sbatch --test-only` refuses before anything is queued.)"""
     run = tmp_path / "run"
     overrides = [f"run.dir={run}", "pseudo.taus=[0.5]", "pseudo.modes=[hard]", "report.references=[]",
-                 "pseudo.beyond_teacher=", "slurm.qos=tight", "slurm.cpu_qos=tight", "slurm.cpu_time_min=5",
+                 "pseudo.teachers=[]", "slurm.qos=tight", "slurm.cpu_qos=tight", "slurm.cpu_time_min=5",
                  "slurm.teacher_time_min=5", "slurm.infer_time_min=5", "slurm.student_time_min=5",
                  "slurm.cpu_extra=[hold]"]
     assert main(["run", "--executor", "slurm", *overrides]) == 2
@@ -144,7 +144,7 @@ def test_a_limit_reached_while_submitting_names_the_stage_and_what_is_queued(slu
 def test_cpu_and_training_stages_land_on_their_own_partitions(slurm_cluster, tmp_path):
     run = tmp_path / "run"
     overrides = [f"run.dir={run}", "pseudo.taus=[0.5]", "pseudo.modes=[hard]", "report.references=[]",
-                 "pseudo.beyond_teacher=", "slurm.partition=gpu", "slurm.cpu_partition=cpu",
+                 "pseudo.teachers=[]", "slurm.partition=gpu", "slurm.cpu_partition=cpu",
                  "slurm.cpu_extra=[hold]"]
     assert main(["run", "--executor", "slurm", *overrides]) == 0
     jobs = json.loads((run / "jobs.json").read_text())["jobs"]

@@ -131,5 +131,5 @@ def test_preset_data_stage_and_a_teacher_epoch_on_coco_mini(coco_mini, tmp_path,
 
     assert main(["report", "--config", str(PRESET), *overrides]) == 0
     md = (run / "report.md").read_text()
-    assert "(published 64.92) |" in md.split("| teacher (AN) |")[1].splitlines()[0]  # beside the measured
+    assert "(published 64.92) |" in md.split("| AN teacher |")[1].splitlines()[0]  # beside the measured
     assert "full BCE 76.78" in md and "EM 70.7" in md
