@@ -345,7 +345,7 @@ def _table_rows(r: dict) -> list[str]:
         test = _ci(row["test_map"], row.get("test_map_low"), row.get("test_map_high"))
         if row["kind"] in ("teacher", "reference") and row.get("loss") in published and row["round"] == 1:
             test += f" (published {published[row['loss']]})"
-        positives = _fmt(row, "positives") + (" (observed)" if row["kind"] == "teacher" and row["round"] == 1
+        positives = _fmt(row, "positives") + (" (expected)" if row["kind"] == "teacher" and row["round"] == 1
                                               and row.get("positives") is not None else "")
         lines.append(f"| {row['name']} | {test} | {_fmt(row, 'val_map')} | "
                      f"{positives if row.get('positives') is not None else '-'} | "
