@@ -43,9 +43,7 @@ def chain_runs(cfg: Config) -> list[Config]:
         sub.loss.name = loss
         sub.pseudo.taus = list(cfg.pseudo.teacher_taus.get(loss, cfg.pseudo.taus))
         sub.pseudo.modes = list(cfg.pseudo.teacher_modes.get(loss, cfg.pseudo.modes))
-        sub.pseudo.teachers, sub.pseudo.teacher_taus, sub.pseudo.teacher_modes = [], {}, {}
-        sub.report.references = []
-        runs.append(sub)
+        runs.append(_single_chain(sub))
     return runs
 
 
@@ -54,10 +52,16 @@ def round_runs(chain: Config) -> list[Config]:
     runs = []
     for k in range(2, chain.pseudo.rounds + 1):
         sub = _derive(chain, RunLayout.of(chain).round_run(k))
-        sub.pseudo.rounds, sub.pseudo.teachers, sub.report.references = 1, [], []
-        sub.pseudo.teacher_taus, sub.pseudo.teacher_modes = {}, {}
-        runs.append(sub)
+        sub.pseudo.rounds = 1
+        runs.append(_single_chain(sub))
     return runs
+
+
+def _single_chain(sub: Config) -> Config:
+    """A chain or round sub-run is one chain: no chains, references of its own (the run has them)."""
+    sub.pseudo.teachers, sub.pseudo.teacher_taus, sub.pseudo.teacher_modes = [], {}, {}
+    sub.report.references = []
+    return sub
 
 
 def references_to_train(cfg: Config) -> list[str]:
