@@ -82,7 +82,7 @@ def prepare_data(root: Path) -> Path:
     from pml_dist.cli import main
 
     run = root / "run"
-    assert main(["prepare", f"run.dir={run}", f"data.root={root / 'data'}"]) == 0
+    assert main(["prepare", f"run.dir={run}", f"data.root={root / 'data'}", "data.synthetic=true"]) == 0
     return run / "data" / "train.beton"
 
 

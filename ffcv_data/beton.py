@@ -9,17 +9,25 @@ The rest are converted to RGB, shrunk to `max_resolution` and re-encoded at `jpe
 The file appears under its final name only when complete (written to a temporary name, then
 renamed). FFCV's writer hangs forever when a worker's `__getitem__` raises, so image decoding never
 raises here: a failure is recorded in a side file and a placeholder is written; the parent then
-reports every bad image by name and deletes the temporary file.
+reports every bad image by name and deletes the temporary file (prepare.py decode-checks every image
+before the first .beton, so this is the fallback for a file changed in between).
+
+FFCV's writer is used through `_Writer`, which runs its worker processes so that a Ctrl-C prints
+nothing from them (they ignore SIGINT; the parent kills them and frees the shared memory), a killed
+parent takes them with it (PR_SET_PDEATHSIG), and a worker that dies is an error instead of a hang.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
 
-from ffcv_data.atomic import save_with
+from ffcv_data.atomic import FULL, save_with
 from ffcv_data.cores import usable_cores
 from ffcv_data.errors import DataError
 
@@ -52,6 +60,92 @@ class _KeepOriginalJpegs:
         destination["height"], destination["width"] = value.height, value.width
         destination["data_ptr"], storage = malloc(value.data.nbytes)
         storage[:] = value.data
+
+
+def _worker(parent: int, full, work_fn, *args) -> None:
+    """One FFCV writer process: Ctrl-C is the parent's to handle; it dies when the parent dies; a
+    full disk is left in `full` (its errno) for the parent to report as one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    try:
+        work_fn(*args)
+    except OSError as exc:
+        if exc.errno not in FULL:
+            raise
+        full.value = exc.errno
+        os._exit(1)
+
+
+def _writer_class():
+    from ffcv.writer import DatasetWriter
+
+    class _Writer(DatasetWriter):
+        """FFCV 1.0.2's DatasetWriter._write_common with its workers run by `_worker`, stopped with
+        their queues and shared memory released when the write fails or is interrupted, and checked
+        for death while the parent waits (FFCV waits forever for a dead worker's samples)."""
+
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+            from multiprocessing import Process, Queue, Value
+
+            from ffcv.memory_allocator import MemoryAllocator
+            from tqdm import tqdm
+
+            self.num_samples = num_samples
+            self.prepare()
+            workqueue, allocations_queue = Queue(), Queue()
+            processes: list = []
+            try:
+                for todo in queue_content:
+                    workqueue.put(todo)
+                for _ in range(self.num_workers):
+                    workqueue.put(None)
+                done_number, full = Value(ctypes.c_uint64, 0), Value(ctypes.c_int, 0)
+                allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+                worker_args = (workqueue, self.metadata_sm, self.metadata_type, self.fields, allocator,
+                               done_number, allocations_queue, *extra_worker_args)
+                processes = [Process(target=_worker, args=(os.getpid(), full, work_fn, *worker_args))
+                             for _ in range(self.num_workers)]
+                for proc in processes:
+                    proc.start()
+                with tqdm(total=self.num_samples) as progress:
+                    previous = 0
+                    while previous != self.num_samples:
+                        dead = [proc.exitcode for proc in processes if proc.exitcode]
+                        if dead and full.value:  # save_with names the .beton in one line
+                            raise OSError(full.value, os.strerror(full.value), self.fname)
+                        if dead:
+                            raise RuntimeError(f"{self.fname}: an FFCV writer process died "
+                                               f"(exit status {dead[0]}) after {previous} of "
+                                               f"{self.num_samples} samples")
+                        val = done_number.value
+                        progress.update(val - previous)
+                        previous = val
+                        time.sleep(0.1)
+                allocation_list = []
+                for _ in processes:
+                    allocation_list.extend(allocations_queue.get())
+                self.finalize(allocation_list)
+            except BaseException:
+                for proc in processes:
+                    if proc.is_alive():
+                        proc.kill()
+                for proc in processes:
+                    if proc.pid is not None:
+                        proc.join()
+                # Their unread items would make the exiting interpreter wait for the feeder threads.
+                workqueue.cancel_join_thread()
+                allocations_queue.cancel_join_thread()
+                raise
+            finally:
+                self.metadata_sm.close()
+                self.metadata_sm.unlink()
+
+    return _Writer
 
 
 class _SplitSource:
@@ -89,6 +183,32 @@ class _SplitSource:
             return np.zeros((8, 8, 3), dtype=np.uint8)
 
 
+def _decode_error(file: Path) -> str | None:
+    """What `_SplitSource` would fail on for this file (a full decode), as one line; None if none."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as img:
+            img.load()
+        return None
+    except Exception as exc:  # noqa: BLE001 - every failure is reported by name
+        return f"{file}: {type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+def unreadable_images(files: list[Path], workers: int = 0) -> list[str]:
+    """Decode every file fully (header and pixels), in threads (PIL decodes without the GIL), one per
+    usable core unless `workers` > 0; returns one line per file that fails, in the files' order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not files:
+        return []
+    pool = ThreadPoolExecutor(max_workers=min(len(files), workers if workers > 0 else usable_cores()))
+    try:
+        return [e for e in pool.map(_decode_error, files) if e is not None]
+    finally:  # on Ctrl-C too: drop what has not started; each running decode takes milliseconds
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def write_beton(
     path: str | Path,
     files: list[Path],
@@ -103,7 +223,6 @@ def write_beton(
     """Encode one split; `labels` and `observed` are (N, L) uint8, row i is image `files[i]`.
     keep_original_jpegs: store JPEGs FFCV decodes like PIL as they are (see above)."""
     from ffcv.fields import IntField, NDArrayField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     path = Path(path)
     n, num_classes = labels.shape
@@ -126,13 +245,13 @@ def write_beton(
                           keep_jpegs_up_to=max_resolution if keep_original_jpegs else 0)
 
     def encode(tmp: Path) -> None:
-        writer = DatasetWriter(str(tmp), fields, page_size=PAGE_SIZE,
-                               num_workers=workers if workers > 0 else usable_cores())
+        writer = _writer_class()(str(tmp), fields, page_size=PAGE_SIZE,
+                                 num_workers=workers if workers > 0 else usable_cores())
         writer.from_indexed_dataset(source)
         if error_log.exists() and error_log.stat().st_size:  # raising here leaves no file behind
             lines = error_log.read_text().splitlines()
-            shown = "\n  ".join(lines[:5]) + (f"\n  ... {len(lines) - 5} more" if len(lines) > 5 else "")
-            raise DataError(f"{path}: {len(lines)} image(s) could not be read:\n  {shown}")
+            shown = "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
+            raise DataError(f"{path}: {len(lines)} image(s) could not be read: {shown}")
 
     try:
         save_with(path, encode)

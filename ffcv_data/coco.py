@@ -2,8 +2,9 @@
 
 COCO's category ids are not contiguous (1..90 with gaps); they are mapped to 0..L-1 in id order.
 Images without annotations are dropped and counted, as Cole et al. 2021 do. Problems a user can fix
-(malformed JSON, unknown category, annotation of a missing image, missing image file, empty split)
-raise `DataError` naming the file and record, before anything is written.
+(malformed JSON, an id that is not a JSON integer, two records with the same id (or two images with the
+same file), unknown category, annotation of a missing image, missing image file, empty split) raise
+`DataError` naming the file and record(s), before anything is written.
 """
 
 from __future__ import annotations
@@ -118,25 +119,26 @@ def _index(dataset: dict, path: Path):
     """Check record-level consistency (pycocotools does not), then build the pycocotools index."""
     from pycocotools.coco import COCO
 
-    for i, cat in enumerate(dataset["categories"]):
-        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
-            raise DataError(f"{path}: categories[{i}] lacks 'id' or 'name'")
-    for i, img in enumerate(dataset["images"]):
-        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise DataError(f"{path}: images[{i}] lacks 'id' or 'file_name'")
-    cat_ids = {c["id"] for c in dataset["categories"]}
-    img_ids = {img["id"] for img in dataset["images"]}
-    for i, ann in enumerate(dataset["annotations"]):
-        if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
-            raise DataError(f"{path}: annotations[{i}] lacks 'image_id' or 'category_id'")
+    cats = _records(dataset, "categories", ("id", "name"), path)
+    imgs = _records(dataset, "images", ("id", "file_name"), path)
+    anns = _records(dataset, "annotations", ("id", "image_id", "category_id"), path)
+    for i, img in enumerate(imgs):
+        if not isinstance(img["file_name"], str):
+            raise DataError(f"{path}: images[{i}] (id {img['id']}) has file_name {img['file_name']!r} of "
+                            f"type {type(img['file_name']).__name__}, not a string")
+    cat_ids = _unique(cats, "categories", "id", path, lambda c: f"name {c['name']!r}")
+    img_ids = _unique(imgs, "images", "id", path, lambda img: f"file_name {img['file_name']!r}")
+    _unique(imgs, "images", "file_name", path, lambda img: f"id {img['id']}")
+    _unique(anns, "annotations", "id", path, lambda a: f"image_id {a['image_id']}")
+    for i, ann in enumerate(anns):
         if ann["category_id"] not in cat_ids:
             raise DataError(
-                f"{path}: annotations[{i}] (id {ann.get('id')}) has category_id {ann['category_id']}, "
+                f"{path}: annotations[{i}] (id {ann['id']}) has category_id {ann['category_id']}, "
                 "which is not in 'categories'"
             )
         if ann["image_id"] not in img_ids:
             raise DataError(
-                f"{path}: annotations[{i}] (id {ann.get('id')}) refers to image_id {ann['image_id']}, "
+                f"{path}: annotations[{i}] (id {ann['id']}) refers to image_id {ann['image_id']}, "
                 "which is not in 'images'"
             )
     coco = COCO()
@@ -144,3 +146,29 @@ def _index(dataset: dict, path: Path):
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
         coco.createIndex()
     return coco
+
+
+def _records(dataset: dict, key: str, fields: tuple[str, ...], path: Path) -> list[dict]:
+    """dataset[key], each a dict with `fields`, whose id fields (id, *_id) are JSON integers."""
+    records = dataset[key]
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or any(f not in rec for f in fields):
+            raise DataError(f"{path}: {key}[{i}] lacks {' or '.join(repr(f) for f in fields)}")
+        for f in fields:
+            value = rec[f]
+            if (f == "id" or f.endswith("_id")) and (not isinstance(value, int) or isinstance(value, bool)):
+                which = f" (id {rec['id']!r})" if f != "id" else ""
+                raise DataError(f"{path}: {key}[{i}]{which} has {f} {value!r} of type "
+                                f"{type(value).__name__}; ids must be JSON integers")
+    return records
+
+
+def _unique(records: list[dict], key: str, field: str, path: Path, describe) -> set:
+    """The set of `field` over `records`; a value that two records share is an error naming both."""
+    first: dict = {}
+    for i, rec in enumerate(records):
+        j = first.setdefault(rec[field], i)
+        if j != i:
+            raise DataError(f"{path}: {key}[{j}] ({describe(records[j])}) and {key}[{i}] "
+                            f"({describe(rec)}) have the same {field} {rec[field]!r}")
+    return set(first)

@@ -2,21 +2,30 @@
 
 Plain arguments only (`PrepareSpec`): the data package knows nothing of the experiment config;
 `pml_dist/data_stage.py` maps the config onto it. Every input is read and checked before any .beton
-is written. A split whose .beton already exists is skipped (each appears only when complete), so an
-interrupted prepare resumes. `stats.json` is written last and marks the data stage as done.
+is written: the annotations (coco.py) and every image still to encode, decoded in full. A split whose
+.beton already exists is skipped (each appears only when complete, its .meta.npz right after it), so
+an interrupted prepare resumes; temporaries left by dead processes (killed, interrupted) are removed
+first. `inputs.json` records digests of the inputs (annotation files, the image list with file sizes,
+the spec fields that change the encoded content) before the first .beton; a rerun whose inputs differ
+from the record is an error naming what changed. `stats.json` is written last and marks the data
+stage as done.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ffcv_data.atomic import save_with, write_json
-from ffcv_data.beton import write_beton
+from ffcv_data.beton import unreadable_images, write_beton
 from ffcv_data.coco import CocoSplit, read_split
 from ffcv_data.errors import DataError
 from ffcv_data.prepared import PreparedData
@@ -40,6 +49,13 @@ class PrepareSpec:
     observed_protocol: str = "keyed"  # protocol.py: cole (Cole et al.'s exact draws) or keyed
     keep_original_jpegs: bool = True  # beton.py: JPEGs FFCV decodes as PIL does are stored as they are
     write_workers: int = 0
+
+
+# The PrepareSpec fields that change what is encoded; root (the data may move) and workers do not.
+CONTENT_KEYS = ("train_split", "test_split", "observed_seed", "observed_protocol", "val_fraction",
+                "val_seed", "max_resolution", "jpeg_quality", "keep_original_jpegs")
+INPUTS_VERSION = 1
+SPLITS = ("train", "val", "test")
 
 
 def prepare(d: PrepareSpec, out: PreparedData) -> dict:
@@ -68,31 +84,49 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
         "test": (test, np.arange(len(test)), observed_test),
     }
 
-    Path(out.folder).mkdir(parents=True, exist_ok=True)
+    folder = Path(out.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_files(out)
+    inputs = _inputs(d, train_full, test)
+    record = _check_inputs(out, inputs)
+
+    todo = [name for name in parts if not out.beton(name).exists()]
+    t_check = time.perf_counter()
+    files = sorted({parts[n][0].files[i] for n in todo for i in parts[n][1]})
+    bad = unreadable_images(files, d.write_workers)
+    check_seconds = time.perf_counter() - t_check
+    if bad:
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DataError(f"{len(bad)} image(s) could not be decoded (nothing was written): "
+                        f"{'; '.join(bad[:3])}{more}")
+    log.info("decode-checked %d images in %.1f s", len(files), check_seconds)
+    if record:
+        write_json(out.inputs_file, inputs)
+
     for name, (source, rows, observed) in parts.items():
         path = out.beton(name)
-        meta = out.meta(name)
-        if path.exists() and meta.exists():
+        if path.exists():
             log.info("%s exists, skipping", path)
-            continue
-        log.info("writing %s (%d images from %s)", path, len(rows), source.annotation_file)
-        # The side file first: a .beton under its final name always has its metadata beside it.
-        save_with(meta, lambda tmp, rows=rows, source=source, observed=observed: np.savez(
-            tmp,
-            image_ids=source.image_ids[rows],
-            labels=source.labels[rows],
-            observed=observed,
-        ))
-        write_beton(
-            path,
-            [source.files[i] for i in rows],
-            source.labels[rows],
-            observed,
-            max_resolution=d.max_resolution,
-            jpeg_quality=d.jpeg_quality,
-            keep_original_jpegs=d.keep_original_jpegs,
-            workers=d.write_workers,
-        )
+        else:
+            log.info("writing %s (%d images from %s)", path, len(rows), source.annotation_file)
+            write_beton(
+                path,
+                [source.files[i] for i in rows],
+                source.labels[rows],
+                observed,
+                max_resolution=d.max_resolution,
+                jpeg_quality=d.jpeg_quality,
+                keep_original_jpegs=d.keep_original_jpegs,
+                workers=d.write_workers,
+            )
+        # The side file only once its .beton is in place (a meta file never stands alone).
+        if not out.meta(name).exists():
+            save_with(out.meta(name), lambda tmp, rows=rows, source=source, observed=observed: np.savez(
+                tmp,
+                image_ids=source.image_ids[rows],
+                labels=source.labels[rows],
+                observed=observed,
+            ))
 
     stats = {
         "root": str(root),
@@ -112,9 +146,124 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
         },
         "splits": {name: _label_stats(src.labels[rows], src) for name, (src, rows, _) in parts.items()},
         "seconds": time.perf_counter() - t0,  # wall time of this call (files already there are skipped)
+        "image_check_seconds": check_seconds,  # of which decoding every image still to encode first
     }
     write_json(out.stats_file, stats)
     return stats
+
+
+# Temporaries of the files prepare writes: atomic.py's `.NAME.tmp-PID[.suffix]`, beton.py's error logs.
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)(\.\w+)?$"
+                        r"|^(?P<log>.+)\.errors-(?P<log_pid>\d+)$")
+
+
+def remove_stale_files(out: PreparedData) -> list[Path]:
+    """Delete what an interrupted or killed prepare left in `out`: temporaries of processes that no
+    longer run (a live process's are left alone) and side files without their .beton (older versions
+    wrote the side file first). Returns the deleted paths."""
+    folder = Path(out.folder)
+    ours = {p.name for s in SPLITS for p in (out.beton(s), out.meta(s))}
+    ours |= {out.stats_file.name, out.inputs_file.name}
+    removed = []
+    for path in sorted(folder.iterdir()):
+        m = _TEMPORARY.match(path.name)
+        if m and (m["target"] or m["log"]) in ours and not _alive(int(m["pid"] or m["log_pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    for s in SPLITS:
+        if out.meta(s).exists() and not out.beton(s).exists():
+            out.meta(s).unlink(missing_ok=True)
+            removed.append(out.meta(s))
+    if removed:
+        log.info("removed %d file(s) left by an interrupted prepare: %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (PIDs of other hosts sharing the folder are not
+    seen: two prepares of one folder on two hosts at once are not supported)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _inputs(d: PrepareSpec, train: CocoSplit, test: CocoSplit) -> dict:
+    """What the folder's content depends on, as digests (inputs.json)."""
+    spec = asdict(d)
+    root = Path(d.root)
+    record: dict = {"version": INPUTS_VERSION, "root": str(root),
+                    "spec": {k: spec[k] for k in CONTENT_KEYS}, "annotations": {}, "images": {}}
+    for role, split in (("train", train), ("test", test)):
+        record["annotations"][role] = {
+            "file": os.path.relpath(split.annotation_file, root),
+            "sha256": _sha256_file(split.annotation_file),
+        }
+        listing = hashlib.sha256()
+        for f in split.files:
+            listing.update(f"{os.path.relpath(f, root)}\t{f.stat().st_size}\n".encode())
+        record["images"][role] = {"count": len(split.files), "sha256": listing.hexdigest()}
+    return record
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_inputs(out: PreparedData, inputs: dict) -> bool:
+    """Whether `inputs` are still to be recorded (nothing prepared yet); else they must equal the record."""
+    folder = Path(out.folder)
+    prepared = [p for s in SPLITS for p in (out.beton(s), out.meta(s))] + [out.stats_file]
+    prepared = [p.name for p in prepared if p.exists()]
+    rebuild = f"delete {folder} to prepare it again, or prepare into another folder (run.data_dir)"
+    if prepared:
+        if not out.inputs_file.is_file():  # prepared by a version before the record: adopt it
+            log.warning("%s holds %s but no %s (an older version prepared it): recording the current "
+                        "inputs; changes made to them before now cannot be detected", folder,
+                        ", ".join(prepared), out.inputs_file.name)
+            return True
+        try:
+            recorded = json.loads(out.inputs_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{out.inputs_file}: malformed JSON ({exc.msg}); {rebuild}") from None
+        changes = _changes(recorded, inputs)
+        if changes:
+            raise DataError(f"{folder} was prepared from other inputs: {'; '.join(changes)}; {rebuild}")
+        return False
+    return True
+
+
+def _changes(old: dict, new: dict) -> list[str]:
+    if not isinstance(old, dict) or old.get("version") != new["version"]:
+        version = old.get("version") if isinstance(old, dict) else None
+        return [f"its record is of another format (version {version!r}, expected {new['version']})"]
+    changes = []
+    for key, value in new["spec"].items():
+        if old.get("spec", {}).get(key, "<absent>") != value:
+            changes.append(f"{key} {old.get('spec', {}).get(key, '<absent>')!r} -> {value!r}")
+    for role, ann in new["annotations"].items():
+        before = old.get("annotations", {}).get(role, {})
+        if before.get("file") != ann["file"]:
+            changes.append(f"{role} annotation file {before.get('file')!r} -> {ann['file']!r}")
+        elif before.get("sha256") != ann["sha256"]:
+            changes.append(f"{ann['file']} changed (its content differs)")
+    for role, images in new["images"].items():
+        before = old.get("images", {}).get(role, {})
+        if before.get("sha256") != images["sha256"]:
+            what = (f"{before.get('count')} -> {images['count']} images"
+                    if before.get("count") != images["count"] else "file names or sizes differ")
+            changes.append(f"the {role} image list changed ({what})")
+    return changes
 
 
 def _source_stats(split: CocoSplit) -> dict:

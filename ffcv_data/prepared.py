@@ -3,6 +3,8 @@ names; the run layout (pml_dist/layout.py) points at such a folder as `<run>/dat
 
     <folder>/{train,val,test}.beton       fields image (JPEG), labels, observed (uint8 L), index
     <folder>/{train,val,test}.meta.npz    image_ids, labels, observed by index (for analysis)
+    <folder>/inputs.json                  digests of what the folder was prepared from (prepare.py):
+                                          written before the first .beton, checked by every rerun
     <folder>/stats.json                   counts, dropped images, label statistics; written last
 """
 
@@ -47,6 +49,10 @@ class PreparedData:
 
     def meta(self, split: str) -> Path:
         return Path(self.folder) / f"{split}.meta.npz"
+
+    @property
+    def inputs_file(self) -> Path:
+        return Path(self.folder) / "inputs.json"
 
     @property
     def stats_file(self) -> Path:

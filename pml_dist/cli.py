@@ -24,6 +24,19 @@ def _add_config_args(p: argparse.ArgumentParser, seeds: bool = False) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
+def _at_least(low: int):
+    """An argparse type: an int >= low (argparse prints the one-line error and exits 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pml-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-synthetic", help="write the built-in COCO-format data set")
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", type=int, default=2000, help="training images")
-    p.add_argument("--test", type=int, default=500, help="test images")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--train", type=_at_least(1), default=2000, help="training images")
+    p.add_argument("--test", type=_at_least(1), default=500, help="test images")
+    p.add_argument("--size", type=_at_least(32), default=64, help="image side in pixels (>= 32)")
 
     _add_config_args(sub.add_parser("prepare", help="encode train/val/test .beton files"))
     p = sub.add_parser("train", help="train the teacher or one student (run once per rank)")
@@ -79,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"pml-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT (128 + 2)
+        print(f"pml-dist {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def cmd_make_synthetic(args) -> int:

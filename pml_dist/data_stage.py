@@ -1,12 +1,14 @@
 """`pml-dist prepare`: the experiment's `data.*` keys onto the data package's `prepare`, with the
-built-in data set generated first when `data.root` does not exist."""
+built-in data set generated first when `data.root` does not exist and is meant to be generated
+(`data.synthetic`, or the built-in root)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from pml_dist.config import Config
+from pml_dist.config import Config, DataSection
+from pml_dist.errors import ConfigError
 from pml_dist.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -19,6 +21,9 @@ def prepare(cfg: Config) -> dict:
 
     d = cfg.data
     if not Path(d.root).exists():
+        if not (d.synthetic or Path(d.root) == Path(DataSection().root).resolve()):
+            raise ConfigError(f"data.root {d.root} does not exist (to generate the built-in data set "
+                              "there, set data.synthetic=true)")
         _generate(cfg)
     spec = PrepareSpec(root=Path(d.root), train_split=d.train_split, test_split=d.test_split,
                        observed_seed=d.observed_seed, val_fraction=d.val_fraction, val_seed=d.val_seed,

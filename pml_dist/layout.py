@@ -37,6 +37,11 @@ def tau_name(tau: float) -> str:
     return f"tau-{tau:g}"
 
 
+def lr_name(lr: float) -> str:
+    """The learning rate's part of a sweep point's folder name: 0.001 -> lr-0.001."""
+    return f"lr-{lr:g}"
+
+
 @dataclass(frozen=True)
 class StageResult:
     """A training stage's result.json: its presence (with matching inputs) means the stage is done."""
@@ -204,7 +209,8 @@ class RunLayout:
 
     def sweep_run(self, stage_dir: Path, lr: float, micro_batch: int) -> Path:
         """One point of a stage's grid: <run>/sweep/<the stage's folder>/lr-<lr>_mb-<micro batch>."""
-        return self.root / "sweep" / Path(stage_dir).relative_to(self.root) / f"lr-{lr:g}_mb-{micro_batch}"
+        stage = Path(stage_dir).relative_to(self.root)
+        return self.root / "sweep" / stage / f"{lr_name(lr)}_mb-{micro_batch}"
 
     def chain_run(self, loss: str) -> Path:
         return self.root / f"chain-{loss}"

@@ -82,6 +82,7 @@ def collect(cfg: Config) -> dict:
     rows.sort(key=lambda row: ROW_ORDER[row["kind"]])  # stable: stage-list order within a kind
     merge = run.pseudo.read_record() or {}
     data = run.data.stats().raw if run.data.is_complete() else {}
+    names = data.get("category_names") or []
     students = [r for r in rows if r["kind"] == "student" and r["train_seconds"] is not None]
     selection = [_selection(e, cfg.train.seed) for e in entries if e.role in ("teacher", "reference")]
     stages = {
@@ -108,6 +109,11 @@ def collect(cfg: Config) -> dict:
         "true_labels_per_image": data.get("splits", {}).get("train", {}).get("labels_per_image", {})
         .get("mean"),
         "test_images": data.get("splits", {}).get("test", {}).get("images"),
+        # classes without a positive in a split are left out of its mAP (metrics.py): the teacher's
+        # record says which (every stage of the run reads the same splits)
+        "classes_left_out": {split: [names[i] if i < len(names) else str(i)
+                                     for i in teacher.raw.get(f"{split}_classes_without_positives") or []]
+                             for split in ("val", "test")},
         "published_coco": PUBLISHED_COCO if cfg.report.published_coco else None,
         "git": git_revision(),
         "config": cfg.to_dict(),
@@ -320,6 +326,10 @@ def markdown(r: dict) -> str:
     ]
     if r["true_labels_per_image"] is not None:
         lines += ["", f"True labels per training image: {r['true_labels_per_image']:.2f}."]
+    left_out = [f"{split} {len(names)} ({', '.join(names)})"
+                for split, names in (r.get("classes_left_out") or {}).items() if names]
+    if left_out:
+        lines += ["", f"Classes without a positive, left out of that split's mAP: {'; '.join(left_out)}."]
     lines += _comparison_tables(r)
     if r.get("findings"):
         lines += ["", "Findings:"]

@@ -7,6 +7,7 @@ from pml_dist.config import Config
 from pml_dist.layout import RunLayout
 from pml_dist.pipeline.graph import load_jobs_record
 from pml_dist.pipeline.slurm import (
+    STUCK_REASONS,
     TERMINAL_BAD,
     TERMINAL_OK,
     Accounting,
@@ -14,6 +15,7 @@ from pml_dist.pipeline.slurm import (
     accounting,
     cancel,
     is_active,
+    pending_reasons,
     slurm_state,
 )
 from pml_dist.pipeline.stage_list import Entry, stage_list
@@ -23,8 +25,9 @@ from pml_dist.pipeline.wait import retry_command
 def status(cfg: Config) -> list[tuple[str, str, str]]:
     """(job name, state, detail) rows: done with its result; stale with why (an input changed since
     it ran); not submitted; pending/running; failed with its log. On Slurm each submitted job also
-    shows its elapsed time and restarts (requeues). When something failed or is stale, a last row
-    with the command that reruns just that."""
+    shows its elapsed time and restarts (requeues), and a pending job that cannot start while the
+    cluster stays as it is (its nodes are down or drained: a lost node) says so with Slurm's reason.
+    When something failed or is stale, a last row with the command that reruns just that."""
     record = load_jobs_record(cfg)
     jobs = record.get("jobs", {})
     on_slurm = record.get("executor") == "slurm"
@@ -47,7 +50,9 @@ def status(cfg: Config) -> list[tuple[str, str, str]]:
                 rows.append((entry.name, "unknown", f"job {job['job_id']}: {exc}"))
                 continue
         if job is not None and state not in (*TERMINAL_OK, *TERMINAL_BAD, "NOT DONE", "UNKNOWN"):
-            rows.append((entry.name, state, ran or f"job {job['job_id']}"))  # pending or running
+            cannot = _stuck(job["job_id"]) if state == "PENDING" else None  # pending for good: say why
+            cannot = cannot and f"cannot start: {cannot} (`sinfo -R` lists nodes that are down or drained)"
+            rows.append((entry.name, state, _join(ran or f"job {job['job_id']}", cannot or "")))
         elif stale:
             rerun = True
             rows.append((entry.name, "stale", why.removeprefix("stale: ")))
@@ -81,6 +86,15 @@ def _accounting(job_ids: list[str]) -> dict[str, Accounting]:
         return accounting(job_ids)
     except SlurmUnreachable:
         return {}  # status still shows what the run directory knows
+
+
+def _stuck(job_id: str) -> str | None:
+    """Why squeue has the job PENDING, when that reason does not clear by waiting (a lost node)."""
+    try:
+        reason = pending_reasons([job_id]).get(job_id)
+    except SlurmUnreachable:
+        return None
+    return reason if reason and reason.startswith(STUCK_REASONS) else None
 
 
 def _ran(job: dict | None, acct: dict[str, Accounting]) -> str:

@@ -13,11 +13,12 @@ temporary name; renamed only when every check has passed, so a failed merge writ
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from ffcv_data.atomic import save_with
+from ffcv_data.atomic import FULL, save_with
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout
 from pml_dist.pseudo.shards import npz_of, read_manifests, read_shard
@@ -97,6 +98,9 @@ def _merge_into(tmp: Path, shards: Shards, num_samples: int, num_classes: int, t
                 folder: Path) -> int:
     """Fill the .npy at `tmp` from every shard; returns how many rows were scored more than once."""
     merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(num_samples, num_classes))
+    # The file is sparse until written: reserve its blocks now, so a full disk is an ENOSPC here
+    # (save_with makes it one line naming the file) and not a SIGBUS on the first page it lacks.
+    _reserve(tmp)
     owner = np.full(num_samples, -1, dtype=np.int32)  # which rank wrote each row
     duplicates = 0
     for manifest, info in shards:
@@ -110,6 +114,19 @@ def _merge_into(tmp: Path, shards: Shards, num_samples: int, num_classes: int, t
     # No msync: the rename publishes the complete file to every reader through the page cache,
     # and flushing 2 bytes x N x L to disk here would double the merge time.
     return duplicates
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of `path` (an ENOSPC/EDQUOT OSError on a full disk); where the file
+    system or platform cannot, leave the file sparse."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in FULL:
+                raise
 
 
 def _add_shard(manifest: Path, info: dict, merged: np.ndarray, owner: np.ndarray, shards: Shards,

@@ -5,21 +5,24 @@
     step-N/COMPLETE         step, epoch, position in it, world size, ZeRO stage; written last
 
 DeepSpeed writes the files of a tag directly into its folder; a job killed part way leaves a folder
-without `COMPLETE`, which resume ignores. Only rank 0 writes markers and deletes old checkpoints,
-after a barrier, so no rank can see a half-deleted or half-written checkpoint as complete.
-`Checkpointer` is the collective save / load the trainer calls; the functions below it are the
-folder rules it uses.
+without `COMPLETE`, which resume ignores. A save that finds the disk full deletes its folder and
+stops with one line naming it; a failed save never touches the newest complete checkpoint.
+Only rank 0 writes markers and deletes old checkpoints, after a barrier, so no rank can see a
+half-deleted or half-written checkpoint as complete. `Checkpointer` is the collective save / load
+the trainer calls; the functions below it are the folder rules it uses.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
 import shutil
 from pathlib import Path
 
-from ffcv_data.atomic import write_json
+from ffcv_data.atomic import FULL, write_json
+from ffcv_data.errors import DataError
 from pml_dist.errors import PmlError
 
 log = logging.getLogger(__name__)
@@ -43,17 +46,35 @@ class Checkpointer:
         """Collective: every rank writes its part, then rank 0 marks the checkpoint complete and
         prunes old ones (never those in `protect`)."""
         step = self.engine.global_steps
-        self.engine.save_checkpoint(str(self.root), tag=tag(step), client_state=client_state)
-        _save_rng(self._rng_file(step), self.device)
-        _barrier()
+        try:
+            self.engine.save_checkpoint(str(self.root), tag=tag(step), client_state=client_state)
+            _save_rng(self._rng_file(step), self.device)
+            _barrier()
+            if self.info.is_main:
+                write_marker(self.root, step, {
+                    "epoch": client_state["epoch"], "epoch_samples": client_state["epoch_samples"],
+                    "world_size": self.info.world_size, "zero_stage": self.engine.zero_optimization_stage(),
+                    "inputs": self.inputs,
+                })
+        except (OSError, RuntimeError, DataError) as exc:
+            full = _disk_full(exc, self.root)
+            if full is None:
+                raise
+            raise self._failed(step, full) from None
         if self.info.is_main:
-            write_marker(self.root, step, {
-                "epoch": client_state["epoch"], "epoch_samples": client_state["epoch_samples"],
-                "world_size": self.info.world_size, "zero_stage": self.engine.zero_optimization_stage(),
-                "inputs": self.inputs,
-            })
             prune(self.root, self.keep_last, set(protect))
         _barrier()
+
+    def _failed(self, step: int, why: str) -> PmlError:
+        """The save of `step` ran out of space: delete its folder (it has no marker, and is not
+        wanted half-written under its final name) and name what is left to resume from."""
+        folder = self.root / tag(step)
+        shutil.rmtree(folder, ignore_errors=True)
+        found = latest(self.root)
+        left = (f"the newest complete checkpoint, {self.root / tag(found[0])}, is intact and a rerun "
+                f"resumes from it" if found else "there is no earlier complete checkpoint")
+        return PmlError(f"{folder}: {why} while saving the checkpoint of step {step} (rank "
+                        f"{self.info.rank}); its folder was deleted, {left}; free space on {self.root}")
 
     def load(self) -> dict | None:
         """Restore the newest complete checkpoint into the engine and this rank's RNGs; returns its
@@ -84,6 +105,24 @@ class Checkpointer:
 
     def _rng_file(self, step: int) -> Path:
         return self.root / tag(step) / f"rng-rank{self.info.rank}.pt"
+
+
+def _disk_full(exc: BaseException, folder: Path) -> str | None:
+    """"No space left on device (ENOSPC)" when `exc` is a write that ran out of space, else None.
+    torch.save reports a full disk as a RuntimeError without an errno ("unexpected pos ...", "file
+    write failed"): that counts when the file system has (next to) nothing left."""
+    for err in (exc, exc.__cause__, exc.__context__):
+        if isinstance(err, OSError) and err.errno in FULL:
+            return f"{err.strerror or 'no space left'} ({errno.errorcode[err.errno]})"
+        if isinstance(err, DataError) and ("(ENOSPC)" in str(err) or "(EDQUOT)" in str(err)):
+            return "No space left on device (ENOSPC)"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if isinstance(exc, RuntimeError) and free < 16 * 2**20:
+        return f"No space left on device (ENOSPC: {free} bytes free)"
+    return None
 
 
 def _on_cuda(device) -> bool:

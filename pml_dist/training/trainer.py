@@ -250,10 +250,13 @@ class Trainer:
         val = evaluate(self.net, self.val_loader, self.device, self.num_classes, self.val_targets,
                        autocast=self.autocast)
         epoch, step = self.state.epoch, self.state.step
+        left_out = val["classes_without_positives"]
         self.metrics.write({"kind": "val", "step": step, "epoch": epoch, "map": val["map"],
-                            "targets": val["targets"]})
-        log.info("epoch %d step %d: val mAP %.2f (against %s)", epoch, step, val["map"],
-                 "full labels" if val["targets"] == "labels" else "observed labels")
+                            "targets": val["targets"], "classes_without_positives": left_out})
+        log.info("epoch %d step %d: val mAP %.2f (against %s%s)", epoch, step, val["map"],
+                 "full labels" if val["targets"] == "labels" else "observed labels",
+                 f"; {len(left_out)} of {self.num_classes} classes have no positive there and are left out: "
+                 f"{left_out}" if left_out else "")
         return val
 
     def _keep_if_best(self, val: dict) -> bool:
@@ -261,7 +264,8 @@ class Trainer:
         best = self.state.best
         if best is not None and val["map"] <= best["val_map"]:
             return False
-        self.state.best = {"epoch": self.state.epoch, "step": self.state.step, "val_map": val["map"]}
+        self.state.best = {"epoch": self.state.epoch, "step": self.state.step, "val_map": val["map"],
+                           "val_classes_without_positives": val["classes_without_positives"]}
         if self.info.is_main:
             _export(self.net, self.files, self.state.best)
         return True
@@ -329,7 +333,8 @@ class Trainer:
         if self.info.is_main:  # the report's paired intervals compare models on these (layout.py)
             save_with(self.files.test_logits, lambda tmp: np.save(tmp, test["logits"].astype(np.float16)))
         best = self.state.best
-        self.metrics.write({"kind": "test", "step": best["step"], "epoch": best["epoch"], "map": test["map"]})
+        self.metrics.write({"kind": "test", "step": best["step"], "epoch": best["epoch"], "map": test["map"],
+                            "classes_without_positives": test["classes_without_positives"]})
         return test
 
     def _result(self, test: dict, digests: list[str], seconds: float) -> dict:
@@ -343,6 +348,7 @@ class Trainer:
             "linear_init_epochs": self.linear_epochs,
             "test_map": test["map"], "test_ap": test["ap"],
             "test_classes_without_positives": test["classes_without_positives"],
+            "val_classes_without_positives": best.get("val_classes_without_positives", []),
             "world_size": world, "global_batch": derived.global_batch, "lr": derived.lr,
             "rank_weight_digests": digests,
             "train_seconds": seconds, "train_samples_per_s": samples_per_s,

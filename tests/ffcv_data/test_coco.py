@@ -95,3 +95,47 @@ def test_empty_split_is_refused(broken):
 def test_missing_annotation_file(tmp_path):
     with pytest.raises(DataError, match="annotation file not found"):
         read_split(tmp_path, "train2014")
+
+
+@pytest.mark.faults
+def test_two_images_with_one_id_are_both_named(broken):
+    def change(d):
+        d["images"][6]["id"] = d["images"][2]["id"]
+
+    path = _edit(broken, change)
+    data = json.loads(path.read_text())
+    first, second = data["images"][2]["file_name"], data["images"][6]["file_name"]
+    image_id = data["images"][2]["id"]
+    with pytest.raises(DataError, match=rf"{path}: images\[2\] \(file_name '{first}'\) and images\[6\] "
+                                        rf"\(file_name '{second}'\) have the same id {image_id}"):
+        read_split(broken, "train")
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("key, field", [("annotations", "id"), ("categories", "id"), ("images", "file_name")])
+def test_other_duplicates_name_both_records(broken, key, field):
+    def change(d):
+        d[key][4][field] = d[key][1][field]
+
+    path = _edit(broken, change)
+    with pytest.raises(DataError,
+                       match=rf"{path}: {key}\[1\] \(.*\) and {key}\[4\] \(.*\) have the same {field}"):
+        read_split(broken, "train")
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("key, field, value, type_name", [
+    ("annotations", "category_id", "1", "str"),
+    ("annotations", "image_id", 3.0, "float"),
+    ("images", "id", "7", "str"),
+    ("categories", "id", None, "NoneType"),
+])
+def test_an_id_of_the_wrong_json_type_names_its_type(broken, key, field, value, type_name):
+    def change(d):
+        d[key][3][field] = value
+
+    path = _edit(broken, change)
+    with pytest.raises(DataError, match=rf"{path}: {key}\[3\].* has {field} {value!r} of type {type_name}; "
+                                        "ids must be JSON integers") as err:
+        read_split(broken, "train")
+    assert "\n" not in str(err.value) and "not in 'categories'" not in str(err.value)

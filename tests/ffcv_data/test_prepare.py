@@ -89,7 +89,8 @@ def broken_copy(synthetic_root, tmp_path):
 
 @pytest.mark.faults
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
-def test_bad_jpeg_is_named_and_no_beton_is_left(broken_copy, tmp_path, damage):
+def test_bad_jpeg_in_the_test_split_is_named_before_any_beton(broken_copy, tmp_path, damage):
+    """Every image is decoded before the first .beton: a bad one in the last split stops it all."""
     victim = sorted((broken_copy / "test").glob("*.jpg"))[7]
     if damage == "corrupt":
         victim.write_bytes(b"this is not a jpeg")
@@ -97,14 +98,27 @@ def test_bad_jpeg_is_named_and_no_beton_is_left(broken_copy, tmp_path, damage):
         victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 3])
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", f"data.root={broken_copy}",
                              "data.max_resolution=48", "data.write_workers=2"])
-    with pytest.raises(DataError, match=f"test.beton: 1 image\\(s\\) could not be read:\n  {victim}"):
+    with pytest.raises(DataError, match=f"1 image\\(s\\) could not be decoded \\(nothing was written\\): "
+                                        f"{victim}: ") as err:
         prepare(cfg)
+    assert "\n" not in str(err.value)
     data = cfg.data_dir
-    assert not (data / "test.beton").exists()
-    assert not (data / "stats.json").exists()
-    assert sorted(p.name for p in data.iterdir() if "tmp" in p.name or "errors" in p.name) == []
-    # The splits written before the failure are complete and kept; a fixed input resumes from there.
-    assert (data / "train.beton").exists() and (data / "val.beton").exists()
+    assert sorted(p.name for p in data.iterdir()) == []  # no .beton, no side file, no temporaries
+
+
+@pytest.mark.faults
+def test_writer_still_names_an_image_that_breaks_after_the_check(broken_copy, tmp_path):
+    """The writer's own fallback (a file changed between the check and its encoding): one line, no file."""
+    from ffcv_data.beton import write_beton
+
+    files = sorted((broken_copy / "test").glob("*.jpg"))[:6]
+    files[3].write_bytes(b"this is not a jpeg")
+    labels = np.eye(6, 4, dtype=np.uint8)
+    target = tmp_path / "out" / "x.beton"
+    with pytest.raises(DataError, match=f"x.beton: 1 image\\(s\\) could not be read: {files[3]}: ") as err:
+        write_beton(target, files, labels, labels, max_resolution=48, jpeg_quality=90, workers=2)
+    assert "\n" not in str(err.value)
+    assert list(target.parent.iterdir()) == []
 
 
 @pytest.mark.faults

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,22 @@ def test_bad_preset_files_name_the_file(tmp_path):
     unknown.write_text("train:\n  lr: 0.1\n")
     with pytest.raises(ConfigError, match=f"{unknown}: unknown config key 'train.lr'"):
         load_config(unknown)
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory"):
+        load_config(tmp_path)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("override, message", [
+    ("pseudo.taus=[0.3,0.5,0.3]", "'pseudo.taus' lists 0.3 twice"),
+    # two array tasks would write one folder: tau-0.3
+    ("pseudo.taus=[0.3,0.3000001]", "'pseudo.taus' lists 0.3 and 0.3000001, which name one folder (tau-0.3)"),
+    ("pseudo.teacher_taus={em: [0.55, 0.55]}", "'pseudo.teacher_taus.em' lists 0.55 twice"),
+    ("pseudo.modes=[hard,soft,hard]", "'pseudo.modes' lists 'hard' twice"),
+    ("report.references=[bce,bce]", "'report.references' lists 'bce' twice"),
+])
+def test_a_value_listed_twice_is_refused(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
 
 
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):
@@ -94,9 +111,22 @@ def test_resolved_config_written_once_and_a_different_one_refused(tmp_path):
     assert "git" in saved["meta"]
     before = path.read_text()
     write_resolved(load_config(None, [f"run.dir={tmp_path}"]))  # a resubmission: accepted
-    with pytest.raises(ConfigError, match=r"different settings \(train.epochs\)"):
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "metrics.jsonl").write_text("{}\n")  # something this config produced
+    with pytest.raises(ConfigError, match=r"different settings \(train.epochs\) .*teacher/metrics.jsonl"):
         write_resolved(load_config(None, [f"run.dir={tmp_path}", "train.epochs=99"]))
     assert path.read_text() == before
+
+
+def test_a_run_directory_holding_only_configs_and_logs_is_taken_over(tmp_path):
+    """A first command that failed (a typo) produced nothing: the corrected one may use the folder."""
+    write_resolved(load_config(None, [f"run.dir={tmp_path}", "data.train_split=trian"]))
+    (tmp_path / "logs" / "submitit").mkdir(parents=True)
+    (tmp_path / "logs" / "submitit" / "1_log.err").write_text("error\n")
+    (tmp_path / "chain-em").mkdir()
+    write_resolved(load_config(None, [f"run.dir={tmp_path / 'chain-em'}", "data.train_split=trian"]))
+    path = write_resolved(load_config(None, [f"run.dir={tmp_path}", "data.train_split=train"]))
+    assert yaml.safe_load(path.read_text())["data"]["train_split"] == "train"
 
 
 def test_a_key_added_to_the_code_since_is_accepted_at_its_default(tmp_path):
@@ -105,6 +135,7 @@ def test_a_key_added_to_the_code_since_is_accepted_at_its_default(tmp_path):
     saved = yaml.safe_load(path.read_text())
     del saved["infer"]["hflip_tta"]  # as if written before the key existed
     path.write_text(yaml.safe_dump(saved))
+    (tmp_path / "jobs.json").write_text("{}")  # a run that submitted jobs with those settings
     write_resolved(load_config(None, [f"run.dir={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"\(infer.hflip_tta\)"):
         write_resolved(load_config(None, [f"run.dir={tmp_path}", "infer.hflip_tta=true"]))

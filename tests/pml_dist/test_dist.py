@@ -1,6 +1,10 @@
-"""The rank resolver under each launcher's environment (patched variables, no processes)."""
+"""The rank resolver under each launcher's environment (patched variables), and the thread counts."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,6 +53,20 @@ def test_threads_per_rank_follow_what_slurm_gave_each_task(monkeypatch):
     assert loaders.threads_per_rank(0, 4, {}) == 2  # torchrun: 4 ranks share the 8 cores
     assert loaders.threads_per_rank(0, 1, {"SLURM_CPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "4"}) == 4
     assert loaders.threads_per_rank(3, 4, bound) == 3  # data.loader_workers, as given
+
+
+def test_thread_counts_ignore_omp_num_threads():
+    """HPC login nodes often export OMP_NUM_THREADS=1: the cores a rank uses are its CPU mask (and
+    Slurm's allocation), never what that variable says."""
+    probe = ("import os, torch; from ffcv_data.loaders import threads_per_rank; "
+             "print(threads_per_rank(0, 1, {}), len(os.sched_getaffinity(0)))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for key in [k for k in env if k.startswith("SLURM_")]:
+        del env[key]
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    threads, cores = map(int, out.stdout.split())
+    assert threads == cores
 
 
 def test_no_launcher_is_one_process():

@@ -186,11 +186,14 @@ def test_a_failing_teacher_starts_nothing_downstream(slurm_cluster, synthetic_ro
     assert "teacher" in status and "failed" in status and "log" in status
 
 
+@pytest.mark.faults
 def test_interrupted_training_requeues_and_matches_an_uninterrupted_run(slurm_cluster, synthetic_root,
                                                                         tmp_path):
     """Three ways a 2-rank teacher is stopped and requeued, each resuming to the weights of the
-    uninterrupted run: submitit at its time limit (USR2), submitit preempted (SIGTERM), and the
-    plain teacher.sbatch stopped with USR2 while one rank's teardown outlasts KillWait, so srun
+    uninterrupted run: submitit at its time limit (USR2), submitit on the preemptible partition
+    preempted twice for real (an urgent job wants its node: Slurm SIGTERMs the ranks, they save at
+    the next step boundary, the job is requeued and resumes, and again from the second resume), and
+    the plain teacher.sbatch stopped with USR2 while one rank's teardown outlasts KillWait, so srun
     kills it and exits 137, not 3 (the script must requeue on the ranks' stop file anyway)."""
     import sys
 
@@ -199,6 +202,7 @@ def test_interrupted_training_requeues_and_matches_an_uninterrupted_run(slurm_cl
     from pml_dist.config import load_config, write_resolved
     from pml_dist.pipeline.jobs import TrainJob
     from pml_dist.stages import Teacher
+    from pml_dist.training.checkpoint import complete_steps
 
     # 5 epochs of 3 steps of a wider model at 48 px: after the first checkpoint (step 2) the job
     # trains for many more seconds, so the signal lands inside training, not after its last step
@@ -213,7 +217,7 @@ def test_interrupted_training_requeues_and_matches_an_uninterrupted_run(slurm_cl
     setup = tmp_path / "setup.sh"
     setup.write_text(f"export PATH={Path(sys.executable).parent}:$PATH PYTHONPATH={slow}\n")
     jobs = {}
-    for name in ("whole", "usr2", "term", "plain"):
+    for name in ("whole", "usr2", "preempted", "plain"):
         run = tmp_path / name
         write_resolved(load_config(None, [f"run.dir={run}", *common]))
         assert main(["prepare", f"run.dir={run}", *common]) == 0
@@ -224,17 +228,31 @@ def test_interrupted_training_requeues_and_matches_an_uninterrupted_run(slurm_cl
             continue
         executor = submitit.AutoExecutor(folder=run / "submitit", cluster="slurm")
         executor.update_parameters(timeout_min=20, tasks_per_node=2, nodes=1, slurm_signal_delay_s=30)
+        if name == "preempted":
+            executor.update_parameters(slurm_partition=slurm_cluster.site["preemptible_partition"])
         jobs[name] = executor.submit(TrainJob(str(run / "config.yaml"), stage=Teacher()))
-    # Slurm's time limit: USR2 (signal_delay_s early); preemption: SIGTERM. (submitit's
-    # job._interrupt() sends SIGTERM then USR2, and the second scancel can find the job already
-    # requeued by the first.) scancel --signal reaches every rank of the job's steps.
-    for name, signal in (("usr2", "USR2"), ("term", "TERM"), ("plain", "USR2")):
+    # Slurm's time limit: USR2 (signal_delay_s early), sent with scancel --signal (it reaches every
+    # rank of the job's steps); preemption: a real one (SIGTERM to the steps at once).
+    for name, signal in (("usr2", "USR2"), ("preempted", None), ("plain", "USR2")):
         marker = tmp_path / name / "teacher" / "ckpt" / "step-2" / "COMPLETE"
         deadline = time.time() + 400
         while not marker.exists() and time.time() < deadline:
             time.sleep(0.05)
         job_id = jobs[name] if name == "plain" else jobs[name].job_id
-        subprocess.run(["scancel", "--signal", signal, job_id], check=True)
+        if signal is None:
+            slurm_cluster.preempt(job_id)
+        else:
+            subprocess.run(["scancel", "--signal", signal, job_id], check=True)
+    # The second preemption: once the requeued run has resumed and written a checkpoint of its own
+    # (its handlers are in place and it is inside training, not starting up or finishing).
+    ckpt, log0 = (tmp_path / "preempted" / "teacher" / p for p in ("ckpt", "logs/rank-0.log"))
+    deadline = time.time() + 400
+    while "resumed from" not in log0.read_text() and time.time() < deadline:
+        time.sleep(0.1)
+    before = set(complete_steps(ckpt))
+    while not set(complete_steps(ckpt)) - before and time.time() < deadline:
+        time.sleep(0.05)
+    slurm_cluster.preempt(jobs["preempted"].job_id)
     results = {name: job.results()[0] for name, job in jobs.items() if name != "plain"}
     assert slurm_cluster.wait_for_job(jobs["plain"], timeout=600) == "COMPLETED"
     results["plain"] = {k: json.loads((tmp_path / "plain" / "teacher" / "result.json").read_text())[k]
@@ -244,15 +262,21 @@ def test_interrupted_training_requeues_and_matches_an_uninterrupted_run(slurm_cl
         errors="replace")
     requeued = re.search(r"every rank saved a checkpoint \(srun status (\d+)\); requeueing", plain_log)
     assert requeued and requeued.group(1) != "3", plain_log[-3000:]  # the slow rank was killed
-    for name in ("usr2", "term", "plain"):
-        assert "resumed from" in (tmp_path / name / "teacher" / "logs" / "rank-0.log").read_text(), name
+    resumes = {name: (tmp_path / name / "teacher" / "logs" / "rank-0.log").read_text().count("resumed from")
+               for name in ("usr2", "preempted", "plain")}
+    assert resumes == {"usr2": 1, "preempted": 2, "plain": 1}
+    assert slurm_cluster.restarts(jobs["preempted"].job_id) >= 2
+    # each time, every rank saved at a step boundary first, then submitit's handler requeued the job
+    # (not Slurm killing it at the end of GraceTime and resuming from an older checkpoint)
+    assert jobs["preempted"].paths.stderr.read_text().count("this job is preempted") == 2
+    for name in ("usr2", "preempted", "plain"):
         assert {k: results[name][k] for k in ("test_map", "val_map")} == {
             k: results["whole"][k] for k in ("test_map", "val_map")}, name
     last = {name: max((tmp_path / name / "teacher" / "ckpt").glob("step-*"), key=lambda p: int(p.name[5:]))
             for name in jobs}
     weights = {name: torch.load(c / "mp_rank_00_model_states.pt", weights_only=False)["module"]
                for name, c in last.items()}
-    for name in ("usr2", "term", "plain"):
+    for name in ("usr2", "preempted", "plain"):
         assert all(torch.equal(weights["whole"][k], weights[name][k]) for k in weights["whole"]), name
 
 

@@ -84,6 +84,12 @@ def test_every_stage_ran_and_the_report_lists_them(pipeline, capsys):
         assert (run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (run / "report.md").read_text()
     assert "| AN -> tau-0.5 |" in md and "| reference full BCE |" in md and "beyond the paper" in md
+    # classes without a positive in a split are named (by the data's category names)
+    names = json.loads((run / "data/stats.json").read_text())["category_names"]
+    for split in ("val", "test"):
+        left_out = teacher[f"{split}_classes_without_positives"]
+        assert report["classes_left_out"][split] == [names[i] for i in left_out]
+    assert ("Classes without a positive, left out" in md) == any(report["classes_left_out"].values())
     assert main(["status", *overrides]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split()[0] for ln in lines] == [

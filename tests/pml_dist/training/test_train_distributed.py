@@ -3,8 +3,12 @@ by hand), on a small generated data set."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +40,19 @@ def run(synthetic_root, tmp_path):
         return overrides, run_dir
 
     return make
+
+
+RESUMABLE = ("train.epochs=5", "train.ckpt_every=2")  # 5 epochs of 7 steps, a checkpoint every 2
+
+
+@pytest.fixture(scope="module")
+def whole(synthetic_root, tmp_path_factory) -> Path:
+    """One uninterrupted 2-rank run, the reference of every interrupted one in this module."""
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    overrides = [f"run.dir={run_dir}", f"data.root={synthetic_root}", *BASE, *RESUMABLE]
+    assert main(["prepare", *overrides]) == 0
+    assert wait(launch(2, overrides)) == [0, 0]
+    return run_dir
 
 
 def launch(world: int, overrides: list[str], stage: str = "teacher") -> list[subprocess.Popen]:
@@ -85,16 +102,14 @@ def records(run_dir: Path) -> list[dict]:
     return out
 
 
-def test_two_ranks_agree_and_a_stopped_run_resumes_exactly(run):
+def test_two_ranks_agree_and_a_stopped_run_resumes_exactly(run, whole):
     """Uninterrupted vs stopped (SIGUSR2 to one rank only) + resumed: same weights, same metrics."""
     # 5 epochs of 7 steps: the signal sent at the first checkpoint (step 2) finds the run mid-way
-    overrides, whole = run("train.epochs=5", "train.ckpt_every=2")
-    assert wait(launch(2, overrides)) == [0, 0]
     result = json.loads((whole / "teacher" / "result.json").read_text())
     assert len(result["rank_weight_digests"]) == 2
     assert len(set(result["rank_weight_digests"])) == 1, "ranks ended with different weights"
 
-    overrides2, parts = run("train.epochs=5", "train.ckpt_every=2")
+    overrides2, parts = run(*RESUMABLE)
     procs = launch(2, overrides2)
     marker = parts / "teacher" / "ckpt" / "step-2" / "COMPLETE"
     deadline = time.time() + 300
@@ -113,6 +128,110 @@ def test_two_ranks_agree_and_a_stopped_run_resumes_exactly(run):
     for name in final_whole:
         assert torch.equal(final_whole[name], final_parts[name]), name
     assert records(whole) == records(parts)
+
+
+@pytest.mark.faults
+def test_a_rank_killed_mid_epoch_fails_the_run_and_the_rerun_resumes_from_a_complete_checkpoint(run, whole):
+    """SIGKILL to one rank mid-epoch (no chance to save): both ranks exit with an error (the other
+    one's collective fails), nothing is marked done, and the rerun resumes from the newest
+    checkpoint that has its COMPLETE marker, never from a half-written folder (one is left beside
+    it: a later step, no marker, a truncated weights file), and ends where the uninterrupted run
+    ends (resize transform, no JIT: bit-reproducible)."""
+    overrides, parts = run(*RESUMABLE)
+    procs = launch(2, overrides)
+    ckpt = parts / "teacher" / "ckpt"
+    deadline = time.time() + 300
+    while not (ckpt / "step-2" / "COMPLETE").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    codes = wait(procs, timeout=120)
+    assert codes[1] == -signal.SIGKILL and codes[0] not in (0, 3), codes  # rank 0 noticed, and failed
+    assert not (parts / "teacher" / "result.json").exists()
+    complete = max(int(p.parent.name[5:]) for p in ckpt.glob("step-*/COMPLETE"))
+    total = json.loads((whole / "teacher" / "derived.json").read_text())["total_steps"]
+    assert 2 <= complete < total
+    half = ckpt / f"step-{total - 1}"  # a save cut short: DeepSpeed's files, no marker
+    shutil.copytree(ckpt / f"step-{complete}", half, dirs_exist_ok=True)
+    (half / "COMPLETE").unlink()
+    model_file = half / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+
+    assert wait(launch(2, overrides)) == [0, 0]
+    log0 = (parts / "teacher" / "logs" / "rank-0.log").read_text()
+    resumed = re.findall(r"resumed from \S*/(step-\d+)", log0)
+    assert resumed == [f"step-{complete}"]
+    final_whole, final_parts = weights(whole), weights(parts)
+    assert final_whole.keys() == final_parts.keys()
+    for name in final_whole:
+        assert torch.equal(final_whole[name], final_parts[name]), name
+    assert records(whole) == records(parts)
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str):
+    """A real tmpfs of `size` mounted at `folder`: a file system that fills up (root only; else skip)."""
+    if os.geteuid() != 0:
+        pytest.skip("a small disk (tmpfs mount) needs root")
+    folder.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {folder}: {res.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> None:
+    """Fill `folder`'s file system to the last byte with a file `filler`."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        for chunk in (65536, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * chunk)
+        with pytest.raises(OSError) as full:
+            f.write(b"\0")
+        assert full.value.errno == errno.ENOSPC
+
+
+@pytest.mark.faults
+def test_a_full_disk_stops_a_checkpoint_save_with_one_line_and_keeps_the_last_complete_one(run):
+    """teacher/ckpt on a small real tmpfs. Once step 2's checkpoint is complete the rank is paused
+    (SIGSTOP), the disk filled, and the rank resumed (SIGCONT): the save of step 4 fails with one
+    line naming its folder and ENOSPC (exit 2), the folder is gone (nothing half-written under a
+    checkpoint's name), step 2's checkpoint is intact, and with space again the rerun resumes from
+    it and finishes."""
+    from pml_dist.training.checkpoint import complete_steps
+
+    overrides, parts = run("train.epochs=1", "train.ckpt_every=2")
+    ckpt = parts / "teacher" / "ckpt"
+    with small_disk(ckpt, "32m"):
+        (proc,) = launch(1, overrides)
+        deadline = time.time() + 300
+        while not (ckpt / "step-2" / "COMPLETE").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            fill(ckpt)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2, out[-3000:]
+        error = [line for line in out.splitlines() if "error:" in line]
+        assert len(error) == 1 and "Traceback" not in out, out[-3000:]
+        named = rf"^pml-dist train: error: {re.escape(str(ckpt))}/step-\d+: .*\(ENOSPC"
+        assert re.search(named, error[0]), error
+        assert "step-2" in error[0] and "is intact" in error[0]
+        assert complete_steps(ckpt) == [2]
+        # (`latest`: DeepSpeed's own pointer, written after a tag's files; resume reads the markers)
+        assert sorted(p.name for p in ckpt.iterdir()) == ["filler", "latest", "step-2"]
+        assert (ckpt / "latest").read_text().strip() == "step-2"
+        (ckpt / "filler").unlink()
+        assert wait(launch(1, overrides)) == [0]
+    log0 = (parts / "teacher" / "logs" / "rank-0.log").read_text()
+    assert re.findall(r"resumed from \S*/(step-\d+)", log0) == ["step-2"]
+    assert (parts / "teacher" / "result.json").is_file()
 
 
 def test_one_step_is_the_same_at_any_world_size_and_accumulation(run):

@@ -1,0 +1,213 @@
+"""prepare against changed inputs, leftovers of killed runs, and Ctrl-C / SIGKILL of a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ffcv_data.errors import DataError
+from ffcv_data.loaders import read_fields
+from ffcv_data.prepare import remove_stale_files
+from ffcv_data.prepared import PreparedData
+from pml_dist.config import load_config
+from pml_dist.data_stage import prepare
+
+pytestmark = pytest.mark.timeout(300)  # FFCV's writer hangs on some failures: never wait forever
+
+
+@pytest.fixture
+def own_copy(synthetic_root, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(synthetic_root, root)
+    return root
+
+
+def _overrides(root, run, *extra):
+    return [f"run.dir={run}", f"data.root={root}", "data.max_resolution=48", "data.write_workers=2", *extra]
+
+
+@pytest.mark.faults
+def test_annotations_edited_after_prepare_are_an_error_naming_the_file(own_copy, tmp_path):
+    cfg = load_config(None, _overrides(own_copy, tmp_path / "run"))
+    prepare(cfg)
+    before = {p.name: p.read_bytes() for p in cfg.data_dir.iterdir()}
+    assert "inputs.json" in before
+    ann = own_copy / "annotations" / "instances_train.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["category_id"] = data["categories"][-1]["id"]
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError) as err:
+        prepare(cfg)
+    msg = str(err.value)
+    assert "annotations/instances_train.json changed" in msg and f"delete {cfg.data_dir}" in msg
+    assert "test" not in msg.split(":", 1)[1].split(";")[0]  # names the changed input only
+    assert "\n" not in msg
+    assert {p.name: p.read_bytes() for p in cfg.data_dir.iterdir()} == before  # stats.json untouched
+
+
+@pytest.mark.faults
+def test_other_encoding_keys_or_images_are_an_error_naming_them(own_copy, tmp_path):
+    cfg = load_config(None, _overrides(own_copy, tmp_path / "run"))
+    prepare(cfg)
+    other = load_config(None, _overrides(own_copy, tmp_path / "run", "data.jpeg_quality=80",
+                                         "data.val_seed=5"))
+    with pytest.raises(DataError,
+                       match=r"prepared from other inputs: val_seed 0 -> 5; jpeg_quality 90 -> 80; delete "):
+        prepare(other)
+    other_workers = load_config(None, [*_overrides(own_copy, tmp_path / "run"), "data.write_workers=1"])
+    prepare(other_workers)  # how it is written is no input of the content
+    image = sorted((own_copy / "test").glob("*.jpg"))[0]
+    image.write_bytes(image.read_bytes() + b"\0")
+    with pytest.raises(DataError, match=r"the test image list changed \(file names or sizes differ\)"):
+        prepare(cfg)
+
+
+@pytest.mark.faults
+def test_a_folder_prepared_before_the_input_record_is_adopted(own_copy, tmp_path, caplog):
+    """Folders an older version prepared keep working: the current inputs are recorded (with a
+    warning that earlier changes cannot be seen), and from then on a change is an error."""
+    cfg = load_config(None, _overrides(own_copy, tmp_path / "run"))
+    prepare(cfg)
+    record = (cfg.data_dir / "inputs.json").read_text()
+    (cfg.data_dir / "inputs.json").unlink()
+    betons = {p.name: p.stat().st_mtime_ns for p in cfg.data_dir.glob("*.beton")}
+    prepare(cfg)
+    assert "no inputs.json (an older version prepared it)" in caplog.text
+    assert (cfg.data_dir / "inputs.json").read_text() == record
+    assert {p.name: p.stat().st_mtime_ns for p in cfg.data_dir.glob("*.beton")} == betons
+    annotations = own_copy / "annotations" / "instances_train.json"
+    annotations.write_text(annotations.read_text() + "\n")
+    with pytest.raises(DataError, match="instances_train.json changed"):
+        prepare(cfg)
+
+
+@pytest.mark.faults
+def test_a_beton_whose_side_file_is_missing_gets_it_back_without_being_rewritten(own_copy, tmp_path):
+    """Killed between the .beton's rename and its side file's: the rerun writes only the side file."""
+    cfg = load_config(None, _overrides(own_copy, tmp_path / "run"))
+    prepare(cfg)
+    meta, beton = cfg.data_dir / "val.meta.npz", cfg.data_dir / "val.beton"
+    with np.load(meta) as m:
+        content = {k: m[k] for k in m.files}
+    mtime = beton.stat().st_mtime_ns
+    meta.unlink()
+    prepare(cfg)
+    assert beton.stat().st_mtime_ns == mtime
+    with np.load(meta) as m:
+        assert m.files == list(content) and all(np.array_equal(m[k], v) for k, v in content.items())
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.faults
+def test_stale_files_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    out = PreparedData(tmp_path / "data")
+    out.folder.mkdir()
+    dead, live = _dead_pid(), os.getppid()
+    stale = [f".train.beton.tmp-{dead}.beton", f".val.meta.npz.tmp-{dead}.npz", f"test.beton.errors-{dead}",
+             f".stats.json.tmp-{dead}.json", "test.meta.npz"]  # the last: a side file without its .beton
+    kept = [f".train.beton.tmp-{live}.beton", f".test.beton.tmp-{os.getpid()}.beton", "val.beton",
+            "val.meta.npz", f".notes.txt.tmp-{dead}.txt", "inputs.json"]
+    for name in stale + kept:
+        (out.folder / name).write_bytes(b"x")
+    removed = remove_stale_files(out)
+    assert sorted(p.name for p in removed) == sorted(stale)
+    assert sorted(p.name for p in out.folder.iterdir()) == sorted(kept)
+
+
+# ---------------------------------------------------------------- real processes, real signals
+@pytest.fixture(scope="module")
+def slow_root(tmp_path_factory):
+    """Enough images that writing a split takes a moment (re-encoded, keep_original_jpegs=false)."""
+    from ffcv_data.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("signals") / "coco"
+    make_synthetic(root, seed=0, n_train=400, n_test=60, image_size=48)
+    return root
+
+
+SIGNAL_OVERRIDES = ("data.keep_original_jpegs=false",)
+
+
+@pytest.fixture(scope="module")
+def undisturbed(slow_root, tmp_path_factory):
+    cfg = load_config(None, _overrides(slow_root, tmp_path_factory.mktemp("ref") / "run", *SIGNAL_OVERRIDES))
+    prepare(cfg)
+    return cfg.data_dir
+
+
+def _temporaries(folder):
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".errors-" in p.name)
+
+
+def _same_records(folder, reference):
+    ref_stats, stats = (json.loads((f / "stats.json").read_text()) for f in (reference, folder))
+    for s in (ref_stats, stats):
+        s.pop("seconds"), s.pop("image_check_seconds")
+    assert stats == ref_stats
+    for split in ("train", "val", "test"):
+        got, want = read_fields(folder / f"{split}.beton"), read_fields(reference / f"{split}.beton")
+        assert got.keys() == want.keys()
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+        with np.load(folder / f"{split}.meta.npz") as a, np.load(reference / f"{split}.meta.npz") as b:
+            assert all(np.array_equal(a[k], b[k]) for k in b.files)
+
+
+def _gone(pgid: int, within: float = 20.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_interrupted_or_killed_prepare_leaves_nothing_and_resumes(slow_root, undisturbed, tmp_path, sig):
+    """Ctrl-C goes to the whole foreground process group (the terminal's way); SIGKILL to the main
+    process only (the OOM killer's way): its writer processes must not outlive it."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pml_dist", "prepare", *_overrides(slow_root, run, *SIGNAL_OVERRIDES)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    data = run / "data"
+    deadline = time.monotonic() + 120
+    while not (data.is_dir() and any(n.startswith(".train.beton.tmp-") for n in _temporaries(data))):
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare never started writing"
+        time.sleep(0.002)
+    time.sleep(0.05)  # its writer processes are running
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+    err = proc.communicate(timeout=60)[1]
+    assert _gone(proc.pid), "a process of the interrupted prepare is still running"
+    assert not (data / "train.beton").exists()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err
+        assert err.rstrip().splitlines()[-1] == "pml-dist prepare: interrupted"
+        assert len([line for line in err.splitlines() if "it/s]" not in line and line.strip()]) <= 6
+        assert _temporaries(data) == []  # cleaned up by the interrupted process itself
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        assert _temporaries(data) == [f".train.beton.tmp-{proc.pid}.beton"]
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert _temporaries(data) == []
+    _same_records(data, undisturbed)
