@@ -133,6 +133,7 @@ def test_quasi_random_is_single_process_only(betons):
 
 
 @pytest.mark.faults
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death we cause
 def test_a_dying_loader_thread_raises_instead_of_hanging(betons):
     from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import OrderOption

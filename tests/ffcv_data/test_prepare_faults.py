@@ -184,13 +184,23 @@ def test_interrupted_or_killed_prepare_leaves_nothing_and_resumes(slow_root, und
     process only (the OOM killer's way): its writer processes must not outlive it."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "pml_dist", "prepare", *_overrides(slow_root, run, *SIGNAL_OVERRIDES)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # Each record takes 10 ms more to encode (in the writer processes, which inherit the patch), so
+    # the split is still being written when the signal lands, however busy the machine is.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\nfrom ffcv_data import beton\n_get = beton._SplitSource.__getitem__\n"
+        "def slow(self, i):\n    time.sleep(0.01)\n    return _get(self, i)\n"
+        "beton._SplitSource.__getitem__ = slow\n")
+    path = os.pathsep.join(filter(None, (str(hook), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONPATH": path}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     data = run / "data"
     deadline = time.monotonic() + 120
     while not (data.is_dir() and any(n.startswith(".train.beton.tmp-") for n in _temporaries(data))):
         assert proc.poll() is None and time.monotonic() < deadline, "prepare never started writing"
         time.sleep(0.002)
-    time.sleep(0.05)  # its writer processes are running
+    time.sleep(0.3)  # its writer processes are running (the split takes at least 340 x 10 ms / 2)
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)
     else:
