@@ -194,7 +194,10 @@ def test_interrupted_or_killed_prepare_leaves_nothing_and_resumes(slow_root, und
         "beton._SplitSource.__getitem__ = slow\n")
     path = os.pathsep.join(filter(None, (str(hook), os.environ.get("PYTHONPATH"))))
     env = {**os.environ, "PYTHONPATH": path}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    # SIGINT as in a terminal's foreground job: a shell starts background jobs (a CI runner's, say)
+    # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     data = run / "data"
     deadline = time.monotonic() + 120
     while not (data.is_dir() and any(n.startswith(".train.beton.tmp-") for n in _temporaries(data))):
