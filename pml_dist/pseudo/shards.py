@@ -12,7 +12,10 @@ The .npz is written first and the manifest last, each under a temporary name and
 from __future__ import annotations
 
 import json
+import struct
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +42,12 @@ def npz_checksum(npz: Path) -> str:
     also catches a whole shard replaced by another, valid one.
     """
     with zipfile.ZipFile(npz) as z:
-        return ",".join(f"{i.filename.removesuffix('.npy')}:{i.CRC:08x}" for i in sorted(
-            z.infolist(), key=lambda i: i.filename))
+        return _checksum_of(z.infolist())
+
+
+def _checksum_of(infos: list[zipfile.ZipInfo]) -> str:
+    return ",".join(f"{i.filename.removesuffix('.npy')}:{i.CRC:08x}" for i in sorted(
+        infos, key=lambda i: i.filename))
 
 
 def write_shard(run: RunLayout, rank: int, world: int, indices: np.ndarray, probs: np.ndarray,
@@ -86,6 +93,90 @@ def read_shard(npz: Path, checksum: str | None = None) -> tuple[np.ndarray, np.n
             return data["indices"], data["probs"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise PmlError(f"{npz}: unreadable shard ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """Where one array of a shard lies in its .npz, which np.savez writes uncompressed: the member
+    (its .npy header, then the values, C order) starts at byte `offset` of the file; `crc` is the
+    member's CRC-32 from the zip directory (the one the manifest's checksum names). Whoever reads the
+    values straight from the file (pml_dist/pseudo/merge.py) must check that CRC itself."""
+
+    name: str
+    offset: int
+    header: bytes
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    crc: int
+
+    @property
+    def size(self) -> int:
+        """The member's bytes: header and values."""
+        return len(self.header) + self.dtype.itemsize * int(np.prod(self.shape))
+
+
+_LOCAL_HEADER = struct.Struct(zipfile.structFileHeader)
+
+
+def open_shard(npz: Path, checksum: str) -> tuple[np.ndarray, StoredRows | None]:
+    """A shard's indices (read, their CRC checked) and where its probs lie, after comparing the
+    file's checksum with the manifest's `checksum`: one read of the zip directory. The probs are
+    None where they cannot be read in place (compressed, not float16, Fortran order): read_shard
+    then reads them. Errors as read_shard's."""
+    try:
+        with zipfile.ZipFile(npz) as z, open(npz, "rb") as f:
+            infos = z.infolist()
+            if _checksum_of(infos) != checksum:
+                raise PmlError(f"{npz}: checksum does not match its manifest (corrupt or overwritten)")
+            where = _stored(f, z.getinfo("indices.npy"))
+            if where is None or where.dtype.kind not in "iu" or len(where.shape) != 1:
+                with z.open("indices.npy") as member:
+                    indices = np.lib.format.read_array(member, allow_pickle=False)
+            else:
+                indices = _read_checked(f, where)
+            probs = _stored(f, z.getinfo("probs.npy"))
+        if probs is not None and (probs.dtype != np.float16 or len(probs.shape) != 2):
+            probs = None
+        return indices, probs
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, struct.error) as exc:
+        raise PmlError(f"{npz}: unreadable shard ({type(exc).__name__}: {exc})") from None
+
+
+def _stored(f, info: zipfile.ZipInfo) -> StoredRows | None:
+    """Where member `info` of the open .npz `f` lies, or None unless stored, C order, as declared."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # compressed or encrypted
+        return None
+    f.seek(info.header_offset)
+    local = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+    if local[0] != zipfile.stringFileHeader:
+        raise zipfile.BadZipFile(f"bad local header of {info.filename}")
+    start = info.header_offset + _LOCAL_HEADER.size + local[zipfile._FH_FILENAME_LENGTH] \
+        + local[zipfile._FH_EXTRA_FIELD_LENGTH]
+    f.seek(start)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        return None
+    header_len = f.tell() - start
+    f.seek(start)
+    where = StoredRows(info.filename, start, f.read(header_len), tuple(shape), dtype, info.CRC)
+    if fortran or dtype.hasobject or where.size != info.file_size:
+        return None
+    return where
+
+
+def _read_checked(f, where: StoredRows) -> np.ndarray:
+    """The whole array of `where`, read from the open file `f`, its CRC-32 checked (zipfile's error)."""
+    values = np.empty(where.shape, dtype=where.dtype)
+    f.seek(where.offset + len(where.header))
+    if f.readinto(memoryview(values).cast("B")) != values.nbytes:
+        raise EOFError(f"the file ends inside {where.name}")
+    if zlib.crc32(values, zlib.crc32(where.header)) != where.crc:
+        raise zipfile.BadZipFile(f"Bad CRC-32 for file {where.name!r}")
+    return values
 
 
 def read_manifest(path: Path) -> dict:

@@ -90,14 +90,17 @@ def deepspeed_config(cfg: Config, derived: Derived, on_gpu: bool) -> dict:
         raise ConfigError(f"{path}: malformed JSON: {exc}") from None
     ds = {k: v for k, v in ds.items() if not k.startswith("_")}
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "optimizer", "scheduler", "fp16", "bf16", "torch_autocast", "communication_data_type"):
+                "optimizer", "scheduler", "fp16", "bf16", "torch_autocast", "communication_data_type",
+                "gradient_clipping"):
         if key in ds:
             raise ConfigError(f"{path}: '{key}' is set by the experiment config (train.*, optim.*, dist.*)")
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds["train_batch_size"] = derived.global_batch
-    if cfg.optim.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
+    # Always stated: DeepSpeed's default (0.19.8) is 1.0, which clipped every step at norm 1 although
+    # optim.grad_clip=0 means off, and cost each step a norm over all gradients plus a blocking
+    # all-reduce of it (ZeRO-0 at every step: clip_fp32_gradients). 0 turns both off.
+    ds["gradient_clipping"] = cfg.optim.grad_clip
     if resolve_precision(cfg, on_gpu) == "bf16":
         if not on_gpu:
             raise ConfigError("dist.precision=bf16 on CPU: about 10x slower than fp32 here; use fp32")

@@ -102,6 +102,13 @@ class TrainModule(nn.Module):
         return self.loss(self.model(images), targets, index)
 
 
+def build_engine(cfg: Config, model: nn.Module, loss: nn.Module, derived: engine.Derived, device):
+    """The DeepSpeed engine that trains `model` with `loss` (bench/bench_dp.py measures this one)."""
+    groups = param_groups(model, cfg.optim.weight_decay)
+    groups += [{"params": list(p), "weight_decay": 0.0, "lr_mult": m} for p, m in param_groups_lr_mult(loss)]
+    return engine.initialize(cfg, TrainModule(model, loss), groups, derived, device)
+
+
 class Trainer:
     """One stage's training on this rank; the components are built once, here, in this order
     (every rank must reach the same collectives in the same order)."""
@@ -408,11 +415,7 @@ class Trainer:
                           seed=self.cfg.train.seed, observed_labels=observed)
 
     def _build_engine(self):
-        groups = param_groups(self.model, self.cfg.optim.weight_decay)
-        groups += [{"params": list(p), "weight_decay": 0.0, "lr_mult": m}
-                   for p, m in param_groups_lr_mult(self.loss)]
-        module = TrainModule(self.model, self.loss)
-        return engine.initialize(self.cfg, module, groups, self.derived, self.device)
+        return build_engine(self.cfg, self.model, self.loss, self.derived, self.device)
 
     def _train_loader(self):
         cfg, info = self.cfg, self.info
