@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,46 @@ def slurm_cluster():
             yield cluster
     finally:
         cluster.stop()
+
+
+# ---------------------------------------------------------------- a disk that fills up
+@contextlib.contextmanager
+def _small_disk(folder: Path, size: str):
+    """A real tmpfs of `size` mounted at `folder`: a file system that fills up. Root only (CI runs as
+    root); elsewhere the test skips, saying why."""
+    if os.geteuid() != 0:
+        pytest.skip("a small disk (tmpfs mount) needs root")
+    folder.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {folder}: {res.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _fill(folder: Path, leave: int = 0) -> None:
+    """Fill `folder`'s file system to the last byte with a file `filler`, then free `leave` bytes."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        for chunk in (65536, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * chunk)
+        with pytest.raises(OSError) as full:
+            f.write(b"\0")
+        assert full.value.errno == errno.ENOSPC
+        f.truncate(f.tell() - leave)
+
+
+@pytest.fixture
+def small_disk():
+    """`with small_disk(folder, "1m"):` a real tmpfs mounted at folder for the block."""
+    return _small_disk
+
+
+@pytest.fixture
+def fill_disk():
+    """`fill_disk(folder, leave=0)`: fill folder's file system up to `leave` free bytes."""
+    return _fill

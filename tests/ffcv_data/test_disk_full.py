@@ -3,12 +3,6 @@ half-written under a final name. The disk is a small real tmpfs (root only; else
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 
 from pml_dist.cli import main
@@ -16,41 +10,13 @@ from pml_dist.cli import main
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
 
-@contextlib.contextmanager
-def small_disk(folder: Path, size: str):
-    """A real tmpfs of `size` mounted at `folder`: a file system that fills up."""
-    if os.geteuid() != 0:
-        pytest.skip("a small disk (tmpfs mount) needs root")
-    folder.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs at {folder}: {res.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path, leave: int = 0) -> None:
-    """Fill `folder`'s file system to the last byte with a file `filler`, then free `leave` bytes."""
-    with open(folder / "filler", "wb", buffering=0) as f:
-        for chunk in (65536, 4096, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * chunk)
-        with pytest.raises(OSError) as full:
-            f.write(b"\0")
-        assert full.value.errno == errno.ENOSPC
-        f.truncate(f.tell() - leave)
-
-
 @pytest.mark.parametrize("leave", [
     0,  # full before the write: the writer's first bytes (the header, in this process) fail
     65536,  # full part way: the ENOSPC hits an FFCV writer process, which leaves it to the parent
 ])
 def test_a_full_disk_stops_prepare_with_one_line_and_keeps_the_complete_betons(synthetic_root, tmp_path,
-                                                                               capsys, leave):
+                                                                               capsys, leave, small_disk,
+                                                                               fill_disk):
     """data/ on a small tmpfs: a prepared run loses its test.beton, the disk fills up (but for
     `leave` bytes), and prepare again must stop with one line naming test.beton and ENOSPC (exit
     2), leave train.beton and val.beton byte for byte (and stats.json), and leave no test.beton
@@ -63,7 +29,7 @@ def test_a_full_disk_stops_prepare_with_one_line_and_keeps_the_complete_betons(s
         assert main(["prepare", *overrides]) == 0
         (data / "test.beton").unlink()  # (prepare drops its side file test.meta.npz as stale)
         before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file() and p.name[:5] != "test."}
-        fill(data, leave)
+        fill_disk(data, leave)
         capsys.readouterr()
         assert main(["prepare", *overrides]) == 2
         err = capsys.readouterr().err

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import shutil
@@ -163,36 +161,6 @@ def test_a_rank_killed_mid_write_leaves_no_shard_and_a_rerun_fills_it(prepared, 
     np.testing.assert_array_equal(np.load(run / "pseudo" / "probs.npy"), single)
 
 
-@contextlib.contextmanager
-def small_disk(folder: Path, size: str = "1m"):
-    """A real tmpfs of `size` mounted at `folder`: a file system that fills up. Root only (this
-    machine's tests run as root; elsewhere the test skips, saying why)."""
-    if os.geteuid() != 0:
-        pytest.skip("a small disk (tmpfs mount) needs root")
-    folder.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs at {folder}: {res.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path, leave: int = 0) -> None:
-    """Fill `folder`'s file system to the last byte with a file `filler` (then free `leave` bytes)."""
-    with open(folder / "filler", "wb", buffering=0) as f:
-        for chunk in (65536, 4096, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * chunk)
-        with pytest.raises(OSError) as full:
-            f.write(b"\0")
-        assert full.value.errno == errno.ENOSPC
-        f.truncate(f.tell() - leave)
-
-
 def _one_line_enospc(err: str, path: Path) -> None:
     err = err.strip()
     assert "\n" not in err and "Traceback" not in err, err
@@ -201,17 +169,18 @@ def _one_line_enospc(err: str, path: Path) -> None:
 
 @pytest.mark.faults
 def test_a_full_disk_stops_a_shard_write_with_one_line_and_keeps_what_was_complete(prepared, single, tmp_path,
-                                                                                   monkeypatch, capsys):
+                                                                                   monkeypatch, capsys,
+                                                                                   small_disk, fill_disk):
     """teacher/probs on a small real tmpfs: rank 0 writes its shard, then the disk is full. Rank 1's
     `pml-dist infer` stops with one line naming its shard and ENOSPC (exit 2), leaves nothing under
     its names (nor a temporary file), and rank 0's shard is intact; with space again, the rerun
     fills the gap and the merge equals the single-process result."""
     run, overrides = clone(prepared, tmp_path)
     folder = run / "teacher" / "probs"
-    with small_disk(folder):
+    with small_disk(folder, "1m"):
         run_ranks(overrides, 3, monkeypatch, ranks=[0])
         before = {p.name: p.read_bytes() for p in folder.glob("shard-*")}
-        fill(folder)
+        fill_disk(folder)
         for key, value in {"RANK": 1, "WORLD_SIZE": 3, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1}.items():
             monkeypatch.setenv(key, str(value))
         capsys.readouterr()
@@ -228,7 +197,8 @@ def test_a_full_disk_stops_a_shard_write_with_one_line_and_keeps_what_was_comple
 
 @pytest.mark.faults
 def test_a_full_disk_stops_the_merge_with_one_line_and_keeps_the_previous_matrix(prepared, tmp_path,
-                                                                                monkeypatch, capsys):
+                                                                                monkeypatch, capsys,
+                                                                                small_disk, fill_disk):
     """pseudo/ on a small real tmpfs holding a finished merge; the disk is then full but for one
     page, less than the matrix (the merge reserves a matrix's blocks before it fills them: a sparse
     memory map on a full disk dies of SIGBUS). `pml-dist merge` again: one line naming probs.npy
@@ -236,10 +206,10 @@ def test_a_full_disk_stops_the_merge_with_one_line_and_keeps_the_previous_matrix
     run, overrides = clone(prepared, tmp_path)
     run_ranks(overrides, 3, monkeypatch)
     pseudo = run / "pseudo"
-    with small_disk(pseudo):
+    with small_disk(pseudo, "1m"):
         assert main(["merge", *overrides]) == 0
         before = {p.relative_to(pseudo): p.read_bytes() for p in pseudo.rglob("*") if p.is_file()}
-        fill(pseudo, leave=4096)
+        fill_disk(pseudo, leave=4096)
         capsys.readouterr()
         assert main(["merge", *overrides]) == 2
         _one_line_enospc(capsys.readouterr().err, pseudo / "probs.npy")

@@ -3,8 +3,6 @@ by hand), on a small generated data set."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import re
@@ -167,36 +165,9 @@ def test_a_rank_killed_mid_epoch_fails_the_run_and_the_rerun_resumes_from_a_comp
     assert records(whole) == records(parts)
 
 
-@contextlib.contextmanager
-def small_disk(folder: Path, size: str):
-    """A real tmpfs of `size` mounted at `folder`: a file system that fills up (root only; else skip)."""
-    if os.geteuid() != 0:
-        pytest.skip("a small disk (tmpfs mount) needs root")
-    folder.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs at {folder}: {res.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path) -> None:
-    """Fill `folder`'s file system to the last byte with a file `filler`."""
-    with open(folder / "filler", "wb", buffering=0) as f:
-        for chunk in (65536, 4096, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * chunk)
-        with pytest.raises(OSError) as full:
-            f.write(b"\0")
-        assert full.value.errno == errno.ENOSPC
-
-
 @pytest.mark.faults
-def test_a_full_disk_stops_a_checkpoint_save_with_one_line_and_keeps_the_last_complete_one(run):
+def test_a_full_disk_stops_a_checkpoint_save_with_one_line_and_keeps_the_last_complete_one(run, small_disk,
+                                                                                              fill_disk):
     """teacher/ckpt on a small real tmpfs. Once step 2's checkpoint is complete the rank is paused
     (SIGSTOP), the disk filled, and the rank resumed (SIGCONT): the save of step 4 fails with one
     line naming its folder and ENOSPC (exit 2), the folder is gone (nothing half-written under a
@@ -213,7 +184,7 @@ def test_a_full_disk_stops_a_checkpoint_save_with_one_line_and_keeps_the_last_co
             time.sleep(0.02)
         proc.send_signal(signal.SIGSTOP)
         try:
-            fill(ckpt)
+            fill_disk(ckpt)
         finally:
             proc.send_signal(signal.SIGCONT)
         out, _ = proc.communicate(timeout=300)
