@@ -100,6 +100,23 @@ def records(run_dir: Path) -> list[dict]:
     return out
 
 
+def wait_for(path: Path, poll: float = 0.05, timeout: float = 300) -> None:
+    """Until `path` exists (a checkpoint's marker: the moment to interrupt a run), at most `timeout` s."""
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline:
+        time.sleep(poll)
+
+
+def assert_same_run(whole: Path, parts: Path) -> None:
+    """The interrupted-and-resumed run ended exactly where the uninterrupted one did: every weight
+    bit for bit, every metrics record."""
+    final_whole, final_parts = weights(whole), weights(parts)
+    assert final_whole.keys() == final_parts.keys()
+    for name in final_whole:
+        assert torch.equal(final_whole[name], final_parts[name]), name
+    assert records(whole) == records(parts)
+
+
 def test_two_ranks_agree_and_a_stopped_run_resumes_exactly(run, whole):
     """Uninterrupted vs stopped (SIGUSR2 to one rank only) + resumed: same weights, same metrics."""
     # 5 epochs of 7 steps: the signal sent at the first checkpoint (step 2) finds the run mid-way
@@ -109,10 +126,7 @@ def test_two_ranks_agree_and_a_stopped_run_resumes_exactly(run, whole):
 
     overrides2, parts = run(*RESUMABLE)
     procs = launch(2, overrides2)
-    marker = parts / "teacher" / "ckpt" / "step-2" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(parts / "teacher" / "ckpt" / "step-2" / "COMPLETE")
     procs[1].send_signal(signal.SIGUSR2)  # one rank is preempted; both must stop together
     assert wait(procs) == [3, 3]
     assert not (parts / "teacher" / "result.json").exists()
@@ -121,11 +135,7 @@ def test_two_ranks_agree_and_a_stopped_run_resumes_exactly(run, whole):
     assert 2 <= stopped_at < total  # stopped part way, so the rerun really resumes
 
     assert wait(launch(2, overrides2)) == [0, 0]
-    final_whole, final_parts = weights(whole), weights(parts)
-    assert final_whole.keys() == final_parts.keys()
-    for name in final_whole:
-        assert torch.equal(final_whole[name], final_parts[name]), name
-    assert records(whole) == records(parts)
+    assert_same_run(whole, parts)
 
 
 @pytest.mark.faults
@@ -138,9 +148,7 @@ def test_a_rank_killed_mid_epoch_fails_the_run_and_the_rerun_resumes_from_a_comp
     overrides, parts = run(*RESUMABLE)
     procs = launch(2, overrides)
     ckpt = parts / "teacher" / "ckpt"
-    deadline = time.time() + 300
-    while not (ckpt / "step-2" / "COMPLETE").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(ckpt / "step-2" / "COMPLETE")
     procs[1].send_signal(signal.SIGKILL)
     codes = wait(procs, timeout=120)
     assert codes[1] == -signal.SIGKILL and codes[0] not in (0, 3), codes  # rank 0 noticed, and failed
@@ -158,11 +166,7 @@ def test_a_rank_killed_mid_epoch_fails_the_run_and_the_rerun_resumes_from_a_comp
     log0 = (parts / "teacher" / "logs" / "rank-0.log").read_text()
     resumed = re.findall(r"resumed from \S*/(step-\d+)", log0)
     assert resumed == [f"step-{complete}"]
-    final_whole, final_parts = weights(whole), weights(parts)
-    assert final_whole.keys() == final_parts.keys()
-    for name in final_whole:
-        assert torch.equal(final_whole[name], final_parts[name]), name
-    assert records(whole) == records(parts)
+    assert_same_run(whole, parts)
 
 
 @pytest.mark.faults
@@ -179,9 +183,7 @@ def test_a_full_disk_stops_a_checkpoint_save_with_one_line_and_keeps_the_last_co
     ckpt = parts / "teacher" / "ckpt"
     with small_disk(ckpt, "32m"):
         (proc,) = launch(1, overrides)
-        deadline = time.time() + 300
-        while not (ckpt / "step-2" / "COMPLETE").exists() and time.time() < deadline:
-            time.sleep(0.02)
+        wait_for(ckpt / "step-2" / "COMPLETE", poll=0.02)
         proc.send_signal(signal.SIGSTOP)
         try:
             fill_disk(ckpt)
