@@ -11,9 +11,9 @@ from configs/*.yaml), all batch 64, normalised float32 NCHW output, --workers th
     pil          torch DataLoader, PIL decode + torchvision.transforms.v2 (Resize, flip, ToDtype,
                  Normalize), --workers worker processes
     decode_jpeg  the same with torchvision.io.decode_jpeg instead of PIL
-    limit        the same JPEG bytes, already in memory, through FFCV's compiled decode and resize
-                 (libjpeg-turbo + OpenCV INTER_AREA) in a tight numba loop on --workers threads:
-                 decode + resize and nothing else (no flip, no float conversion, no other fields)
+    limit        the same JPEG bytes, already in memory, through the same decode (libjpeg-turbo, at the
+                 same reduced scale) and resize (OpenCV INTER_AREA) in a tight numba loop on
+                 --workers threads: nothing else (no flip, no float conversion, no other fields)
 
 Each variant is warmed up (numba compilation, worker start), then timed --repeats times, the
 variants alternated A/B/C/D, A/B/C/D in this one process. Goals (issue 16): ffcv >= 3x pil and
@@ -272,20 +272,25 @@ def _limit_kernel():
     from ffcv.libffcv import imdecode, resize_crop
     from numba import njit, prange
 
+    from ffcv_data.whole_image import MAX_DENOMINATOR, scale_denominator
+
     imdecode_c, resize_c = njit(imdecode, nogil=True), njit(resize_crop, nogil=True)
 
     @njit(nogil=True, parallel=True)
     def decode_resize(data, offsets, heights, widths, order, temp, out):
-        """FFCV's ResizedCropRGBImageDecoder, whole-image crop, on bytes in memory, batch by batch."""
-        batch = out.shape[0]
+        """The loader's decode (at the same reduced scale) and resize, on bytes in memory, batch by
+        batch, through FFCV's own ctypes wrappers of libffcv."""
+        batch, size = out.shape[0], out.shape[1]
         for start in range(0, len(order), batch):
             count = min(batch, len(order) - start)
             for k in prange(count):
                 i = order[start + k]
                 h, w = heights[i], widths[i]
-                buf = temp[k][: 3 * h * w].reshape(h, w, 3)
-                imdecode_c(data[offsets[i]:offsets[i + 1]], buf, h, w, h, w, 0, 0, 1, 1, False, False)
-                resize_c(buf, 0, h, 0, w, out[k])
+                d = scale_denominator(h, w, size, size, MAX_DENOMINATOR)
+                sh, sw = (h + d - 1) // d, (w + d - 1) // d
+                buf = temp[k][: 3 * sh * sw].reshape(sh, sw, 3)
+                imdecode_c(data[offsets[i]:offsets[i + 1]], buf, h, w, h, w, 0, 0, 1, d, False, False)
+                resize_c(buf, 0, sh, 0, sw, out[k])
         return len(order)
 
     return decode_resize

@@ -21,11 +21,8 @@ import numpy as np
 import torch
 
 from ffcv_data.cores import usable_cores
-from ffcv_data.transforms import transform_ops
+from ffcv_data.transforms import MEAN, STD, image_ops
 
-# ImageNet statistics (torchvision's pretrained ResNets expect them), on the 0-255 scale.
-MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 TRAIN_FIELDS = ("image", "observed", "index")
 
 
@@ -180,16 +177,16 @@ def _field_ops(device: torch.device | None) -> list:
 
 
 def _image_ops(transform: str, image_size: int, device: torch.device | None, seed: int = 0) -> list:
-    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import ToDevice, ToTorchImage
 
-    decoder, on_arrays, on_tensor = transform_ops(transform, image_size, seed)
-    ops = [decoder, *on_arrays, ToTensor()]
     on_gpu = device is not None and device.type == "cuda"
+    ops, normalised = image_ops(transform, image_size, seed, on_gpu)
     if on_gpu:
         ops.append(ToDevice(device, non_blocking=True))
-    # channels_last helps GPU convolutions; on CPU, torch 2.14.1 segfaults in the backward pass of
-    # narrow convolutions (small_resnet width 8, 64 px) fed channels_last input: use NCHW there.
-    ops += [ToTorchImage(channels_last=on_gpu), *on_tensor, Normalize()]
+    if not normalised:
+        # channels_last helps GPU convolutions; on CPU, torch 2.14.1 segfaults in the backward pass of
+        # narrow convolutions (small_resnet width 8, 64 px) fed channels_last input: use NCHW there.
+        ops += [ToTorchImage(channels_last=on_gpu), Normalize()]
     return ops
 
 
@@ -202,6 +199,8 @@ def _build(path, batch_size, pipelines, order, *, workers, drop_last, indices, j
     Compiler.set_enabled(jit)
     if not Path(path).is_file():
         raise FileNotFoundError(f"no .beton at {path} (run `pml-dist prepare` first)")
+    # before the Loader: it takes the decoders out of these lists
+    epoch_ops = [op for ops in pipelines.values() if ops for op in ops if hasattr(op, "epoch")]
     loader = Loader(
         str(path),
         batch_size=batch_size,
@@ -214,7 +213,6 @@ def _build(path, batch_size, pipelines, order, *, workers, drop_last, indices, j
         seed=seed,
     )
     fields = tuple(name for name, spec in loader.pipeline_specs.items() if spec is not None)
-    epoch_ops = [op for ops in pipelines.values() if ops for op in ops if hasattr(op, "epoch")]
     return BatchLoader(loader, fields, epoch_ops)
 
 

@@ -16,20 +16,8 @@ from ffcv_data.loaders import (
     read_fields,
     train_loader,
 )
-from pml_dist.config import load_config
-from pml_dist.data_stage import prepare
-from pml_dist.layout import RunLayout
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def betons(synthetic_root, tmp_path_factory):
-    run = tmp_path_factory.mktemp("loaders")
-    cfg = load_config(None, [f"run.dir={run}", f"data.root={synthetic_root}", "data.max_resolution=48",
-                             "data.write_workers=2"])
-    prepare(cfg)
-    return {split: RunLayout.of(cfg).data.beton(split) for split in ("train", "val", "test")}
 
 
 def _indices(loader) -> np.ndarray:
