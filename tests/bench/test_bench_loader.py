@@ -1,4 +1,4 @@
-"""bench/bench_loader.py runs end to end on tiny sizes: exit 0, the three ratio lines with numbers, and a
+"""bench/bench_loader.py runs end to end on tiny sizes: exit 0, the ratio lines with numbers, and a
 printed reason for a missing COCO folder. No timing is asserted (the machine is shared)."""
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ def test_bench_loader_prints_the_ratios(tmp_path):
     assert done.returncode == 0, f"stdout:\n{out}\nstderr:\n{done.stderr}"
     assert re.search(r"^coco-mini: skipped, no COCO files at .*missing", out, re.M), out
     # one set of lines per preset (coco, demo) on the generated set
-    for pattern in (r"^ffcv vs pil \d+\.\dx", r"^ffcv vs decode_jpeg \d+\.\dx", r"^ffcv / limit \d+%"):
+    for pattern in (r"^ffcv vs pil \d+\.\dx", r"^ffcv vs decode_jpeg \d+\.\dx", r"^ffcv / limit \d+%",
+                    r"^limit vs pil \d+\.\dx, ffcv / limit\+float \d+%"):
         assert len(re.findall(pattern, out, re.M)) == 2, (pattern, out)
     assert re.search(r"\.beton / JPEG \d+\.\d\dx", out), out
-    for variant in ("ffcv", "pil", "decode_jpeg", "limit"):
+    for variant in ("ffcv", "pil", "decode_jpeg", "limit", r"limit\+float"):
         assert re.search(rf"^  {variant} +\d+ ", out, re.M), (variant, out)

@@ -169,6 +169,30 @@ def test_resize_flip_mirrors_a_seeded_half_of_the_whole_images(betons):
     assert torch.equal(epochs(again, 1)[0][1], img0)
 
 
+def test_epochs_reuse_the_buffers_and_an_abandoned_epoch_stops_first(betons):
+    """Every epoch decodes into the first one's buffers; an epoch abandoned after one batch, its
+    thread still decoding ahead, is stopped before the next starts, whose batches are then those of a
+    loader that never stopped."""
+    def loader():
+        return train_loader(betons["train"], 16, 48, seed=3, transform="resize_flip", drop_last=False,
+                            jit=False)
+
+    reference = loader()
+    reference.set_epoch(1)
+    expected = torch.cat([b["image"].clone() for b in reference])
+    stopped = loader()
+    abandoned = iter(stopped)
+    first = next(abandoned)["image"]
+    stopped.set_epoch(1)
+    assert torch.equal(torch.cat([b["image"].clone() for b in stopped]), expected)
+    assert stopped._epoch is None  # the finished epoch's thread is joined, the abandoned one's too
+    buffers = stopped._buffers[1]
+    stopped.set_epoch(1)
+    assert torch.equal(torch.cat([b["image"].clone() for b in stopped]), expected)
+    assert stopped._buffers[1] is buffers
+    assert first.data_ptr() == next(iter(stopped))["image"].data_ptr()  # slot 0, both times
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_transforms_on_cuda_give_the_cpu_pixels(betons):
