@@ -75,7 +75,9 @@ class DataSection:
     # (FFCV's, unseeded); eval (validation, test, inference): resize (whole image) or center_crop
     train_transform: str = "resize_flip"
     eval_transform: str = "resize"
-    jit: bool = True  # numba-compile FFCV pipelines: ~20 s per loader, then about 2x faster
+    # numba-compile FFCV's pipelines (the fields other than the image, and crop transforms' decoders:
+    # ~20 s per loader); the whole-image decoder is compiled (and cached on disk) either way
+    jit: bool = True
     # `prepare` generates the built-in data set (make-synthetic) at `root` when `root` does not exist,
     # only if this is true or `root` is the built-in one (data/synthetic): any other missing root is
     # an error, so a mistyped COCO path is not silently replaced by generated images.
