@@ -129,7 +129,7 @@ class BatchLoader:
         # (a bad index, a corrupt record): this loop does what __next__ does, but notices the death.
         if self._epoch is not None:  # an earlier iteration not run to its end nor closed yet
             self._stop(self._epoch)
-        if torch.cuda.is_available():  # copies and kernels of the last epoch may still use the buffers
+        if torch.cuda.is_initialized():  # copies and kernels of the last epoch may still use the buffers
             torch.cuda.synchronize()
         for op in self.epoch_ops:
             op.epoch = self.loader.next_epoch  # the epoch iter() is about to traverse
