@@ -47,12 +47,12 @@ def image_ops(name: str, image_size: int, seed: int, on_gpu: bool) -> tuple[list
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, ToTensor
 
-    from ffcv_data.whole_image import whole_image_decoder
+    from ffcv_data.whole_image import WholeImageDecoder
 
     size = (image_size, image_size)
     if name in ("resize", "resize_flip"):
         flip_seed = seed if name == "resize_flip" else None
-        return [whole_image_decoder(size, normalise=not on_gpu, flip_seed=flip_seed), ToTensor()], not on_gpu
+        return [WholeImageDecoder(size, normalise=not on_gpu, flip_seed=flip_seed), ToTensor()], not on_gpu
     if name == "center_crop":
         return [CenterCropRGBImageDecoder(size, ratio=1.0), ToTensor()], False
     if name == "random_resized_crop":

@@ -27,8 +27,12 @@ from dataclasses import replace
 import ffcv._libffcv
 import numba
 import numpy as np
+from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+from ffcv.pipeline.allocation_query import AllocationQuery
 from llvmlite import binding
 from numba import njit, prange, types
+
+from ffcv_data.transforms import MEAN, STD, flip_mask
 
 JPEG_MODE = 0  # ffcv.fields.rgb_image.IMAGE_MODES['jpg']; other records are raw HxWx3 pixels
 MAX_DENOMINATOR = 8  # libjpeg-turbo's smallest scale: 1/8
@@ -127,68 +131,54 @@ def decode_resize_normalise(indices, metadata, storage, ptrs, sizes, temp, resiz
     return out[: len(indices)]
 
 
-def _decoder_class():
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-    from ffcv.pipeline.allocation_query import AllocationQuery
+class WholeImageDecoder(SimpleRGBImageDecoder):
+    """FFCV decoder: the whole image resized to `output_size` (aspect not kept), mirrored by
+    `flip_mask(flip_seed, epoch, index)` when flip_seed is not None, and with normalise=True
+    normalised float32 CHW (else uint8 HWC). `epoch` is set by the loader before each epoch.
 
-    from ffcv_data.transforms import MEAN, STD, flip_mask
+    scaled_decode=False decodes every JPEG at full size (FFCV's own decoders' pixels).
+    """
 
-    class WholeImageDecoder(SimpleRGBImageDecoder):
-        """FFCV decoder: the whole image resized to `output_size` (aspect not kept), mirrored by
-        `flip_mask(flip_seed, epoch, index)` when flip_seed is not None, and with normalise=True
-        normalised float32 CHW (else uint8 HWC). `epoch` is set by the loader before each epoch.
+    def __init__(self, output_size, *, normalise: bool, flip_seed: int | None = None,
+                 scaled_decode: bool = True):
+        super().__init__()
+        self.output_size = tuple(output_size)
+        self.normalise, self.flip_seed, self.epoch = normalise, flip_seed, 0
+        self.max_denominator = MAX_DENOMINATOR if scaled_decode else 1
 
-        scaled_decode=False decodes every JPEG at full size (FFCV's own decoders' pixels).
-        """
+    def flips(self, indices: np.ndarray) -> np.ndarray:
+        if self.flip_seed is None:
+            return np.zeros(len(indices), dtype=np.bool_)
+        return flip_mask(self.flip_seed, self.epoch, indices)
 
-        def __init__(self, output_size, *, normalise: bool, flip_seed: int | None = None,
-                     scaled_decode: bool = True):
-            super().__init__()
-            self.output_size = tuple(output_size)
-            self.normalise, self.flip_seed, self.epoch = normalise, flip_seed, 0
-            self.max_denominator = MAX_DENOMINATOR if scaled_decode else 1
+    def declare_state_and_memory(self, previous_state):
+        h, w = self.output_size
+        largest = int(self.metadata["height"].astype(np.int64).max()
+                      * self.metadata["width"].astype(np.int64).max())
+        shape, dtype = ((3, h, w), np.dtype("<f4")) if self.normalise else ((h, w, 3), np.dtype("<u1"))
+        return replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), (
+            AllocationQuery(shape, dtype),
+            AllocationQuery((largest * 3,), np.dtype("<u1")),  # a decoded image
+            AllocationQuery((h, w, 3), np.dtype("<u1")),  # it resized
+        )
 
-        def flips(self, indices: np.ndarray) -> np.ndarray:
-            if self.flip_seed is None:
-                return np.zeros(len(indices), dtype=np.bool_)
-            return flip_mask(self.flip_seed, self.epoch, indices)
+    def generate_code(self):
+        table = normalisation_table(MEAN, STD)
+        normalise, max_denominator, op = self.normalise, self.max_denominator, self
 
-        def declare_state_and_memory(self, previous_state):
-            h, w = self.output_size
-            largest = int(self.metadata["height"].astype(np.int64).max()
-                          * self.metadata["width"].astype(np.int64).max())
-            shape, dtype = ((3, h, w), np.dtype("<f4")) if self.normalise else ((h, w, 3), np.dtype("<u1"))
-            return replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), (
-                AllocationQuery(shape, dtype),
-                AllocationQuery((largest * 3,), np.dtype("<u1")),  # a decoded image
-                AllocationQuery((h, w, 3), np.dtype("<u1")),  # it resized
-            )
+        def decode(batch_indices, buffers, metadata, storage_state):
+            out, temp, resized = buffers
+            storage, ptrs, sizes = storage_state  # FFCV's os-cache state (the loaders use os_cache)
+            with numba.objmode(flips="boolean[::1]"):  # Python, also inside FFCV's compiled stage
+                flips = op.flips(batch_indices)
+            if normalise:
+                return decode_resize_normalise(batch_indices, metadata, storage, ptrs, sizes, temp,
+                                               resized, flips, table, out, max_denominator)
+            return decode_resize(batch_indices, metadata, storage, ptrs, sizes, temp, resized, flips,
+                                 out, max_denominator)
 
-        def generate_code(self):
-            table = normalisation_table(MEAN, STD)
-            normalise, max_denominator, op = self.normalise, self.max_denominator, self
-
-            def decode(batch_indices, buffers, metadata, storage_state):
-                out, temp, resized = buffers
-                storage, ptrs, sizes = storage_state  # FFCV's os-cache state (the loaders use os_cache)
-                with numba.objmode(flips="boolean[::1]"):  # Python, also inside FFCV's compiled stage
-                    flips = op.flips(batch_indices)
-                if normalise:
-                    return decode_resize_normalise(batch_indices, metadata, storage, ptrs, sizes, temp,
-                                                   resized, flips, table, out, max_denominator)
-                return decode_resize(batch_indices, metadata, storage, ptrs, sizes, temp, resized, flips,
-                                     out, max_denominator)
-
-            return decode
-
-    return WholeImageDecoder
+        return decode
 
 
 # numba notes that the object-mode block cannot run in parallel: it is one call per batch, on purpose
 warnings.filterwarnings("ignore", message="Code running in object mode won't allow parallel execution")
-
-
-def whole_image_decoder(output_size, *, normalise: bool, flip_seed: int | None = None,
-                        scaled_decode: bool = True):
-    return _decoder_class()(output_size, normalise=normalise, flip_seed=flip_seed,
-                            scaled_decode=scaled_decode)
