@@ -215,15 +215,6 @@ def test_transforms_on_cuda_give_the_cpu_pixels(betons):
         assert torch.allclose(a, b, atol=1e-5), transform
 
 
-@pytest.mark.slow
-def test_the_whole_image_decoder_compiles_to_the_same_pixels(betons):
-    """Numba-compiled (as the COCO preset runs it) and interpreted pipelines agree."""
-    plain, compiled = (torch.cat([b["image"].clone() for b in eval_loader(betons["test"], 100, 40,
-                                                                          transform="resize", jit=jit)])
-                       for jit in (False, True))
-    assert torch.equal(plain, compiled)
-
-
 def test_a_process_bound_to_one_cpu_exits_after_parallel_loops_in_a_thread(tmp_path):
     """Slurm binds a 1-CPU task to one core. numba's TBB layer then hung at exit after a parallel
     loop launched from a non-main thread (FFCV's loader thread does that): the job's last line
