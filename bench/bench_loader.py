@@ -295,11 +295,13 @@ def _limit_kernel():
                 buf = temp[k][: 3 * sh * sw].reshape(sh, sw, 3)
                 imdecode_c(data[offsets[i]:offsets[i + 1]], buf, h, w, h, w, 0, 0, 1, d, False, False)
                 resize_c(buf, 0, sh, 0, sw, out[k])
-                if normalised.shape[0]:
-                    for c in range(3):
-                        for y in range(size):
+                if normalised.shape[0]:  # in the loader kernel's loop order (row by row)
+                    for y in range(size):
+                        row = out[k, y]
+                        for c in range(3):
+                            lookup, dst = table[c], normalised[k, c, y]
                             for x in range(size):
-                                normalised[k, c, y, x] = table[c, out[k, y, x, c]]
+                                dst[x] = lookup[row[x, c]]
         return len(order)
 
     return decode_resize
