@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import signal
 import time
 from pathlib import Path
@@ -81,6 +82,17 @@ def _worker(parent: int, full, work_fn, *args) -> None:
         os._exit(1)
 
 
+def _raise_if_one_died(processes: list, full, fname: str, when: str) -> None:
+    """A worker that exited with an error is the write's failure: a full disk (its errno in `full`)
+    as an OSError that save_with reports as one line naming the .beton, anything else as its exit
+    status."""
+    dead = [proc.exitcode for proc in processes if proc.exitcode]
+    if dead and full.value:
+        raise OSError(full.value, os.strerror(full.value), fname)
+    if dead:
+        raise RuntimeError(f"{fname}: an FFCV writer process died (exit status {dead[0]}) {when}")
+
+
 def _writer_class():
     from ffcv.writer import DatasetWriter
 
@@ -115,20 +127,23 @@ def _writer_class():
                 with tqdm(total=self.num_samples) as progress:
                     previous = 0
                     while previous != self.num_samples:
-                        dead = [proc.exitcode for proc in processes if proc.exitcode]
-                        if dead and full.value:  # save_with names the .beton in one line
-                            raise OSError(full.value, os.strerror(full.value), self.fname)
-                        if dead:
-                            raise RuntimeError(f"{self.fname}: an FFCV writer process died "
-                                               f"(exit status {dead[0]}) after {previous} of "
-                                               f"{self.num_samples} samples")
+                        _raise_if_one_died(processes, full, self.fname, f"after {previous} of "
+                                           f"{self.num_samples} samples")
                         val = done_number.value
                         progress.update(val - previous)
                         previous = val
                         time.sleep(0.1)
+                # A worker counts its samples done before it writes its last page, so the disk can
+                # still fill up (and the worker die) after the count is complete: wait with checks.
                 allocation_list = []
                 for _ in processes:
-                    allocation_list.extend(allocations_queue.get())
+                    while True:
+                        try:
+                            allocation_list.extend(allocations_queue.get(timeout=0.1))
+                            break
+                        except queue.Empty:
+                            _raise_if_one_died(processes, full, self.fname,
+                                               "while writing its last page")
                 self.finalize(allocation_list)
             except BaseException:
                 for proc in processes:

@@ -39,3 +39,33 @@ def test_a_full_disk_stops_prepare_with_one_line_and_keeps_the_complete_betons(s
         assert str(data / "test.beton") in last, err
         after = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
         assert after.pop("filler") is not None and after == before  # no test.beton, no temporary file
+
+
+@pytest.mark.timeout(120)
+def test_a_disk_that_fills_at_the_workers_last_page_is_reported_not_waited_for(synthetic_root, tmp_path,
+                                                                              capsys, monkeypatch):
+    """A writer process counts its samples done before it writes its last page, so the disk can fill
+    up after the count is complete (what the 65536 case above hits now and then). The writer
+    processes (forked, so they carry the patch) fail there, late, with ENOSPC: prepare must stop with
+    the one line naming the .beton, not wait forever for their page lists."""
+    import errno
+    import multiprocessing
+    import time
+
+    from ffcv.memory_allocator import MemoryAllocator
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the fault is patched into forked writer processes")
+
+    def last_page_fails(self, *exc):
+        time.sleep(0.5)  # the parent has seen every sample counted by now
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MemoryAllocator, "__exit__", last_page_fails)
+    run = tmp_path / "run"
+    assert main(["prepare", f"run.dir={run}", f"data.root={synthetic_root}", "data.max_resolution=48",
+                 "data.write_workers=2"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("pml-dist prepare: error: ") and "(ENOSPC)" in last, last
+    assert str(run / "data" / "train.beton") in last, last
+    assert not any((run / "data").glob("train.beton*"))
