@@ -259,6 +259,15 @@ def init_process_group(info: RankInfo, timeout_s: float = 600.0, device=None):
     return device
 
 
+def destroy_process_group() -> None:
+    """The end of a process's collectives: NCCL's communicators are freed (torch warns at exit about a
+    group never destroyed, and leaks its resources where a process goes on after training)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def check_distinct_gpus(info: RankInfo, device) -> None:
     """Collective: an error naming the ranks when two of them compute on one GPU. Counting visible
     GPUs cannot tell "one GPU bound to each task" from "two tasks on a one-GPU node" (each sees one

@@ -4,11 +4,15 @@ parameters and job setup lines in one place (the plain sbatch scripts read the s
 
 from __future__ import annotations
 
+import logging
+import os
 import shlex
 from dataclasses import dataclass
 
 from pml_dist.config import Config
 from pml_dist.layout import RunLayout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,7 @@ class Resources:
     tasks_per_node: int = 1
     time_min: int = 60
     gpus: bool = False  # a training stage: the plain slurm keys and the GPUs; else the cpu_ keys
+    kind: str = "cpu"  # teacher, infer, student or cpu
 
 
 def resources(cfg: Config, kind: str) -> Resources:
@@ -26,7 +31,7 @@ def resources(cfg: Config, kind: str) -> Resources:
     if kind == "cpu":
         return Resources(1, 1, s.cpu_time_min)
     return Resources(getattr(s, f"{kind}_nodes"), getattr(s, f"{kind}_tasks_per_node"),
-                     getattr(s, f"{kind}_time_min"), gpus=True)
+                     getattr(s, f"{kind}_time_min"), gpus=True, kind=kind)
 
 
 def job_setup_lines(cfg: Config) -> list[str]:
@@ -68,6 +73,47 @@ def sbatch_options(cfg: Config, res: Resources) -> dict[str, str | bool]:
     return opts
 
 
+def visible_gpu_count() -> int:
+    """The CUDA GPUs this process sees (CUDA_VISIBLE_DEVICES applied); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_gpu_parameters(cfg: Config, res: Resources, environ=None, device_count=None) -> dict:
+    """submitit's local executor starts every job with CUDA_VISIBLE_DEVICES set to the ordinals
+    0..gpus_per_node-1, and to "" (no GPU at all) when gpus_per_node is not given. So a stage that
+    trains or scores on CUDA (a GPU stage, train.device not cpu) is given GPUs of those this process
+    sees: training one per local rank (NCCL wants that), inference all of them (its ranks may share
+    one). Where CUDA_VISIBLE_DEVICES already narrows them (a workstation's second GPU, UUIDs), the
+    job's setup line exports the chosen entries of it, since submitit would count from physical GPU 0.
+
+    Without a visible GPU nothing is set: the stage itself then says what is missing (cuda) or runs on
+    the CPU (auto). With fewer GPUs than training ranks (the demo preset's 2 ranks on a one-GPU
+    workstation), auto trains on the CPU, as it promises, with a line saying how to use the GPU;
+    cuda is given every GPU and the rank's own device check names the mismatch."""
+    if not res.gpus or cfg.train.device == "cpu":
+        return {}
+    count = visible_gpu_count() if device_count is None else device_count
+    if count == 0:
+        return {}
+    n = count
+    if res.kind != "infer":
+        if count >= res.tasks_per_node:
+            n = res.tasks_per_node
+        elif cfg.train.device == "auto":
+            log.info("%s: %d training ranks and %d visible GPU(s): training on the CPU (train.device=auto); "
+                     "set slurm.%s_tasks_per_node=%d to train on the GPUs", res.kind, res.tasks_per_node,
+                     count, res.kind, count)
+            return {}
+    params: dict = {"gpus_per_node": n}
+    visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        chosen = ",".join(visible.split(",")[:n])
+        params["local_setup"] = [f"export CUDA_VISIBLE_DEVICES={shlex.quote(chosen)}"]
+    return params
+
+
 def make_executor(cfg: Config, kind: str, name: str, res: Resources, after: list[str] = ()):
     """A submitit executor (`kind`: slurm or local) for job `name`, `afterok` on the job ids `after`."""
     import submitit
@@ -90,6 +136,8 @@ def make_executor(cfg: Config, kind: str, name: str, res: Resources, after: list
         )
         if s.array_parallelism:
             params["slurm_array_parallelism"] = s.array_parallelism
+    elif kind == "local":
+        params.update(local_gpu_parameters(cfg, res))
     executor.update_parameters(**params)
     return executor
 

@@ -220,6 +220,12 @@ def initialize(cfg: Config, module: torch.nn.Module, groups: list[dict], derived
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     optimizer = build_optimizer(cfg, groups, derived.lr, on_gpu)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(derived, cfg.optim.schedule))
+    config = deepspeed_config(cfg, derived, on_gpu)
+    if on_gpu:
+        # DeepSpeed's _broadcast_model views every weight as bytes (p.data.view(torch.uint8)), which
+        # needs a last stride of 1: a channels_last conv weight fails ("self.stride(-1) must be 1",
+        # seen on an H200 with DeepSpeed 0.19.8). So the weights are NCHW while the engine is built.
+        module.to(memory_format=torch.contiguous_format)
     engine, _, _, _ = deepspeed.initialize(
         # DeepSpeed's engine calls set_device(args.device_rank) when args has it, else
         # set_device(LOCAL_RANK) (runtime/engine.py _set_distributed_vars, DeepSpeed 0.19.8)
@@ -227,6 +233,11 @@ def initialize(cfg: Config, module: torch.nn.Module, groups: list[dict], derived
         model=module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, derived, on_gpu),
+        config=config,
     )
+    if on_gpu and config.get("zero_optimization", {}).get("stage", 0) == 0:
+        # ZeRO-0's optimizer holds the Parameter objects themselves, whose storage .to() replaces: the
+        # weights go back to channels_last, as the loaders' batches are (models.on_device). ZeRO-1/2's
+        # are views of one flat buffer and stay NCHW: new storage would cut them off from it.
+        module.to(memory_format=torch.channels_last)
     return engine

@@ -25,6 +25,8 @@ def predict(model: torch.nn.Module, loader, device, num_classes: int,
     model.eval()
     device = torch.device(device)
     use_autocast = autocast is not None and device.type == "cuda"
+    # Results stay where they were computed until the shard ends: one copy to the host then, not a
+    # host sync per batch. Clones, since FFCV reuses its batch buffers.
     idx, probs, fields = [], [], {}
     for batch in tqdm(loader, desc=progress, disable=progress is None, leave=False):
         images = batch["image"].to(device, non_blocking=True)
@@ -32,21 +34,21 @@ def predict(model: torch.nn.Module, loader, device, num_classes: int,
             logits = model(images).float()
             if hflip_tta:
                 logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
-        probs.append(logits.float().sigmoid().cpu().numpy())
+        probs.append(logits.sigmoid())
         if keep_logits:
-            fields.setdefault("logits", []).append(logits.float().cpu().numpy())
-        idx.append(batch["index"].cpu().numpy().copy())
+            fields.setdefault("logits", []).append(logits)
+        idx.append(batch["index"].clone())
         for name in ("labels", "observed"):
             if name in batch:
-                fields.setdefault(name, []).append(batch[name].cpu().numpy().copy())
+                fields.setdefault(name, []).append(batch[name].clone())
     model.train(was_training)
     if not probs:
         empty = np.zeros((0, num_classes), np.float32)
         return np.zeros(0, np.int64), {"probs": empty, **{k: empty for k in loader.fields if k in
                                                            ("labels", "observed")},
                                        **({"logits": empty} if keep_logits else {})}
-    out = {"probs": np.concatenate(probs), **{k: np.concatenate(v) for k, v in fields.items()}}
-    return np.concatenate(idx), out
+    out = {k: torch.cat(v).cpu().numpy() for k, v in {"probs": probs, **fields}.items()}
+    return torch.cat(idx).cpu().numpy(), out
 
 
 def gather(indices: np.ndarray, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:

@@ -58,7 +58,10 @@ def train(cfg: Config, stage: Stage, stop: StopFlag | None = None) -> dict:
     if done is not None and _stale_outputs(files, provenance.training_inputs(run, stage)) is None:
         log.info("%s is already trained (%s exists)", files.dir, files.result)
         return done.raw
-    return Trainer(cfg, stage, info, stop).train()
+    result = Trainer(cfg, stage, info, stop).train()
+    # On success only: after a failure a pending NCCL collective can make the destroy itself hang.
+    dist.destroy_process_group()
+    return result
 
 
 def _stale_outputs(files: StageFiles, inputs: dict) -> str | None:
@@ -118,6 +121,8 @@ class Trainer:
         self.stop = stop or StopFlag()
         self.run = RunLayout.of(cfg)
         self.files: StageFiles = stage.files(self.run)
+        # train() makes it for its log file; a Trainer built directly (tests, tools) must not depend on that
+        self.files.dir.mkdir(parents=True, exist_ok=True)
         stats = self.run.data.stats()
         self.num_classes, self.num_train = stats.num_classes, stats.images("train")
         self.loss_name = stage.loss(cfg)

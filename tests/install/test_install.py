@@ -216,8 +216,10 @@ def test_ffcv_builds_on_the_target_from_the_wheelhouse_alone(wheelhouse, cluster
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_installs_offline_and_runs_every_cpu_step(wheelhouse, cluster, tmp_path):
-    """bench/gpu.sh --dry-run: the install from the wheelhouse into a scratch venv (ffcv imported, a
-    .beton decoded, pml-dist --help), pytest -m gpu, the demo's plan, the throughput code at tiny sizes."""
+    """bench/gpu.sh --dry-run: the preflight, the install from the wheelhouse into a scratch venv (ffcv
+    imported, a .beton decoded, pml-dist --help), pytest -m gpu, the demo's plan, the throughput code
+    at tiny sizes. Then again in the same WORK with the throughput step given 3 s: it is cut off, its
+    log holds the stacks it was in, and OUTDIR still holds every step's record and the table."""
     from PIL import Image
 
     images = tmp_path / "images"
@@ -225,17 +227,25 @@ def test_gpu_check_dry_run_installs_offline_and_runs_every_cpu_step(wheelhouse, 
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(images / f"{i}.jpg")
+
+    def check(out: Path, *options: str) -> tuple[subprocess.CompletedProcess, dict]:
+        done = subprocess.run(["bash", str(REPO / "bench/gpu.sh"), "--dry-run", *options,
+                               "--wheelhouse", str(wheelhouse), "--python", str(cluster["python"]),
+                               "--images", str(images), "--work", str(tmp_path / "work"), str(out)],
+                              capture_output=True, text=True, env=OFFLINE, timeout=1200)
+        # what comes back from a device machine: at most 8 files, every step's record among them
+        assert sorted(p.name for p in out.iterdir()) == [
+            "demo.log", "gpu-check.json", "gpu-check.md", "gpu_tests.log", "install.log", "preflight.log",
+            "steps.jsonl", "throughput.log"]
+        steps = {s["step"]: s["rc"] for s in json.loads((out / "gpu-check.json").read_text())["steps"]}
+        return done, steps
+
     out = tmp_path / "check"
-    done = subprocess.run(["bash", str(REPO / "bench/gpu.sh"), "--dry-run", "--wheelhouse", str(wheelhouse),
-                           "--python", str(cluster["python"]), "--images", str(images),
-                           "--work", str(tmp_path / "work"), str(out)],
-                          capture_output=True, text=True, env=OFFLINE, timeout=1200)
+    done, steps = check(out)
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(out.glob("*.log")))
     assert done.returncode == 0, done.stdout[-2000:] + logs
-    assert sorted(p.name for p in out.iterdir()) == ["demo.log", "gpu-check.json", "gpu-check.md",
-                                                     "gpu_tests.log", "install.log", "throughput.log"]
-    steps = {s["step"]: s["rc"] for s in json.loads((out / "gpu-check.json").read_text())["steps"]}
-    assert steps == {"install": 0, "gpu_tests": 0, "demo": 0, "throughput": 0}
+    assert steps == {"preflight": 0, "install": 0, "gpu_tests": 0, "demo": 0, "throughput": 0}
+    assert "GPU: none (dry run)" in (out / "preflight.log").read_text()
     assert "wrote and decoded" in (out / "install.log").read_text()
     assert "skipped" in (out / "gpu_tests.log").read_text()  # collected, and skipped without CUDA
     table = (out / "gpu-check.md").read_text()
@@ -245,3 +255,12 @@ def test_gpu_check_dry_run_installs_offline_and_runs_every_cpu_step(wheelhouse, 
     torch_at = subprocess.run([str(venv_python), "-c", "import torch; print(torch.__file__)"],
                               capture_output=True, text=True, check=True).stdout.strip()
     assert str(cluster["root"] / "site") in torch_at
+
+    cut = tmp_path / "cut"
+    done, steps = check(cut, "--share", "throughput=3")
+    assert done.returncode != 0
+    assert steps == {"preflight": 0, "install": 0, "throughput": 124, "gpu_tests": 0, "demo": 0}
+    assert "(most recent call first)" in (cut / "throughput.log").read_text()  # faulthandler's stacks
+    table = (cut / "gpu-check.md").read_text()
+    assert "| throughput | FAILED (exit 124): cut off at its time limit |" in table
+    assert "| ffcv_train |" not in table  # the first check's measurements are not this one's

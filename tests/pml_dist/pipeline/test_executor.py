@@ -77,3 +77,47 @@ def test_site_keys_that_cannot_work_are_one_line_errors(tmp_path, override, mess
             "slurm.student_tasks_per_node=2"]
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [*base, *override])
+
+
+def local_parameters(tmp_path, monkeypatch, kind: str, overrides=(), device_count=1) -> dict:
+    """What submitit's local executor receives for one stage, with `device_count` GPUs visible here."""
+    from pml_dist.pipeline import executor as module
+
+    monkeypatch.setattr(module, "visible_gpu_count", lambda: device_count)
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", *overrides])
+    return dict(make_executor(cfg, "local", kind, resources(cfg, kind))._executor.parameters)
+
+
+def test_local_gpu_stages_get_one_gpu_per_training_rank_and_cpu_stages_none(tmp_path, monkeypatch, caplog):
+    # submitit's local executor sets CUDA_VISIBLE_DEVICES="" unless gpus_per_node is given: training
+    # gets one GPU per local rank (NCCL), inference every visible GPU, a CPU stage none.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def gpus(kind: str, device: str, visible: int, ranks: int = 2):
+        tasks = [f"slurm.{k}_tasks_per_node={ranks}" for k in ("teacher", "infer", "student")]
+        params = local_parameters(tmp_path, monkeypatch, kind, [f"train.device={device}", *tasks], visible)
+        return params.get("gpus_per_node")
+
+    for kind in ("teacher", "student"):
+        assert gpus(kind, "auto", 8) == gpus(kind, "cuda", 8) == 2
+        assert gpus(kind, "auto", 1, ranks=1) == 1
+        assert gpus(kind, "cuda", 1) == 1  # the rank's device check then names 2 ranks and 1 GPU
+    assert gpus("infer", "auto", 8) == 8 and gpus("infer", "auto", 1) == 1  # ranks may share a GPU
+    for kind in ("teacher", "infer", "student"):
+        assert gpus(kind, "cpu", 2) is None
+        assert gpus(kind, "auto", 0) is None
+    assert gpus("cpu", "cuda", 2) is None
+
+    # the demo preset's 2 training ranks on a one-GPU workstation: auto trains on the CPU and says so
+    with caplog.at_level("INFO"):
+        assert gpus("teacher", "auto", 1) is None
+    assert "set slurm.teacher_tasks_per_node=1 to train on the GPUs" in caplog.text
+
+
+def test_local_gpu_stages_keep_a_narrowed_cuda_visible_devices(tmp_path, monkeypatch):
+    # submitit counts from physical GPU 0; a user who chose GPUs 3 and 5 (or by UUID) must keep them
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5e1f,3,5")
+    params = local_parameters(tmp_path, monkeypatch, "teacher",
+                              ["train.device=cuda", "slurm.teacher_tasks_per_node=2"], device_count=3)
+    assert params["gpus_per_node"] == 2
+    assert params["setup"] == ["export CUDA_VISIBLE_DEVICES=GPU-5e1f,3"]

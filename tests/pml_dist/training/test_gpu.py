@@ -82,7 +82,9 @@ def test_bf16_autocast_step_with_batchnorm_is_finite_and_makes_no_host_sync():
     assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert optimizer.defaults["fused"] is True
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        assert model(batches[0]["image"]).dtype == torch.bfloat16  # autocast really computed in bf16
+        features = model.stages(model.stem(batches[0]["image"]))
+        assert features.dtype == torch.bfloat16  # autocast really computed in bf16
+        assert model(batches[0]["image"]).dtype == torch.float32  # but the head in fp32 (Fp32Head)
 
 
 # ------------------------------------------------------------------ the project's trainer, NCCL
