@@ -1,4 +1,4 @@
-"""Read a COCO-format `instances` file into full multi-hot labels, with every input checked first.
+"""Read a COCO-format `instances` file into label sets (source.py), with every input checked first.
 
 COCO's category ids are not contiguous (1..90 with gaps); they are mapped to 0..L-1 in id order.
 Images without annotations are dropped and counted, as Cole et al. 2021 do. Problems a user can fix
@@ -12,44 +12,22 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ffcv_data.errors import DataError
-
-
-@dataclass
-class CocoSplit:
-    """One split with full labels; row i of `labels` belongs to `image_ids[i]` and `files[i]`."""
-
-    name: str
-    annotation_file: Path
-    image_ids: np.ndarray  # int64, sorted ascending
-    files: list[Path]
-    labels: np.ndarray  # uint8 (N, L) multi-hot
-    category_ids: list[int]  # COCO ids in label order
-    category_names: list[str]
-    # labels' columns in the order the file lists its categories (Cole et al.'s class index)
-    listed_columns: np.ndarray
-    images_read: int
-    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.category_ids)
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
+from ffcv_data.source import SourceSplit, check_images_exist, label_set
 
 
 def annotation_path(root: Path, split: str) -> Path:
     return Path(root) / "annotations" / f"instances_{split}.json"
 
 
-def read_split(root: str | Path, split: str) -> CocoSplit:
-    """Read `<root>/annotations/instances_<split>.json` and check `<root>/<split>/<file_name>` exist."""
+def read_split(root: str | Path, split: str, images: Path | None = None) -> SourceSplit:
+    """Read `<root>/annotations/instances_<split>.json` and check `<root>/<split>/<file_name>` exist.
+    Rows are the images with annotations, image ids ascending; Cole et al.'s scripts walk them with
+    the ids sorted as strings, and number the classes in the order the file lists them."""
     root = Path(root)
     ann_file = annotation_path(root, split)
     dataset = _load_json(ann_file)
@@ -62,40 +40,31 @@ def read_split(root: str | Path, split: str) -> CocoSplit:
     names = [coco.cats[c]["name"] for c in category_ids]
 
     image_ids = sorted(coco.getImgIds())
-    kept_ids, files, rows = [], [], []
+    kept_ids, files, label_sets = [], [], []
     dropped = {"no_annotations": 0}
     for image_id in image_ids:
         anns = coco.imgToAnns.get(image_id, [])
         if not anns:
             dropped["no_annotations"] += 1
             continue
-        row = np.zeros(len(category_ids), dtype=np.uint8)
-        for ann in anns:
-            row[column[ann["category_id"]]] = 1
         kept_ids.append(image_id)
         files.append(root / split / coco.imgs[image_id]["file_name"])
-        rows.append(row)
+        label_sets.append(label_set([column[ann["category_id"]] for ann in anns]))
 
     if not kept_ids:
         raise DataError(
             f"{ann_file}: split '{split}' is empty ({len(image_ids)} images read, none with annotations)"
         )
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise DataError(f"{ann_file}: image file(s) missing: {', '.join(missing[:3])}{more}")
-    return CocoSplit(
-        name=split,
-        annotation_file=ann_file,
-        image_ids=np.asarray(kept_ids, dtype=np.int64),
-        files=files,
-        labels=np.stack(rows),
-        category_ids=category_ids,
-        category_names=names,
-        listed_columns=np.asarray([column[c["id"]] for c in dataset["categories"]], dtype=np.int64),
-        images_read=len(image_ids),
-        dropped=dropped,
+    keys = np.asarray(kept_ids, dtype=np.int64)
+    out = SourceSplit(
+        name=split, source_file=ann_file, label_files=[ann_file], image_root=root / split, files=files,
+        keys=keys, label_sets=label_sets, class_names=names, class_ids=category_ids,
+        reference_order=np.argsort(keys.astype(str), kind="stable"),  # "100" before "25"
+        reference_classes=np.asarray([column[c["id"]] for c in dataset["categories"]], dtype=np.int64),
+        images_read=len(image_ids), dropped=dropped,
     )
+    check_images_exist(out)
+    return out
 
 
 def _load_json(path: Path) -> dict:

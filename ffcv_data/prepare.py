@@ -1,8 +1,9 @@
-"""COCO-format root -> a prepared folder: {train,val,test}.beton + meta + stats.json (prepared.py).
+"""A data set's root -> a prepared folder: {train,val,test}.beton + meta + stats.json (prepared.py).
 
 Plain arguments only (`PrepareSpec`): the data package knows nothing of the experiment config;
 `pml_dist/data_stage.py` maps the config onto it. Every input is read and checked before any .beton
-is written: the annotations (coco.py) and every image still to encode, decoded in full. A split whose
+is written: the label files (the format's reader, formats.py) and every image still to encode,
+decoded in full. A split whose
 .beton already exists is skipped (each appears only when complete, its .meta.npz right after it), so
 an interrupted prepare resumes; temporaries left by dead processes (killed, interrupted) are removed
 first. `inputs.json` records digests of the inputs (annotation files, the image list with file sizes,
@@ -26,10 +27,11 @@ import numpy as np
 
 from ffcv_data.atomic import save_with, write_json
 from ffcv_data.beton import unreadable_images, write_beton
-from ffcv_data.coco import CocoSplit, read_split
 from ffcv_data.errors import DataError
+from ffcv_data.formats import read_split
 from ffcv_data.prepared import PreparedData
-from ffcv_data.protocol import draw_observed, split_train_val
+from ffcv_data.protocol import NONE, draw_observed, one_hot, split_train_val
+from ffcv_data.source import SourceSplit
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 class PrepareSpec:
     """What `prepare` reads and how it encodes (the experiment's `data.*` keys)."""
 
-    root: Path  # annotations/instances_<split>.json and <split>/*.jpg
+    root: Path  # the data set's root, as its format (formats.py) reads it
     train_split: str
     test_split: str
     observed_seed: int
@@ -49,11 +51,15 @@ class PrepareSpec:
     observed_protocol: str = "keyed"  # protocol.py: cole (Cole et al.'s exact draws) or keyed
     keep_original_jpegs: bool = True  # beton.py: JPEGs FFCV decodes as PIL does are stored as they are
     write_workers: int = 0
+    format: str = "coco"  # formats.py: coco, voc, cub or cole
+    images: Path | None = None  # cole: the folder its image paths are relative to
 
 
 # The PrepareSpec fields that change what is encoded; root (the data may move) and workers do not.
-CONTENT_KEYS = ("train_split", "test_split", "observed_seed", "observed_protocol", "val_fraction",
+CONTENT_KEYS = ("format", "train_split", "test_split", "observed_seed", "observed_protocol", "val_fraction",
                 "val_seed", "max_resolution", "jpeg_quality", "keep_original_jpegs")
+# Keys added after folders were prepared without them: a record without the key had this value.
+CONTENT_DEFAULTS = {"format": "coco"}
 INPUTS_VERSION = 1
 SPLITS = ("train", "val", "test")
 
@@ -62,22 +68,21 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
     """Write the three .beton files and stats.json into `out`; returns the stats."""
     t0 = time.perf_counter()
     root = Path(d.root)
-    train_full = read_split(root, d.train_split)
-    test = read_split(root, d.test_split)
-    if train_full.category_ids != test.category_ids:
-        raise DataError(
-            f"{test.annotation_file}: categories differ from those of {train_full.annotation_file}"
-        )
+    train_full, test = (_readable(read_split(d.format, root, split, d.images), d.observed_protocol)
+                        for split in (d.train_split, d.test_split))
+    if train_full.class_names != test.class_names:
+        raise DataError(f"{test.source_file}: classes differ from those of {train_full.source_file}")
     # Each source split gets its own draw over all of it (Cole et al. draw train2014 and val2014).
     observed_full, observed_test = (
-        draw_observed(s.labels, s.image_ids, d.observed_seed, d.observed_protocol, s.listed_columns)
+        draw_observed(s.label_sets, s.keys, d.observed_seed, d.observed_protocol, num_classes=s.num_classes,
+                      reference_order=s.reference_order, reference_classes=s.reference_classes)
         for s in (train_full, test)
     )
     try:
-        train_rows, val_rows = split_train_val(train_full.image_ids, d.val_fraction, d.val_seed,
-                                               d.observed_protocol)
+        train_rows, val_rows = split_train_val(train_full.keys, d.val_fraction, d.val_seed,
+                                               d.observed_protocol, train_full.reference_order)
     except ValueError as exc:
-        raise DataError(f"{train_full.annotation_file}: {exc}") from None
+        raise DataError(f"{train_full.source_file}: {exc}") from None
     parts = {
         "train": (train_full, train_rows, observed_full[train_rows]),
         "val": (train_full, val_rows, observed_full[val_rows]),
@@ -108,12 +113,12 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
         if path.exists():
             log.info("%s exists, skipping", path)
         else:
-            log.info("writing %s (%d images from %s)", path, len(rows), source.annotation_file)
+            log.info("writing %s (%d images from %s)", path, len(rows), source.source_file)
             write_beton(
                 path,
                 [source.files[i] for i in rows],
-                source.labels[rows],
-                observed,
+                source.dense(rows),
+                one_hot(observed, source.num_classes),
                 max_resolution=d.max_resolution,
                 jpeg_quality=d.jpeg_quality,
                 keep_original_jpegs=d.keep_original_jpegs,
@@ -123,15 +128,17 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
         if not out.meta(name).exists():
             save_with(out.meta(name), lambda tmp, rows=rows, source=source, observed=observed: np.savez(
                 tmp,
-                image_ids=source.image_ids[rows],
-                labels=source.labels[rows],
-                observed=observed,
+                image_ids=source.keys[rows],
+                files=np.asarray([os.path.relpath(source.files[i], source.image_root) for i in rows]),
+                labels=source.dense(rows),
+                observed=one_hot(observed, source.num_classes),
             ))
 
     stats = {
         "root": str(root),
-        "category_ids": train_full.category_ids,
-        "category_names": train_full.category_names,
+        "format": d.format,
+        "category_ids": train_full.class_ids,
+        "category_names": train_full.class_names,
         "num_classes": train_full.num_classes,
         "observed_seed": d.observed_seed,
         "observed_protocol": d.observed_protocol,
@@ -144,7 +151,7 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
             "train": _source_stats(train_full),
             "test": _source_stats(test),
         },
-        "splits": {name: _label_stats(src.labels[rows], src) for name, (src, rows, _) in parts.items()},
+        "splits": {name: _label_stats(src, rows, observed) for name, (src, rows, observed) in parts.items()},
         "seconds": time.perf_counter() - t0,  # wall time of this call (files already there are skipped)
         "image_check_seconds": check_seconds,  # of which decoding every image still to encode first
     }
@@ -194,17 +201,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _inputs(d: PrepareSpec, train: CocoSplit, test: CocoSplit) -> dict:
+def _inputs(d: PrepareSpec, train: SourceSplit, test: SourceSplit) -> dict:
     """What the folder's content depends on, as digests (inputs.json)."""
     spec = asdict(d)
     root = Path(d.root)
     record: dict = {"version": INPUTS_VERSION, "root": str(root),
                     "spec": {k: spec[k] for k in CONTENT_KEYS}, "annotations": {}, "images": {}}
     for role, split in (("train", train), ("test", test)):
-        record["annotations"][role] = {
-            "file": os.path.relpath(split.annotation_file, root),
-            "sha256": _sha256_file(split.annotation_file),
-        }
+        # one file's digest as it is; several (VOC's class lists) digested in order
+        digests = [_sha256_file(f) for f in split.label_files]
+        combined = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+        record["annotations"][role] = {"file": os.path.relpath(split.source_file, root), "sha256": combined}
         listing = hashlib.sha256()
         for f in split.files:
             listing.update(f"{os.path.relpath(f, root)}\t{f.stat().st_size}\n".encode())
@@ -249,8 +256,9 @@ def _changes(old: dict, new: dict) -> list[str]:
         return [f"its record is of another format (version {version!r}, expected {new['version']})"]
     changes = []
     for key, value in new["spec"].items():
-        if old.get("spec", {}).get(key, "<absent>") != value:
-            changes.append(f"{key} {old.get('spec', {}).get(key, '<absent>')!r} -> {value!r}")
+        before = old.get("spec", {}).get(key, CONTENT_DEFAULTS.get(key, "<absent>"))
+        if before != value:
+            changes.append(f"{key} {before!r} -> {value!r}")
     for role, ann in new["annotations"].items():
         before = old.get("annotations", {}).get(role, {})
         if before.get("file") != ann["file"]:
@@ -266,27 +274,39 @@ def _changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
-def _source_stats(split: CocoSplit) -> dict:
+def _readable(split: SourceSplit, protocol: str) -> SourceSplit:
+    """Rows without a positive: kept under cole, as Cole et al. do (nothing observed, counted in the
+    split's stats); dropped and counted under keyed, which observes one positive in every row."""
+    empty = split.counts() == 0
+    if protocol == "cole" or not empty.any():
+        return split
+    return split.subset(np.flatnonzero(~empty), {"no_positive": int(empty.sum())})
+
+
+def _source_stats(split: SourceSplit) -> dict:
     return {
-        "annotation_file": str(split.annotation_file),
+        "annotation_file": str(split.source_file),
         "images_read": split.images_read,
         "images_kept": len(split),
         "images_dropped": split.dropped,
     }
 
 
-def _label_stats(labels: np.ndarray, split: CocoSplit) -> dict:
-    per_image = labels.sum(axis=1)
-    per_class = labels.sum(axis=0)
+def _label_stats(split: SourceSplit, rows: np.ndarray, observed: np.ndarray) -> dict:
+    per_image = split.counts()[rows]
+    per_class = np.bincount(np.concatenate([split.label_sets[i] for i in rows]).astype(np.int64),
+                            minlength=split.num_classes)
     return {
-        "images": int(labels.shape[0]),
+        "images": int(len(rows)),
         "labels_per_image": {
             "mean": float(per_image.mean()),
             "min": int(per_image.min()),
             "max": int(per_image.max()),
         },
-        "per_class": {name: int(c) for name, c in zip(split.category_names, per_class, strict=True)},
+        "images_without_positive": int((per_image == 0).sum()),  # kept under cole, nothing observed
+        "images_without_observed": int((observed == NONE).sum()),
+        "per_class": {name: int(c) for name, c in zip(split.class_names, per_class, strict=True)},
         "classes_without_positives": [
-            name for name, c in zip(split.category_names, per_class, strict=True) if c == 0
+            name for name, c in zip(split.class_names, per_class, strict=True) if c == 0
         ],
     }

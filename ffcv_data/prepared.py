@@ -2,7 +2,8 @@
 names; the run layout (pml_dist/layout.py) points at such a folder as `<run>/data/`.
 
     <folder>/{train,val,test}.beton       fields image (JPEG), labels, observed (uint8 L), index
-    <folder>/{train,val,test}.meta.npz    image_ids, labels, observed by index (for analysis)
+    <folder>/{train,val,test}.meta.npz    image_ids (source.py's keys), files (relative to the image
+                                          root), labels, observed by index (for analysis, `pml-dist labels`)
     <folder>/inputs.json                  digests of what the folder was prepared from (prepare.py):
                                           written before the first .beton, checked by every rerun
     <folder>/stats.json                   counts, dropped images, label statistics; written last
@@ -67,7 +68,7 @@ class PreparedData:
         return DataStats(json.loads(self.stats_file.read_text()))
 
     def read_meta(self, split: str, field: str) -> np.ndarray:
-        """One array of a split's side file: image_ids, labels (full) or observed."""
+        """One array of a split's side file: image_ids, files, labels (full) or observed."""
         path = self.meta(split)
         if not path.is_file():
             raise DataError(f"no {path} (run `pml-dist prepare` first)")

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_at_least(32), default=64, help="image side in pixels (>= 32)")
 
     _add_config_args(sub.add_parser("prepare", help="encode train/val/test .beton files"))
+    p = sub.add_parser("labels", help="a prepared split as CSV on stdout: row,file,observed,labels")
+    p.add_argument("--split", choices=("train", "val", "test"), required=True)
+    p.add_argument("--names", action="store_true", help="class names (separated by |) instead of indices")
+    _add_config_args(p)
     p = sub.add_parser("train", help="train the teacher or one student (run once per rank)")
     p.add_argument("--stage", choices=("teacher", "student", "reference"), required=True,
                    help="reference: a teacher trained with --loss, for the report")
@@ -126,6 +130,17 @@ def cmd_prepare(args) -> int:
     stats = prepare(cfg)
     for name, s in stats["splits"].items():
         log.info("%-5s %6d images, %.2f labels/image", name, s["images"], s["labels_per_image"]["mean"])
+    return 0
+
+
+def cmd_labels(args) -> int:
+    from ffcv_data.listing import write_labels_csv
+    from pml_dist.layout import RunLayout
+
+    try:
+        write_labels_csv(RunLayout.of(_config(args, write=False)).data, args.split, sys.stdout, args.names)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted; no traceback at exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
@@ -269,6 +284,7 @@ def cmd_report(args) -> int:
 COMMANDS = {
     "make-synthetic": cmd_make_synthetic,
     "prepare": cmd_prepare,
+    "labels": cmd_labels,
     "train": cmd_train,
     "infer": cmd_infer,
     "merge": cmd_merge,

@@ -16,6 +16,7 @@ import re
 import subprocess
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,33 @@ ORDERS = ("random", "sequential", "quasi_random")
 DEVICES = ("auto", "cuda", "cpu")
 DEVICE_ENV = "PML_DIST_DEVICE"  # the default of train.device (presets and overrides still win)
 PSEUDO_MODES = ("hard", "soft", "class_prior")
+DATA_FORMATS = ("coco", "voc", "cub", "cole")  # data.format: the layout of data.root (ffcv_data/formats.py)
+PUBLISHED_DATA_SETS = ("voc", "coco", "nuswide", "cub")  # report.published (pipeline/names.py: PUBLISHED)
+
+
+# Each section checks its own keys (`problems()`: the errors, in a fixed order); validate() adds the
+# rules that read two sections.
+
+
+def _failed(checks: list[tuple[bool, str, str]]) -> list[str]:
+    """The errors of the checks that fail: (ok, key, what is wrong) -> "config key '<key>' <what>"."""
+    return [f"config key '{key}' {message}" for ok, key, message in checks if not ok]
+
+
+def _repeated(key: str, values: list, name: Callable[[Any], str] = str) -> list[str]:
+    """A repeated value would be one stage listed twice (two array tasks writing one folder); values
+    count as repeated when their folder names are equal (tau-0.3 for 0.3 and 0.3000001)."""
+    seen: dict[str, Any] = {}
+    errors = []
+    for value in values:
+        if name(value) not in seen:
+            seen[name(value)] = value
+            continue
+        first = seen[name(value)]
+        twice = (f"{value!r} twice" if first == value else
+                 f"{first!r} and {value!r}, which name one folder ({name(value)})")
+        errors.append(f"config key '{key}' lists {twice}")
+    return errors
 
 
 @dataclass
@@ -49,10 +77,20 @@ class RunSection:
     seeds: int = 1
     data_dir: str = ""  # the prepared .beton files; "" = <dir>/data (sub-runs name their parent's)
 
+    def problems(self) -> list[str]:
+        return _failed([(self.seeds >= 1, "run.seeds", "must be >= 1")])
+
 
 @dataclass
 class DataSection:
-    root: str = "data/synthetic"  # COCO layout: annotations/instances_<split>.json, <split>/*.jpg
+    # What root holds, by format (ffcv_data/formats.py reads it):
+    #   coco  annotations/instances_<split>.json and <split>/*.jpg
+    #   voc   the folder holding VOCdevkit/VOC2012/ (splits train, val)
+    #   cub   the folder the official CUB tarball unpacks into (attributes.txt beside CUB_200_2011/)
+    #   cole  Cole et al.'s formatted folder (formatted_<split>_images.npy, formatted_<split>_labels.npy)
+    root: str = "data/synthetic"
+    format: str = "coco"  # one of DATA_FORMATS
+    images: str = ""  # cole: the folder the formatted lists' image paths are relative to (else unused)
     train_split: str = "train"
     test_split: str = "test"
     observed_seed: int = 1200  # Cole et al. 2021: seed of the single observed positive per image
@@ -86,6 +124,30 @@ class DataSection:
     synthetic_train: int = 2000
     synthetic_test: int = 500
 
+    def problems(self) -> list[str]:
+        return _failed([
+            (self.format in DATA_FORMATS, "data.format", f"must be one of {', '.join(DATA_FORMATS)}"),
+            (self.format != "cole" or bool(self.images), "data.images",
+             "must name the folder the formatted lists' image paths are relative to (data.format: cole)"),
+            (0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)"),
+            (self.val_labels in ("full", "observed"), "data.val_labels", "must be 'full' or 'observed'"),
+            (self.order in ORDERS, "data.order", f"must be one of {', '.join(ORDERS)}"),
+            (self.train_transform in TRAIN_TRANSFORMS, "data.train_transform",
+             f"must be one of {', '.join(TRAIN_TRANSFORMS)}"),
+            (self.eval_transform in EVAL_TRANSFORMS, "data.eval_transform",
+             f"must be one of {', '.join(EVAL_TRANSFORMS)}"),
+            (self.observed_protocol in PROTOCOLS, "data.observed_protocol",
+             f"must be one of {', '.join(PROTOCOLS)}"),
+            (1 <= self.jpeg_quality <= 100, "data.jpeg_quality", "must be in [1, 100]"),
+            (self.max_resolution >= 8, "data.max_resolution", "must be at least 8"),
+            (self.image_size >= 8, "data.image_size", "must be at least 8"),
+            (self.write_workers >= 0, "data.write_workers", "must be >= 0 (0 = all cores)"),
+            (self.loader_workers >= 0, "data.loader_workers", "must be >= 0 (0 = cores per local rank)"),
+            (self.synthetic_train > 0 and self.synthetic_test > 0, "data.synthetic_train/test",
+             "must be > 0"),
+            (self.train_split != self.test_split, "data.test_split", "must differ from data.train_split"),
+        ])
+
 
 @dataclass
 class ModelSection:
@@ -94,6 +156,14 @@ class ModelSection:
     norm: str = "batch"  # small_resnet only: batch or group (no batch statistics)
     pretrained: str = ""  # local torchvision ImageNet state dict; never downloaded
     sync_bn: bool = False  # SyncBatchNorm: batch statistics over all ranks
+
+    def problems(self) -> list[str]:
+        return _failed([
+            (self.name == SMALL_MODEL or self.name in TORCHVISION_RESNETS, "model.name",
+             f"must be {SMALL_MODEL} or one of {', '.join(TORCHVISION_RESNETS)}"),
+            (self.norm in ("batch", "group"), "model.norm", "must be batch or group"),
+            (self.width % 8 == 0 and self.width > 0, "model.width", "must be a positive multiple of 8"),
+        ])
 
 
 @dataclass
@@ -110,6 +180,13 @@ class LossSection:
     # corrected, the unobserved ones with the largest AN losses (none in epoch 0); 0.2 % per epoch
     ll_delta_rel: float = 0.002
 
+    def problems(self) -> list[str]:
+        # apl_warmup_epochs is checked against train.epochs: _cross_section_problems
+        return _failed([
+            (self.name in LOSSES, "loss.name", f"must be one of {', '.join(LOSSES)}"),
+            (0.0 <= self.ll_delta_rel < 1.0, "loss.ll_delta_rel", "must be in [0, 1)"),
+        ])
+
 
 @dataclass
 class OptimSection:
@@ -122,6 +199,17 @@ class OptimSection:
     weight_decay: float = 0.0  # conv/linear weights only, never BatchNorm or biases
     momentum: float = 0.9  # sgd only
     grad_clip: float = 0.0  # 0 = off
+
+    def problems(self) -> list[str]:
+        return _failed([
+            (self.name in ("adam", "adamw", "sgd"), "optim.name", "must be adam, adamw or sgd"),
+            (self.lr > 0, "optim.lr", "must be > 0"),
+            (self.ref_batch >= 1, "optim.ref_batch", "must be >= 1"),
+            (self.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling",
+             "must be linear, sqrt or none"),
+            (self.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine or constant"),
+            (self.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0"),
+        ])
 
 
 @dataclass
@@ -145,6 +233,20 @@ class TrainSection:
     # variable PML_DIST_DEVICE, when set, replaces this default (tests/conftest.py sets cpu).
     device: str = "auto"
 
+    def problems(self) -> list[str]:
+        return _failed([
+            (self.epochs >= 1, "train.epochs", "must be >= 1"),
+            (self.micro_batch >= 1, "train.micro_batch", "must be >= 1"),
+            (self.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+            (self.keep_last >= 1, "train.keep_last", "must be >= 1"),
+            (set(self.early_stop) <= set(LOSSES), "train.early_stop",
+             f"must list losses among {', '.join(LOSSES)}"),
+            (self.linear_init_epochs >= 0, "train.linear_init_epochs", "must be >= 0 (0 = off)"),
+            (self.log_every >= 1, "train.log_every", "must be >= 1"),
+            (self.device in DEVICES, "train.device", f"must be one of {', '.join(DEVICES)}"),
+            (self.ckpt_every >= 0, "train.ckpt_every", "must be >= 0 (0 = epoch ends only)"),
+        ])
+
 
 @dataclass
 class DistSection:
@@ -152,11 +254,21 @@ class DistSection:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16
     timeout_s: int = 600  # collective timeout: a dead rank fails the job instead of hanging it
 
+    def problems(self) -> list[str]:
+        return _failed([
+            (self.precision in ("auto", "fp32", "bf16"), "dist.precision", "must be auto, fp32 or bf16"),
+            (Path(self.deepspeed_config).is_file(), "dist.deepspeed_config",
+             f"names no file ({self.deepspeed_config})"),
+        ])
+
 
 @dataclass
 class InferSection:
     batch: int = 256
     hflip_tta: bool = False  # average the probabilities of the image and its mirror image
+
+    def problems(self) -> list[str]:
+        return _failed([(self.batch >= 1, "infer.batch", "must be >= 1")])
 
 
 @dataclass
@@ -180,11 +292,46 @@ class PseudoSection:
     # chain's teacher (<chain>/round-<k>/), with the same taus and modes.
     rounds: int = 1
 
+    def problems(self) -> list[str]:
+        errors = _failed([
+            (len(self.taus) > 0, "pseudo.taus", "must not be empty"),
+            (bool(self.modes) and set(self.modes) <= set(PSEUDO_MODES), "pseudo.modes",
+             f"must be a non-empty list of {', '.join(PSEUDO_MODES)}"),
+            (set(self.teachers) <= set(LOSSES), "pseudo.teachers",
+             f"must list losses among {', '.join(LOSSES)}"),
+            (len(set(self.teachers)) == len(self.teachers), "pseudo.teachers", "lists a loss twice"),
+            (set(self.teacher_taus) | set(self.teacher_modes) <= set(LOSSES),
+             "pseudo.teacher_taus/teacher_modes", f"must be keyed by losses among {', '.join(LOSSES)}"),
+            (all(set(m) <= set(PSEUDO_MODES) and m for m in self.teacher_modes.values()),
+             "pseudo.teacher_modes", f"values must be non-empty lists of {', '.join(PSEUDO_MODES)}"),
+            (all(self.teacher_taus.values()), "pseudo.teacher_taus", "values must not be empty"),
+            (self.rounds >= 1, "pseudo.rounds", "must be >= 1"),
+        ])
+        tau_lists = [("pseudo.taus", self.taus),
+                     *((f"pseudo.teacher_taus.{loss}", taus) for loss, taus in self.teacher_taus.items())]
+        errors += [f"config key '{key}': {tau} is outside [0, 1)"
+                   for key, taus in tau_lists for tau in taus if not 0.0 <= tau < 1.0]
+        for key, taus in tau_lists:
+            errors += _repeated(key, taus, tau_name)
+        errors += _repeated("pseudo.modes", self.modes)
+        for loss, modes in self.teacher_modes.items():
+            errors += _repeated(f"pseudo.teacher_modes.{loss}", modes)
+        return errors
+
 
 @dataclass
 class ReportSection:
     references: list[str] = field(default_factory=lambda: ["bce", "em"])  # extra teachers' losses
-    published_coco: bool = False  # print the published COCO mAPs beside the measured ones
+    # print this data set's published test mAPs beside the measured ones: one of PUBLISHED_DATA_SETS
+    # (pipeline/names.py), "" = none
+    published: str = ""
+
+    def problems(self) -> list[str]:
+        return _failed([
+            (set(self.references) <= set(LOSSES), "report.references", f"must be losses among {LOSSES}"),
+            (self.published in ("", *PUBLISHED_DATA_SETS), "report.published",
+             f"must be '' (none) or one of {', '.join(PUBLISHED_DATA_SETS)}"),
+        ]) + _repeated("report.references", self.references)
 
 
 @dataclass
@@ -194,9 +341,36 @@ class SweepSection:
     sub-run in <run>/sweep/ and one Slurm array task, and the best by validation mAP becomes the
     stage (pipeline/sweep.py). The lr is used as given at that micro batch (no optim.lr_scaling)."""
 
-    losses: list[str] = field(default_factory=list)  # [] = off
+    losses: list[str] = field(default_factory=list)  # [] = off: lr and micro_batch are then not used
     lr: list[float] = field(default_factory=list)
     micro_batch: list[int] = field(default_factory=list)  # per rank (one GPU: Cole et al.'s batch)
+
+    def problems(self) -> list[str]:
+        if not self.losses:  # a preset's grid stays in the file, unused: sweep.losses=[] turns it off
+            return []
+        return _failed([
+            (set(self.losses) <= set(LOSSES), "sweep.losses", f"must list losses among {', '.join(LOSSES)}"),
+            (len(self.lr) > 0, "sweep.lr", "must not be empty when sweep.losses names losses to sweep"),
+            (len(self.micro_batch) > 0, "sweep.micro_batch",
+             "must not be empty when sweep.losses names losses to sweep"),
+            (all(lr > 0 for lr in self.lr), "sweep.lr", "values must be > 0"),
+            (all(mb >= 1 for mb in self.micro_batch), "sweep.micro_batch", "values must be >= 1"),
+        ]) + [*_repeated("sweep.losses", self.losses), *_repeated("sweep.lr", self.lr, lr_name),
+              *_repeated("sweep.micro_batch", self.micro_batch)]
+
+
+TRAINING_KINDS = ("teacher", "infer", "student")  # the slurm.<kind>_* shapes of training stages
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def gres_gpus(gres: str) -> int:
+    """GPUs per node a `--gres` string asks for: gpu:a100:4 -> 4, gpu:4 -> 4, gpu -> 1, "" -> 0
+    (other resources in a comma list are ignored)."""
+    for item in filter(None, gres.split(",")):
+        parts = item.split(":")
+        if parts[0] == "gpu":
+            return int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return 0
 
 
 @dataclass
@@ -241,6 +415,33 @@ class SlurmSection:
     cpu_mem_gb: int = 0
     cpu_extra: list[str] = field(default_factory=list)
     cpu_time_min: int = 60
+
+    def problems(self) -> list[str]:
+        gpus = self.gpus_per_node or gres_gpus(self.gres)
+        shapes = [(getattr(self, f"{k}_nodes"), getattr(self, f"{k}_tasks_per_node"), k)
+                  for k in TRAINING_KINDS]
+        checks = [
+            (all(e.strip() and not e.startswith("-") for e in self.extra), "slurm.extra",
+             "entries must look like key=value or flag (sbatch's long option without the dashes)"),
+            (all(e.strip() and not e.startswith("-") for e in self.cpu_extra), "slurm.cpu_extra",
+             "entries must look like key=value or flag (sbatch's long option without the dashes)"),
+            (all(e.startswith("-") for e in self.srun_extra), "slurm.srun_extra",
+             "entries must be srun options, e.g. --cpu-bind=cores"),
+            (all(_ENV_NAME.fullmatch(e.partition("=")[0]) and "=" in e for e in self.env), "slurm.env",
+             "entries must look like NAME=value"),
+            (min(min(n, t) for n, t, _ in shapes) >= 1 and self.cpus_per_task >= 1,
+             "slurm.*_nodes/*_tasks_per_node/cpus_per_task", "must be >= 1"),
+            (self.cpu_cpus_per_task >= 0 and self.cpu_mem_gb >= 0 and self.mem_gb >= 0,
+             "slurm.*cpus_per_task/*mem_gb", "must be >= 0"),
+            (not (self.gpus_per_node and self.gres), "slurm.gres",
+             "and slurm.gpus_per_node both ask for GPUs: set one"),
+            (self.max_requeues >= 0, "slurm.max_requeues", "must be >= 0"),
+        ]
+        for _, tasks, kind in shapes:  # one rank per GPU: more would share one, fewer leave some idle
+            checks.append((not gpus or tasks == gpus, f"slurm.{kind}_tasks_per_node",
+                           f"is {tasks} but each node gets {gpus} GPUs (slurm.gpus_per_node / slurm.gres): "
+                           f"training stages run one task per GPU"))
+        return _failed(checks)
 
 
 @dataclass
@@ -414,6 +615,8 @@ def _make_paths_absolute(cfg: Config) -> None:
     if cfg.run.data_dir:
         cfg.run.data_dir = str(Path(cfg.run.data_dir).expanduser().resolve())
     cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.data.images:
+        cfg.data.images = str(Path(cfg.data.images).expanduser().resolve())
     if cfg.model.pretrained:
         cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
     ds = Path(cfg.dist.deepspeed_config).expanduser()
@@ -441,159 +644,26 @@ def apl_schedule(warmup_epochs: int, epochs: int) -> tuple[int, int]:
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express; each error names its key."""
-    d = cfg.data
-    checks = [
-        (0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)"),
-        (d.val_labels in ("full", "observed"), "data.val_labels", "must be 'full' or 'observed'"),
-        (d.order in ORDERS, "data.order", f"must be one of {', '.join(ORDERS)}"),
-        (d.train_transform in TRAIN_TRANSFORMS, "data.train_transform",
-         f"must be one of {', '.join(TRAIN_TRANSFORMS)}"),
-        (d.eval_transform in EVAL_TRANSFORMS, "data.eval_transform",
-         f"must be one of {', '.join(EVAL_TRANSFORMS)}"),
-        (d.observed_protocol in PROTOCOLS, "data.observed_protocol",
-         f"must be one of {', '.join(PROTOCOLS)}"),
-        (1 <= d.jpeg_quality <= 100, "data.jpeg_quality", "must be in [1, 100]"),
-        (d.max_resolution >= 8, "data.max_resolution", "must be at least 8"),
-        (d.image_size >= 8, "data.image_size", "must be at least 8"),
-        (d.write_workers >= 0, "data.write_workers", "must be >= 0 (0 = all cores)"),
-        (d.loader_workers >= 0, "data.loader_workers", "must be >= 0 (0 = cores per local rank)"),
-        (d.synthetic_train > 0 and d.synthetic_test > 0, "data.synthetic_train/test", "must be > 0"),
-        (d.train_split != d.test_split, "data.test_split", "must differ from data.train_split"),
-        (cfg.loss.name in LOSSES, "loss.name", f"must be one of {', '.join(LOSSES)}"),
-        (
-            cfg.model.name == SMALL_MODEL or cfg.model.name in TORCHVISION_RESNETS,
-            "model.name",
-            f"must be {SMALL_MODEL} or one of {', '.join(TORCHVISION_RESNETS)}",
-        ),
-        (cfg.model.norm in ("batch", "group"), "model.norm", "must be batch or group"),
-        (cfg.model.width % 8 == 0 and cfg.model.width > 0, "model.width", "must be a positive multiple of 8"),
-        (cfg.train.epochs >= 1, "train.epochs", "must be >= 1"),
+    """Value checks that types alone cannot express; each error names its key. Each section checks its
+    own keys (`problems()`, sections in Config's order), then the rules that read two sections; the
+    first error is raised."""
+    sections = [getattr(cfg, f.name) for f in dataclasses.fields(cfg)]
+    errors = [e for section in sections for e in section.problems()] + _cross_section_problems(cfg)
+    if errors:
+        raise ConfigError(errors[0])
+
+
+def _cross_section_problems(cfg: Config) -> list[str]:
+    """The rules that read two sections."""
+    return _failed([
         (cfg.loss.name != "em_apl" or apl_schedule_fits(cfg.loss.apl_warmup_epochs, cfg.train.epochs),
          "loss.apl_warmup_epochs", APL_WARMUP_RULE),
-        (0.0 <= cfg.loss.ll_delta_rel < 1.0, "loss.ll_delta_rel", "must be in [0, 1)"),
-        (cfg.train.micro_batch >= 1, "train.micro_batch", "must be >= 1"),
-        (cfg.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
-        (cfg.train.keep_last >= 1, "train.keep_last", "must be >= 1"),
-        (set(cfg.train.early_stop) <= set(LOSSES), "train.early_stop",
-         f"must list losses among {', '.join(LOSSES)}"),
-        (cfg.train.linear_init_epochs >= 0, "train.linear_init_epochs", "must be >= 0 (0 = off)"),
-        (cfg.train.log_every >= 1, "train.log_every", "must be >= 1"),
-        (cfg.train.device in DEVICES, "train.device", f"must be one of {', '.join(DEVICES)}"),
-        (cfg.train.ckpt_every >= 0, "train.ckpt_every", "must be >= 0 (0 = epoch ends only)"),
-        (cfg.optim.name in ("adam", "adamw", "sgd"), "optim.name", "must be adam, adamw or sgd"),
-        (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
-        (cfg.optim.ref_batch >= 1, "optim.ref_batch", "must be >= 1"),
-        (cfg.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling",
-         "must be linear, sqrt or none"),
-        (cfg.optim.schedule in ("cosine", "constant"), "optim.schedule", "must be cosine or constant"),
-        (cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0"),
-        (cfg.dist.precision in ("auto", "fp32", "bf16"), "dist.precision", "must be auto, fp32 or bf16"),
-        (Path(cfg.dist.deepspeed_config).is_file(), "dist.deepspeed_config",
-         f"names no file ({cfg.dist.deepspeed_config})"),
-        (len(cfg.pseudo.taus) > 0, "pseudo.taus", "must not be empty"),
-        (set(cfg.pseudo.modes) <= set(PSEUDO_MODES) and cfg.pseudo.modes, "pseudo.modes",
-         f"must be a non-empty list of {', '.join(PSEUDO_MODES)}"),
-        (cfg.infer.batch >= 1, "infer.batch", "must be >= 1"),
-        (cfg.run.seeds >= 1, "run.seeds", "must be >= 1"),
-        (set(cfg.pseudo.teachers) <= set(LOSSES), "pseudo.teachers",
-         f"must list losses among {', '.join(LOSSES)}"),
-        (len(set(cfg.pseudo.teachers)) == len(cfg.pseudo.teachers), "pseudo.teachers",
-         "lists a loss twice"),
-        (set(cfg.pseudo.teacher_taus) | set(cfg.pseudo.teacher_modes) <= set(LOSSES),
-         "pseudo.teacher_taus/teacher_modes", f"must be keyed by losses among {', '.join(LOSSES)}"),
-        (all(set(m) <= set(PSEUDO_MODES) and m for m in cfg.pseudo.teacher_modes.values()),
-         "pseudo.teacher_modes", f"values must be non-empty lists of {', '.join(PSEUDO_MODES)}"),
-        (all(cfg.pseudo.teacher_taus.values()), "pseudo.teacher_taus", "values must not be empty"),
-        (cfg.pseudo.rounds >= 1, "pseudo.rounds", "must be >= 1"),
-        (set(cfg.report.references) <= set(LOSSES), "report.references", f"must be losses among {LOSSES}"),
-        *_slurm_checks(cfg.slurm),
-    ]
-    sw = cfg.sweep
-    if sw.losses:
-        checks += [
-            (set(sw.losses) <= set(LOSSES), "sweep.losses", f"must list losses among {', '.join(LOSSES)}"),
-            (len(sw.lr) > 0, "sweep.lr", "must not be empty when sweep.losses names losses to sweep"),
-            (len(sw.micro_batch) > 0, "sweep.micro_batch",
-             "must not be empty when sweep.losses names losses to sweep"),
-            (all(lr > 0 for lr in sw.lr), "sweep.lr", "values must be > 0"),
-            (all(mb >= 1 for mb in sw.micro_batch), "sweep.micro_batch", "values must be >= 1"),
-        ]
-    elif sw.lr or sw.micro_batch:
-        checks.append((False, "sweep.losses", "is empty, so sweep.lr / sweep.micro_batch sweep nothing: "
-                                              "name the losses to sweep (e.g. [an, bce])"))
-    for ok, key, message in checks:
-        if not ok:
-            raise ConfigError(f"config key '{key}' {message}")
-    tau_lists = [("pseudo.taus", cfg.pseudo.taus)] + [
-        (f"pseudo.teacher_taus.{loss}", t) for loss, t in cfg.pseudo.teacher_taus.items()]
-    for key, taus in tau_lists:
-        for tau in taus:
-            if not 0.0 <= tau < 1.0:
-                raise ConfigError(f"config key '{key}': {tau} is outside [0, 1)")
-    # A repeated value would be one stage listed twice (two array tasks writing one folder); values
-    # count as repeated when their folder names are equal (tau-0.3 for 0.3 and 0.3000001).
-    named_lists = [*((key, taus, tau_name) for key, taus in tau_lists),
-                   ("pseudo.modes", cfg.pseudo.modes, str),
-                   *((f"pseudo.teacher_modes.{loss}", modes, str)
-                     for loss, modes in cfg.pseudo.teacher_modes.items()),
-                   ("report.references", cfg.report.references, str), ("sweep.losses", sw.losses, str),
-                   ("sweep.lr", sw.lr, lr_name), ("sweep.micro_batch", sw.micro_batch, str)]
-    for key, values, name in named_lists:
-        seen: dict[str, Any] = {}
-        for value in values:
-            if name(value) in seen:
-                first = seen[name(value)]
-                twice = (f"{value!r} twice" if first == value else
-                         f"{first!r} and {value!r}, which name one folder ({name(value)})")
-                raise ConfigError(f"config key '{key}' lists {twice}")
-            seen[name(value)] = value
+    ])
 
 
 def chain_losses(cfg: Config) -> list[str]:
     """The teacher losses of the run's chains, its own (loss.name) first."""
     return [cfg.loss.name, *(loss for loss in cfg.pseudo.teachers if loss != cfg.loss.name)]
-
-
-TRAINING_KINDS = ("teacher", "infer", "student")  # the slurm.<kind>_* shapes of training stages
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def gres_gpus(gres: str) -> int:
-    """GPUs per node a `--gres` string asks for: gpu:a100:4 -> 4, gpu:4 -> 4, gpu -> 1, "" -> 0
-    (other resources in a comma list are ignored)."""
-    for item in filter(None, gres.split(",")):
-        parts = item.split(":")
-        if parts[0] == "gpu":
-            return int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
-    return 0
-
-
-def _slurm_checks(s: SlurmSection) -> list[tuple[bool, str, str]]:
-    gpus = s.gpus_per_node or gres_gpus(s.gres)
-    shapes = [(getattr(s, f"{k}_nodes"), getattr(s, f"{k}_tasks_per_node"), k) for k in TRAINING_KINDS]
-    checks = [
-        (all(e.strip() and not e.startswith("-") for e in s.extra), "slurm.extra",
-         "entries must look like key=value or flag (sbatch's long option without the dashes)"),
-        (all(e.strip() and not e.startswith("-") for e in s.cpu_extra), "slurm.cpu_extra",
-         "entries must look like key=value or flag (sbatch's long option without the dashes)"),
-        (all(e.startswith("-") for e in s.srun_extra), "slurm.srun_extra",
-         "entries must be srun options, e.g. --cpu-bind=cores"),
-        (all(_ENV_NAME.fullmatch(e.partition("=")[0]) and "=" in e for e in s.env), "slurm.env",
-         "entries must look like NAME=value"),
-        (min(min(n, t) for n, t, _ in shapes) >= 1 and s.cpus_per_task >= 1,
-         "slurm.*_nodes/*_tasks_per_node/cpus_per_task", "must be >= 1"),
-        (s.cpu_cpus_per_task >= 0 and s.cpu_mem_gb >= 0 and s.mem_gb >= 0, "slurm.*cpus_per_task/*mem_gb",
-         "must be >= 0"),
-        (not (s.gpus_per_node and s.gres), "slurm.gres",
-         "and slurm.gpus_per_node both ask for GPUs: set one"),
-        (s.max_requeues >= 0, "slurm.max_requeues", "must be >= 0"),
-    ]
-    for _, tasks, kind in shapes:  # one rank per GPU: more would share one, fewer leave some idle
-        checks.append((not gpus or tasks == gpus, f"slurm.{kind}_tasks_per_node",
-                       f"is {tasks} but each node gets {gpus} GPUs (slurm.gpus_per_node / slurm.gres): "
-                       f"training stages run one task per GPU"))
-    return checks
 
 
 # ---------------------------------------------------------------------------------------- saving
@@ -614,6 +684,10 @@ def git_revision() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
+# Keys renamed since runs were resolved with them: old key -> (new key, the old value's new value).
+RENAMED_KEYS = {"report.published_coco": ("report.published", lambda on: "coco" if on else "")}
+
+
 def write_resolved(cfg: Config) -> Path:
     """Write `<run>/config.yaml`; a later command with a different config is refused once the run
     directory holds anything a command produced.
@@ -629,6 +703,9 @@ def write_resolved(cfg: Config) -> Path:
         saved = yaml.safe_load(path.read_text()) or {}
         saved.pop("meta", None)
         old, new = _flatten(saved), _flatten(current)
+        for key, (renamed, value) in RENAMED_KEYS.items():  # a run resolved before the rename
+            if key in old:
+                old[renamed] = value(old.pop(key))
         default = _flatten(defaults().to_dict())
         # A key the saved config lacks (added to the code since) is fine at its default value.
         diffs = {k for k in old.keys() | new.keys() if old.get(k, default.get(k)) != new.get(k)}

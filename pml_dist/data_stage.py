@@ -29,7 +29,8 @@ def prepare(cfg: Config) -> dict:
                        observed_seed=d.observed_seed, val_fraction=d.val_fraction, val_seed=d.val_seed,
                        max_resolution=d.max_resolution, jpeg_quality=d.jpeg_quality,
                        observed_protocol=d.observed_protocol,
-                       keep_original_jpegs=d.keep_original_jpegs, write_workers=d.write_workers)
+                       keep_original_jpegs=d.keep_original_jpegs, write_workers=d.write_workers,
+                       format=d.format, images=Path(d.images) if d.images else None)
     return prepare_data(spec, RunLayout.of(cfg).data)
 
 

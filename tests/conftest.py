@@ -57,20 +57,31 @@ def synthetic_overrides(synthetic_root, tmp_path) -> list[str]:
             "data.image_size=48", "data.write_workers=2"]
 
 
-# ---------------------------------------------------------------- the real Slurm test cluster
-# tests/slurm_cluster.py drives slurm/testcluster/start.sh and stop.sh. It is loaded by file path:
-# with --import-mode=importlib the tests folder is not on sys.path.
-def _slurm_cluster_module():
+def _test_module(relative: str):
+    """A helper module of the tests, loaded by file path (with --import-mode=importlib the tests
+    folder is not on sys.path), once per session."""
     import importlib.util
     import sys
 
-    name = "pml_dist_tests_slurm_cluster"
+    name = "pml_dist_tests_" + relative.replace("/", "_").removesuffix(".py")
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("slurm_cluster.py"))
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / relative)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """tests/ffcv_data/spml_reference.py: Cole et al.'s preparation scripts, re-implemented."""
+    return _test_module("ffcv_data/spml_reference.py")
+
+
+# ---------------------------------------------------------------- the real Slurm test cluster
+# tests/slurm_cluster.py drives slurm/testcluster/start.sh and stop.sh.
+def _slurm_cluster_module():
+    return _test_module("slurm_cluster.py")
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout, StageResult
 from pml_dist.pipeline.figures import figures
 from pml_dist.pipeline.intervals import mean_ap_interval, paired_difference
-from pml_dist.pipeline.names import PUBLISHED_COCO, loss_label
+from pml_dist.pipeline.names import DATA_SET_LABELS, loss_label, published_record
 from pml_dist.pipeline.stage_list import Entry, experiment, report_inputs
 from pml_dist.pipeline.subruns import seed_runs
 
@@ -114,7 +114,7 @@ def collect(cfg: Config) -> dict:
         "classes_left_out": {split: [names[i] if i < len(names) else str(i)
                                      for i in teacher.raw.get(f"{split}_classes_without_positives") or []]
                              for split in ("val", "test")},
-        "published_coco": PUBLISHED_COCO if cfg.report.published_coco else None,
+        "published": published_record(cfg.report.published),
         "git": git_revision(),
         "config": cfg.to_dict(),
     }
@@ -342,15 +342,17 @@ def markdown(r: dict) -> str:
             lines.append(f"- {chain}{f['claim']}: **{f['verdict']}**" + (f" ({detail})" if detail else ""))
     lines += _model_selection(r["model_selection"])
     lines += ["", _timing(r["stages"])]
-    if r["published_coco"]:
-        lines += ["", "Published COCO test mAP (Cole et al. 2021; Zhou et al. 2022): "
-                  + ", ".join(f"{loss_label(k)} {v}" for k, v in r["published_coco"].items())]
+    if r["published"]:
+        p, best = r["published"], r["published"]["best_known"]
+        lines += ["", f"Published {DATA_SET_LABELS[p['data_set']]} test mAP (Zhou et al. 2022; LL-R: Kim "
+                  "et al. 2022): " + ", ".join(f"{loss_label(k)} {v}" for k, v in p["mAP"].items()),
+                  "", f"best known: {best['name']} {best['mAP']}"]
     return "\n".join(lines) + "\n"
 
 
 def _table_rows(r: dict) -> list[str]:
     lines = []
-    published = r["published_coco"] or {}
+    published = (r["published"] or {}).get("mAP", {})
     for row in r["rows"]:
         test = _ci(row["test_map"], row.get("test_map_low"), row.get("test_map_high"))
         if row["kind"] in ("teacher", "reference") and row.get("loss") in published and row["round"] == 1:

@@ -17,3 +17,4 @@ def betons(synthetic_root, tmp_path_factory) -> dict:
                              "data.write_workers=2"])
     prepare(cfg)
     return {split: RunLayout.of(cfg).data.beton(split) for split in ("train", "val", "test")}
+

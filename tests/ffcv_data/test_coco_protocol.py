@@ -1,6 +1,6 @@
 """The COCO preset's data stage against the reference procedures, on the real coco-mini files:
-Cole et al.'s observed positives and validation split (re-implemented here from their scripts'
-description, ../shared/reference/spml-protocol.md), and the pixels the loaders produce against PIL's
+Cole et al.'s observed positives and validation split (re-implemented from their scripts'
+description in tests/ffcv_data/spml_reference.py), and the pixels the loaders produce against PIL's
 decoding of the original JPEG resized to 448 x 448 as their transforms do."""
 
 from __future__ import annotations
@@ -46,28 +46,6 @@ def cole_format(annotation_file: Path) -> tuple[np.ndarray, np.ndarray, list[int
     return ids, y, [c["id"] for c in d["categories"]]
 
 
-def cole_observe(y: np.ndarray, seed: int) -> np.ndarray:
-    """generate_observed_labels.py, uniform, one positive, no negatives."""
-    y = np.where(y == 1, 1.0, -1.0)
-    rng = np.random.RandomState(seed)
-    obs = np.zeros_like(y)
-    for i in range(len(y)):
-        pos = np.nonzero(y[i] == 1.0)[0]
-        rng.shuffle(pos)
-        obs[i, pos[:1]] = 1.0
-        neg = np.nonzero(y[i] == -1.0)[0]
-        rng.shuffle(neg)
-        obs[i, neg[:0]] = -1.0
-    return obs
-
-
-def cole_split(n: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """datasets.generate_split (the subsampling at fraction 1.0 that follows keeps every row)."""
-    n_val = int(np.round(frac * n))
-    perm = np.random.RandomState(seed).permutation(n)
-    return np.sort(perm[: n - n_val]), np.sort(perm[-n_val:])
-
-
 @pytest.fixture(scope="module")
 def shuffled_root(coco_mini, tmp_path_factory) -> Path:
     """coco-mini with the categories listed out of id order, so that Cole et al.'s class index
@@ -83,7 +61,7 @@ def shuffled_root(coco_mini, tmp_path_factory) -> Path:
     return root
 
 
-def test_the_preset_draws_cole_et_al_observed_labels_and_split(shuffled_root, tmp_path):
+def test_the_preset_draws_cole_et_al_observed_labels_and_split(shuffled_root, tmp_path, reference):
     assert (PRESET.observed_protocol, PRESET.observed_seed, PRESET.val_seed, PRESET.val_fraction) == (
         "cole", 1200, 1200, 0.2)
     out = PreparedData(tmp_path / "data")
@@ -92,13 +70,13 @@ def test_the_preset_draws_cole_et_al_observed_labels_and_split(shuffled_root, tm
     for split, parts in (("train2017", ("train", "val")), ("val2017", ("test",))):
         ids, y, listed = cole_format(shuffled_root / "annotations" / f"instances_{split}.json")
         assert not np.array_equal(ids, np.sort(ids)), "string order must differ from numeric order here"
-        obs = cole_observe(y, PRESET.observed_seed)
+        obs = reference.observe(y, PRESET.observed_seed)
         column = {c: i for i, c in enumerate(sorted(listed))}  # ours: category ids ascending
         expected_obs = np.zeros_like(obs, dtype=np.uint8)
         expected_obs[:, [column[c] for c in listed]] = obs == 1
         by_id = dict(zip(ids.tolist(), expected_obs, strict=True))
         if split == "train2017":
-            train_rows, val_rows = cole_split(len(ids), PRESET.val_fraction, PRESET.val_seed)
+            train_rows, val_rows = reference.split(len(ids), PRESET.val_fraction, PRESET.val_seed)
             expected_ids = {"train": set(ids[train_rows].tolist()), "val": set(ids[val_rows].tolist())}
         else:
             expected_ids = {"test": set(ids.tolist())}

@@ -12,7 +12,7 @@ from PIL import Image
 from ffcv_data.coco import read_split
 from ffcv_data.errors import DataError
 from ffcv_data.loaders import eval_loader, read_fields
-from ffcv_data.protocol import draw_observed
+from ffcv_data.protocol import draw_observed, one_hot
 from pml_dist.config import load_config
 from pml_dist.data_stage import prepare
 from pml_dist.layout import RunLayout
@@ -31,17 +31,19 @@ def _check_every_record(cfg, root, train_split, test_split):
         n = len(meta["image_ids"])
         assert stats["splits"][name]["images"] == n
         assert np.array_equal(records["index"], np.arange(n))
-        rows = np.searchsorted(source.image_ids, meta["image_ids"])
-        assert np.array_equal(source.image_ids[rows], meta["image_ids"])
-        assert np.array_equal(records["labels"], source.labels[rows])
+        rows = np.searchsorted(source.keys, meta["image_ids"])
+        assert np.array_equal(source.keys[rows], meta["image_ids"])
+        assert np.array_equal(records["labels"], source.dense(rows))
         assert np.array_equal(records["labels"], meta["labels"])
-        expected_obs = draw_observed(source.labels[rows], meta["image_ids"], cfg.data.observed_seed)
-        assert np.array_equal(records["observed"], expected_obs)
+        assert list(meta["files"]) == [str(source.files[i].relative_to(source.image_root)) for i in rows]
+        expected_obs = draw_observed([source.label_sets[i] for i in rows], meta["image_ids"],
+                                     cfg.data.observed_seed, num_classes=source.num_classes)
+        assert np.array_equal(records["observed"], one_hot(expected_obs, source.num_classes))
         assert np.array_equal(records["observed"], meta["observed"])
         if name != "test":
             seen_train_ids.append(meta["image_ids"])
     all_train = np.concatenate(seen_train_ids)
-    assert np.array_equal(np.sort(all_train), train.image_ids)  # train and val partition the source
+    assert np.array_equal(np.sort(all_train), train.keys)  # train and val partition the source
     assert len(seen_train_ids[1]) == round(cfg.data.val_fraction * len(train))
 
 

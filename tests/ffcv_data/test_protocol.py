@@ -3,7 +3,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ffcv_data.protocol import draw_observed, split_train_val
+from ffcv_data.protocol import NONE, draw_observed, one_hot, split_train_val
+
+
+def label_sets(dense: np.ndarray) -> list[np.ndarray]:
+    return [np.flatnonzero(row).astype(np.int32) for row in dense]
+
+
+def draw(dense: np.ndarray, ids: np.ndarray, seed: int, protocol: str = "keyed", **kw) -> np.ndarray:
+    """draw_observed on a dense matrix, as the one-hot rows the .beton holds."""
+    observed = draw_observed(label_sets(dense), ids, seed, protocol, num_classes=dense.shape[1], **kw)
+    return one_hot(observed, dense.shape[1])
 
 
 @pytest.fixture
@@ -16,7 +26,7 @@ def labels():
 
 def test_one_observed_positive_per_image_and_always_a_true_one(labels):
     ids = np.arange(1000, 1500)
-    obs = draw_observed(labels, ids, seed=1200)
+    obs = draw(labels, ids, seed=1200)
     assert obs.dtype == np.uint8 and obs.shape == labels.shape
     assert (obs.sum(axis=1) == 1).all()
     assert (obs <= labels).all()
@@ -24,31 +34,35 @@ def test_one_observed_positive_per_image_and_always_a_true_one(labels):
 
 def test_same_seed_same_draw_other_seed_other_draw(labels):
     ids = np.arange(500)
-    a = draw_observed(labels, ids, seed=1200)
-    assert np.array_equal(a, draw_observed(labels, ids, seed=1200))
-    b = draw_observed(labels, ids, seed=1201)
+    a = draw(labels, ids, seed=1200)
+    assert np.array_equal(a, draw(labels, ids, seed=1200))
+    b = draw(labels, ids, seed=1201)
     multi = labels.sum(axis=1) > 1
     assert (a[multi] != b[multi]).any(axis=1).mean() > 0.3
 
 
 def test_draw_is_uniform_among_positives():
     labels = np.ones((4000, 4), dtype=np.uint8)
-    counts = draw_observed(labels, np.arange(4000), seed=1200).sum(axis=0)
+    counts = draw(labels, np.arange(4000), seed=1200).sum(axis=0)
     assert counts.min() > 900 and counts.max() < 1100
 
 
 def test_draw_does_not_depend_on_order_or_subset(labels):
     """Keyed by image id: however the images are split over processes, each gets the same draw."""
     ids = np.arange(500) * 7 + 3
-    whole = draw_observed(labels, ids, seed=5)
+    whole = draw(labels, ids, seed=5)
     perm = np.random.default_rng(0).permutation(500)
-    parts = [draw_observed(labels[p], ids[p], seed=5) for p in np.array_split(perm, 3)]
+    parts = [draw(labels[p], ids[p], seed=5) for p in np.array_split(perm, 3)]
     assert np.array_equal(np.concatenate(parts), whole[perm])
 
 
-def test_image_without_positive_is_an_error():
-    with pytest.raises(ValueError, match="image id 7"):
-        draw_observed(np.zeros((1, 3), np.uint8), np.array([7]), seed=0)
+def test_image_without_positive_is_an_error_under_keyed_and_observes_nothing_under_cole(labels):
+    with pytest.raises(ValueError, match="image 7 has no positive"):
+        draw(np.zeros((1, 3), np.uint8), np.array([7]), seed=0)
+    labels = labels.copy()
+    labels[[3, 10]] = 0
+    observed = draw_observed(label_sets(labels), np.arange(500), 1200, "cole", num_classes=12)
+    assert (observed[[3, 10]] == NONE).all() and (observed[np.arange(500) != 3] != NONE).sum() == 498
 
 
 def test_validation_split_is_seeded_disjoint_and_complete():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pml_dist.config import DEFAULT_PRESET, REPO_ROOT, load_config, write_resolved
+from pml_dist.config import DATA_FORMATS, DEFAULT_PRESET, REPO_ROOT, load_config, write_resolved
 from pml_dist.errors import ConfigError
 
 
@@ -59,6 +59,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
         ("train.linear_init_epochs=-1", "'train.linear_init_epochs' must be >= 0"),
         ("train.early_stop=[em, focal]", "'train.early_stop' must list losses"),
         ("train.early_stop=true", "'train.early_stop' expects a list of str"),
+        ("report.published_coco=true", "unknown config key 'report.published_coco'"),
         ("epochs=3", "expected section.key=value"),
     ],
 )
@@ -101,6 +102,30 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
     cfg = load_config(None, ["run.dir=runs/x", "data.root=data/y"])
     assert Path(cfg.run.dir) == tmp_path / "runs/x"
     assert Path(cfg.data.root) == tmp_path / "data/y"
+    assert cfg.data.images == ""  # unset stays unset
+    cfg = load_config(None, ["data.format=cole", "data.root=data/y", "data.images=data/y/Flickr"])
+    assert Path(cfg.data.images) == tmp_path / "data/y/Flickr"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.format=yolo"], "config key 'data.format' must be one of coco, voc, cub, cole"),
+    (["data.format=cole"], "config key 'data.images' must name the folder the formatted lists' image paths "
+                           "are relative to (data.format: cole)"),
+    (["report.published=imagenet"],
+     "config key 'report.published' must be '' (none) or one of voc, coco, nuswide, cub"),
+])
+def test_the_data_format_and_published_keys_are_checked(overrides, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, overrides)
+    assert str(exc.value) == message
+
+
+def test_data_formats_are_the_readers_formats():
+    from ffcv_data.formats import FORMATS
+
+    assert DATA_FORMATS == tuple(FORMATS)
+    assert load_config().data.format == "coco"
+    assert load_config(None, ["data.format=voc", "data.images=ignored"]).data.format == "voc"
 
 
 def test_resolved_config_written_once_and_a_different_one_refused(tmp_path):
@@ -144,13 +169,29 @@ def test_a_key_added_to_the_code_since_is_accepted_at_its_default(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["sweep.losses=[an]", "sweep.micro_batch=[8]"], "'sweep.lr' must not be empty"),
     (["sweep.losses=[an]", "sweep.lr=[1e-3]"], "'sweep.micro_batch' must not be empty"),
-    (["sweep.lr=[1e-3]", "sweep.micro_batch=[8]"], "'sweep.losses' is empty"),
     (["sweep.losses=[focal]", "sweep.lr=[1e-3]", "sweep.micro_batch=[8]"], "'sweep.losses' must list"),
     (["sweep.losses=[an]", "sweep.lr=[0]", "sweep.micro_batch=[8]"], "'sweep.lr' values must be > 0"),
 ])
 def test_a_sweep_needs_its_losses_and_both_grids(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_empty_sweep_losses_turns_the_presets_grid_off(tmp_path):
+    """The COCO preset's header: `sweep.losses=[]` trains AN and full BCE at lr 1e-5, batch 16, without
+    the grid (which stays in the preset, unused)."""
+    from pml_dist.pipeline.stage_list import experiment
+
+    preset = REPO_ROOT / "configs" / "coco2014_r50.yaml"
+    swept = load_config(preset, [f"run.dir={tmp_path}"])
+    assert any(e.role == "sweep" for e in experiment(swept, swept))  # the preset sweeps
+    cfg = load_config(preset, [f"run.dir={tmp_path}", "sweep.losses=[]"])
+    assert cfg.sweep.losses == [] and cfg.sweep.lr == swept.sweep.lr  # unused, not refused
+    entries = experiment(cfg, cfg)
+    assert not any(e.role == "sweep" for e in entries)
+    assert {"teacher", "references/bce"} <= {e.name for e in entries}
+    assert (cfg.optim.lr, cfg.train.micro_batch) == (1e-5, 16)
+    load_config(None, ["sweep.lr=[1e-3]", "sweep.micro_batch=[8]"])  # a grid with no losses: off too
 
 
 def test_train_device_is_checked_and_its_default_comes_from_the_environment(monkeypatch):
@@ -173,3 +214,20 @@ def test_a_resolved_config_without_train_device_is_accepted_at_the_environment_d
     del saved["train"]["device"]  # written before the key existed, in a session forcing the CPU
     path.write_text(yaml.safe_dump(saved))
     write_resolved(load_config(None, [f"run.dir={tmp_path}"]))
+
+
+def test_a_run_resolved_with_report_published_coco_resumes_under_report_published(tmp_path):
+    """A run directory written before report.published replaced report.published_coco, which already
+    holds results, is taken up by the same experiment under the new key, and still refused under
+    another value."""
+    path = write_resolved(load_config(None, [f"run.dir={tmp_path}", "report.published=coco"]))
+    saved = yaml.safe_load(path.read_text())
+    del saved["report"]["published"]
+    saved["report"]["published_coco"] = True
+    path.write_text(yaml.safe_dump(saved))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "stats.json").write_text("{}")
+    write_resolved(load_config(None, [f"run.dir={tmp_path}", "report.published=coco"]))
+    path.write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match=r"different settings \(report.published\)"):
+        write_resolved(load_config(None, [f"run.dir={tmp_path}"]))
