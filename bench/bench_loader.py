@@ -117,7 +117,7 @@ def _dataset(name: str, root: Path, data: Path, train_split: str, test_split: st
     train = read_split(root, train_split)
     test = read_split(root, test_split)
     file_of = dict(zip(train.keys.tolist(), train.files, strict=True))
-    files = [file_of[i] for i in prepared.read_meta("train", "image_ids").tolist()]
+    files = [file_of[i] for i in prepared.labels("train").keys.tolist()]
     distinct = len({os.path.realpath(f) for f in files})
     betons = sum(prepared.beton(s).stat().st_size for s in ("train", "val", "test"))
     jpegs = sum(f.stat().st_size for f in [*train.files, *test.files])

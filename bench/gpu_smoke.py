@@ -13,6 +13,8 @@ from PIL import Image
 
 from ffcv_data.beton import write_beton
 from ffcv_data.loaders import eval_loader
+from ffcv_data.prepared import labels_beside, write_split_labels
+from ffcv_data.sparse import LabelRows
 
 scratch = Path(sys.argv[1])
 scratch.mkdir(parents=True, exist_ok=True)
@@ -23,8 +25,9 @@ for i in range(4):
     Image.fromarray(rng.integers(0, 255, (48 + 8 * i, 64, 3), dtype=np.uint8)).save(path, quality=95)
     files.append(path)
 labels = np.eye(4, dtype=np.uint8)
-beton = write_beton(scratch / "smoke.beton", files, labels, labels, max_resolution=64, jpeg_quality=95,
-                    workers=1)
+beton = write_beton(scratch / "smoke.beton", files, max_resolution=64, jpeg_quality=95, workers=1)
+write_split_labels(labels_beside(beton), np.arange(4), LabelRows.from_dense(labels), np.arange(4),
+                   [f.name for f in files])
 batch = next(iter(eval_loader(beton, 4, 32, workers=1, jit=False)))
 assert tuple(batch["image"].shape) == (4, 3, 32, 32), batch["image"].shape
 assert np.array_equal(batch["labels"].numpy(), labels)

@@ -75,16 +75,20 @@ def build(args, device):
 
 def write_bench_beton(args, scratch: Path) -> Path:
     from ffcv_data.beton import write_beton
+    from ffcv_data.prepared import labels_beside, write_split_labels
+    from ffcv_data.sparse import LabelRows
 
     jpegs = sorted(args.images.glob("*.jpg"))
     if not jpegs:
         raise SystemExit(f"gpu_throughput: no .jpg files in {args.images}")
     files = [jpegs[i % len(jpegs)] for i in range(args.samples)]
     rng = np.random.default_rng(0)
-    observed = np.zeros((args.samples, NUM_CLASSES), np.uint8)
-    observed[np.arange(args.samples), rng.integers(0, NUM_CLASSES, args.samples)] = 1
-    return write_beton(scratch / "bench.beton", files, observed, observed, max_resolution=640,
-                       jpeg_quality=95, workers=args.workers)
+    observed = rng.integers(0, NUM_CLASSES, args.samples)
+    beton = write_beton(scratch / "bench.beton", files, max_resolution=640, jpeg_quality=95,
+                        workers=args.workers)
+    write_split_labels(labels_beside(beton), np.arange(args.samples),
+                       LabelRows.from_sets(observed[:, None], NUM_CLASSES), observed, [f.name for f in files])
+    return beton
 
 
 def sync(device):
@@ -231,7 +235,7 @@ def measure(args, device, beton, write_s, eval_loader, train_loader, autocast_dt
 
     net = ds_engine.module.model
     scoring = eval_loader(beton, cfg.infer.batch, args.size, transform=cfg.data.eval_transform,
-                          device=device, workers=args.workers, with_labels=False, jit=jit)
+                          device=device, workers=args.workers, label_fields=(), jit=jit)
     autocast = autocast_dtype(cfg, device)
     # the first pass compiles the loader and lets cuDNN pick its algorithms
     predict(net, scoring, device, NUM_CLASSES, autocast=autocast)

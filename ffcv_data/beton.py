@@ -1,4 +1,8 @@
-"""Write one split into an FFCV `.beton` with the fields image, labels, observed and index.
+"""Write one split into an FFCV `.beton` with the fields image and index.
+
+Labels are not in the .beton: they live beside it, sparse, in `<split>.labels.npz` (prepared.py), and
+the loaders look a batch's labels up by its indices (2 x L bytes per sample here would be 40 kB at
+OpenImages' 20k classes, more than the image).
 
 Images are stored as the original JPEG bytes wherever FFCV's decoder (libjpeg-turbo to RGB) reads
 them as PIL does: baseline or progressive JPEGs in RGB or grayscale no larger than `max_resolution`,
@@ -164,13 +168,10 @@ def _writer_class():
 
 
 class _SplitSource:
-    """Indexable (image, labels, observed, index) records for FFCV's DatasetWriter."""
+    """Indexable (image, index) records for FFCV's DatasetWriter."""
 
-    def __init__(self, files: list[Path], labels: np.ndarray, observed: np.ndarray, error_log: Path,
-                 keep_jpegs_up_to: int):
+    def __init__(self, files: list[Path], error_log: Path, keep_jpegs_up_to: int):
         self.files = [str(f) for f in files]
-        self.labels = labels
-        self.observed = observed
         self.error_log = str(error_log)
         self.keep_jpegs_up_to = keep_jpegs_up_to  # longest side of originals stored as they are; 0 = none
 
@@ -178,7 +179,7 @@ class _SplitSource:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return self._image(i), self.labels[i], self.observed[i], i
+        return self._image(i), i
 
     def _image(self, i: int) -> np.ndarray | OriginalJpeg:
         from PIL import Image
@@ -227,24 +228,19 @@ def unreadable_images(files: list[Path], workers: int = 0) -> list[str]:
 def write_beton(
     path: str | Path,
     files: list[Path],
-    labels: np.ndarray,
-    observed: np.ndarray,
     *,
     max_resolution: int,
     jpeg_quality: int,
     keep_original_jpegs: bool = True,
     workers: int = 0,
 ) -> Path:
-    """Encode one split; `labels` and `observed` are (N, L) uint8, row i is image `files[i]`.
+    """Encode one split: record i is image `files[i]` with index i.
     keep_original_jpegs: store JPEGs FFCV decodes like PIL as they are (see above)."""
-    from ffcv.fields import IntField, NDArrayField, RGBImageField
+    from ffcv.fields import IntField, RGBImageField
 
     path = Path(path)
-    n, num_classes = labels.shape
-    if n == 0:
+    if len(files) == 0:
         raise DataError(f"{path}: refusing to write an empty split")
-    if observed.shape != labels.shape or len(files) != n:
-        raise ValueError(f"{path}: {len(files)} files, labels {labels.shape}, observed {observed.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
     error_log = path.with_name(f"{path.name}.errors-{os.getpid()}")
     error_log.unlink(missing_ok=True)
@@ -252,12 +248,9 @@ def write_beton(
     image_field.encode = _KeepOriginalJpegs(image_field)
     fields = {
         "image": image_field,
-        "labels": NDArrayField(np.dtype("uint8"), (num_classes,)),
-        "observed": NDArrayField(np.dtype("uint8"), (num_classes,)),
         "index": IntField(),
     }
-    source = _SplitSource(files, np.ascontiguousarray(labels), np.ascontiguousarray(observed), error_log,
-                          keep_jpegs_up_to=max_resolution if keep_original_jpegs else 0)
+    source = _SplitSource(files, error_log, keep_jpegs_up_to=max_resolution if keep_original_jpegs else 0)
 
     def encode(tmp: Path) -> None:
         writer = _writer_class()(str(tmp), fields, page_size=PAGE_SIZE,

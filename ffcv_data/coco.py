@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.errors import DataError
-from ffcv_data.source import SourceSplit, check_images_exist, label_set
+from ffcv_data.source import SourceSplit, check_images_exist
+from ffcv_data.sparse import LabelRows
 
 
 def annotation_path(root: Path, split: str) -> Path:
@@ -49,7 +50,7 @@ def read_split(root: str | Path, split: str, images: Path | None = None) -> Sour
             continue
         kept_ids.append(image_id)
         files.append(root / split / coco.imgs[image_id]["file_name"])
-        label_sets.append(label_set([column[ann["category_id"]] for ann in anns]))
+        label_sets.append([column[ann["category_id"]] for ann in anns])
 
     if not kept_ids:
         raise DataError(
@@ -58,7 +59,8 @@ def read_split(root: str | Path, split: str, images: Path | None = None) -> Sour
     keys = np.asarray(kept_ids, dtype=np.int64)
     out = SourceSplit(
         name=split, source_file=ann_file, label_files=[ann_file], image_root=root / split, files=files,
-        keys=keys, label_sets=label_sets, class_names=names, class_ids=category_ids,
+        keys=keys, labels=LabelRows.from_sets(label_sets, len(names)), class_names=names,
+        class_ids=category_ids,
         reference_order=np.argsort(keys.astype(str), kind="stable"),  # "100" before "25"
         reference_classes=np.asarray([column[c["id"]] for c in dataset["categories"]], dtype=np.int64),
         images_read=len(image_ids), dropped=dropped,

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.errors import DataError
-from ffcv_data.source import SourceSplit, check_images_exist, label_set, string_key
+from ffcv_data.source import SourceSplit, check_images_exist, string_key
+from ffcv_data.sparse import LabelRows
 
 
 def read_split(root: Path, split: str, images: Path | None = None) -> SourceSplit:
@@ -51,7 +52,7 @@ def read_split(root: Path, split: str, images: Path | None = None) -> SourceSpli
         name=split, source_file=labels_file, label_files=[paths_file, labels_file], image_root=Path(images),
         files=[Path(images) / name for name in names],
         keys=np.asarray([string_key(name) for name in names], dtype=np.int64),
-        label_sets=[label_set(np.flatnonzero(row)) for row in labels],
+        labels=LabelRows.from_dense(labels),
         class_names=[str(k) for k in range(num_classes)], class_ids=list(range(num_classes)),
         reference_order=np.arange(len(names)), reference_classes=np.arange(num_classes),
         images_read=len(names), dropped={},

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.errors import DataError
-from ffcv_data.source import SourceSplit, check_images_exist, label_set
+from ffcv_data.source import SourceSplit, check_images_exist
+from ffcv_data.sparse import LabelRows
 
 SPLITS = {"train": 1, "test": 0}
 
@@ -49,7 +50,7 @@ def read_split(root: Path, split: str, images: Path | None = None) -> SourceSpli
                      labels_file],
         image_root=cub / "images", files=[cub / "images" / image_rows[r][1] for r in rows],
         keys=np.asarray([image_ids[r] for r in rows], dtype=np.int64),
-        label_sets=[label_set(present[r]) for r in rows], class_names=names,
+        labels=LabelRows.from_sets((present[r] for r in rows), len(names)), class_names=names,
         class_ids=list(range(1, len(names) + 1)), reference_order=np.arange(len(rows)),
         reference_classes=np.arange(len(names)), images_read=len(rows), dropped={},
     )

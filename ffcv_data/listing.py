@@ -8,9 +8,6 @@ from __future__ import annotations
 import csv
 from typing import TextIO
 
-import numpy as np
-
-from ffcv_data.errors import DataError
 from ffcv_data.prepared import PreparedData
 
 HEADER = ("row", "file", "observed", "labels")
@@ -19,21 +16,15 @@ HEADER = ("row", "file", "observed", "labels")
 def write_labels_csv(data: PreparedData, split: str, out: TextIO, names: bool = False) -> int:
     """Write `split`'s rows to `out`; returns how many."""
     class_names = data.stats().raw["category_names"]
-    path = data.meta(split)
-    if not path.is_file():
-        raise DataError(f"no {path} (run `pml-dist prepare` first)")
-    with np.load(path) as meta:
-        if "files" not in meta:
-            raise DataError(f"{path} has no file list (prepared by an older version): prepare the data "
-                            f"again into a new folder to list it")
-        files, labels, observed = meta["files"], meta["labels"], meta["observed"]
+    rows = data.labels(split)
 
     def show(classes) -> str:
         return "|".join(class_names[c] for c in classes) if names else " ".join(str(c) for c in classes)
 
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(HEADER)
-    for row in range(len(files)):
-        writer.writerow((row, files[row], show(np.flatnonzero(observed[row])),
-                         show(np.flatnonzero(labels[row]))))
-    return len(files)
+    for row in range(len(rows)):
+        observed = rows.observed[row]
+        writer.writerow((row, rows.file(row), show([observed] if observed >= 0 else []),
+                         show(rows.labels.row(row))))
+    return len(rows)

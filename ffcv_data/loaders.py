@@ -1,7 +1,9 @@
 """FFCV loaders for training and evaluation, single-process or one slice per rank, CPU or CUDA.
 
-Batches are dicts keyed by field name. The training loader never decodes the full `labels` field:
-its pipeline for `labels` is None, so SPML training code cannot see them even by mistake.
+Batches are dicts keyed by field name: `image` and `index` from the .beton, and the label fields
+looked up by index in the split's sparse labels (prepared.py), on the batch's device: `observed` (the
+one observed positive) and, for evaluation only, `labels` (the full label set), each (B, L) float32.
+The training loader never looks up `labels`, so SPML training code cannot see them even by mistake.
 
 Sharding does not need a process group: rank and world size are arguments. Training uses
 `RankOrder` (the DistributedSampler scheme: one seeded permutation per epoch, padded to a multiple of
@@ -14,16 +16,18 @@ from __future__ import annotations
 
 import os
 import queue
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ffcv_data.cores import usable_cores
+from ffcv_data.prepared import labels_beside, read_split_labels
+from ffcv_data.sparse import DeviceRows
 from ffcv_data.transforms import MEAN, STD, image_ops
 
-TRAIN_FIELDS = ("image", "observed", "index")
+LABEL_FIELDS = ("labels", "observed")
 
 
 class Normalize(torch.nn.Module):
@@ -103,9 +107,11 @@ class BatchLoader:
     The tensors are views into buffers FFCV reuses a few batches later: `.clone()` what you keep.
     """
 
-    def __init__(self, loader, fields: tuple[str, ...], epoch_ops: Sequence = ()):
+    def __init__(self, loader, fields: tuple[str, ...], epoch_ops: Sequence = (),
+                 lookups: dict[str, Callable] | None = None):
         self.loader = loader
         self.fields = fields
+        self.lookups = lookups or {}  # field -> index tensor -> that field's (B, L) rows
         self.epoch_ops = epoch_ops  # ops whose output depends on the epoch (the seeded flip)
         self._epoch = None  # the running FFCV EpochIterator (a thread writing into the buffers)
         self._buffers = None
@@ -153,8 +159,10 @@ class BatchLoader:
                 if torch.cuda.is_available():  # FFCV's own __next__ waits for the copy stream too
                     epoch.current_stream.wait_stream(epoch.cuda_streams[slot])
                 out = dict(zip(self.fields, batch, strict=True))
-                if "index" in out:  # (B, 1) -> (B,); FFCV's Squeeze would make a last batch of one 0-d
-                    out["index"] = out["index"].reshape(-1)
+                # (B, 1) -> (B,); FFCV's Squeeze would make a last batch of one 0-d
+                out["index"] = out["index"].reshape(-1)
+                for name, lookup in self.lookups.items():
+                    out[name] = lookup(out["index"])
                 yield out
         finally:  # also when the consumer stops early: the thread must not keep decoding
             self._stop(epoch)
@@ -217,8 +225,9 @@ def _image_ops(transform: str, image_size: int, device: torch.device | None, see
     return ops
 
 
-def _build(path, batch_size, pipelines, order, *, workers, drop_last, indices, jit, seed=0):
-    """The FFCV Loader as a BatchLoader."""
+def _build(path, batch_size, pipelines, order, *, workers, drop_last, indices, jit, seed=0,
+           label_fields: Sequence[str] = (), device=None):
+    """The FFCV Loader as a BatchLoader that adds `label_fields` (LABEL_FIELDS) by index lookup."""
     from ffcv.loader import Loader
     from ffcv.pipeline.compiler import Compiler
 
@@ -240,7 +249,16 @@ def _build(path, batch_size, pipelines, order, *, workers, drop_last, indices, j
         seed=seed,
     )
     fields = tuple(name for name, spec in loader.pipeline_specs.items() if spec is not None)
-    return BatchLoader(loader, fields, epoch_ops)
+    lookups = {}
+    if label_fields:
+        split = read_split_labels(labels_beside(Path(path)))
+        if len(split) != loader.reader.num_samples:
+            raise ValueError(f"{labels_beside(Path(path))}: {len(split)} rows, but {path} holds "
+                             f"{int(loader.reader.num_samples)} samples (prepare the data again)")
+        rows = DeviceRows(split.labels if "labels" in label_fields else None,
+                          split.observed if "observed" in label_fields else None, split.num_classes, device)
+        lookups = {name: getattr(rows, name) for name in label_fields}
+    return BatchLoader(loader, fields, epoch_ops, lookups)
 
 
 def train_loader(
@@ -261,20 +279,18 @@ def train_loader(
     skip_samples: int = 0,
     jit: bool = True,
 ) -> BatchLoader:
-    """Batches of image (normalised float), observed (uint8 one-hot) and index for SPML training.
+    """Batches of image (normalised float), observed (float one-hot) and index for SPML training.
 
     transform: a training transform of transforms.py (resize_flip is seeded by `seed`; FFCV's
     random_resized_crop is not seeded). start_epoch/skip_samples resume part way into an epoch
     (skip_samples counts samples consumed by all ranks together).
     """
-    from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
+    from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import OrderOption
 
     pipelines = {
         "image": _image_ops(transform, image_size, device, seed),
-        "observed": [NDArrayDecoder(), *_field_ops(device)],
         "index": [IntDecoder(), *_field_ops(device)],  # (B, 1); BatchLoader yields (B,)
-        "labels": None,  # full labels never reach SPML training
     }
     if order == "quasi_random":
         if world_size > 1 or skip_samples:
@@ -296,6 +312,8 @@ def train_loader(
         indices=None,
         jit=jit,
         seed=seed,
+        label_fields=("observed",),  # full labels never reach SPML training
+        device=device,
     )
     if order != "quasi_random":
         ffcv_order.skipping = True
@@ -310,7 +328,7 @@ def eval_loader(
     *,
     rank: int = 0,
     world_size: int = 1,
-    with_labels: bool = True,
+    label_fields: Sequence[str] = LABEL_FIELDS,
     transform: str = "resize",
     device: torch.device | None = None,
     workers: int = 0,
@@ -322,20 +340,23 @@ def eval_loader(
     """Batches in file order through an evaluation transform (transforms.py); rank r gets
     `indices[r::world]`.
 
-    indices: the subset to shard (default: the whole file). with_labels=False leaves out the full
-    labels (evaluation against observed labels only). padded: pad like DistributedSampler so every
+    indices: the subset to shard (default: the whole file). label_fields: which of LABEL_FIELDS the
+    batches carry (() for scoring without labels). padded: pad like DistributedSampler so every
     rank gets ceil(n / world) samples (the padding repeats the first ones; whoever merges drops it).
     """
-    from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
+    from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import OrderOption
     from ffcv.reader import Reader
 
+    unknown = set(label_fields) - set(LABEL_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown label field(s) {sorted(unknown)} (known: {', '.join(LABEL_FIELDS)})")
     if indices is None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no .beton at {path} (run `pml-dist prepare` first)")
         indices = np.arange(int(Reader(str(path)).num_samples))  # num_samples is not always an int
     pipelines = {
         "image": _image_ops(transform, image_size, device),
-        "labels": [NDArrayDecoder(), *_field_ops(device)] if with_labels else None,
-        "observed": [NDArrayDecoder(), *_field_ops(device)],
         "index": [IntDecoder(), *_field_ops(device)],  # (B, 1); BatchLoader yields (B,)
     }
     return _build(
@@ -350,25 +371,6 @@ def eval_loader(
             if padded else slice(rank, None, world_size)
         ],
         jit=jit,
+        label_fields=tuple(label_fields),
+        device=device,
     )
-
-
-def read_fields(path: str | Path, fields: Sequence[str] = ("labels", "observed", "index")) -> dict:
-    """Every record's non-image fields, in file order, as numpy arrays (no image decoding)."""
-    from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
-    from ffcv.loader import Loader, OrderOption
-
-    decoders = {"labels": NDArrayDecoder, "observed": NDArrayDecoder, "index": IntDecoder}
-    pipelines = {name: ([decoders[name]()] if name in fields else None) for name in decoders}
-    pipelines["image"] = None
-    loader = Loader(str(path), batch_size=4096, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines=pipelines, num_workers=1)
-    names = [name for name, spec in loader.pipeline_specs.items() if spec is not None]
-    parts: dict[str, list] = {name: [] for name in names}
-    for batch in loader:
-        for name, value in zip(names, batch, strict=True):
-            parts[name].append(np.array(value))  # copy: FFCV reuses its batch buffers
-    out = {name: np.concatenate(chunks) for name, chunks in parts.items()}
-    if "index" in out:
-        out["index"] = out["index"].reshape(-1)
-    return out

@@ -1,10 +1,10 @@
-"""A data set's root -> a prepared folder: {train,val,test}.beton + meta + stats.json (prepared.py).
+"""A data set's root -> a prepared folder: {train,val,test}.beton + .labels.npz + stats.json (prepared.py).
 
 Plain arguments only (`PrepareSpec`): the data package knows nothing of the experiment config;
 `pml_dist/data_stage.py` maps the config onto it. Every input is read and checked before any .beton
 is written: the label files (the format's reader, formats.py) and every image still to encode,
 decoded in full. A split whose
-.beton already exists is skipped (each appears only when complete, its .meta.npz right after it), so
+.beton already exists is skipped (each appears only when complete, its .labels.npz right after it), so
 an interrupted prepare resumes; temporaries left by dead processes (killed, interrupted) are removed
 first. `inputs.json` records digests of the inputs (annotation files, the image list with file sizes,
 the spec fields that change the encoded content) before the first .beton; a rerun whose inputs differ
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcv_data.atomic import save_with, write_json
+from ffcv_data.atomic import write_json
 from ffcv_data.beton import unreadable_images, write_beton
 from ffcv_data.errors import DataError
 from ffcv_data.formats import read_split
-from ffcv_data.prepared import PreparedData
-from ffcv_data.protocol import NONE, draw_observed, one_hot, split_train_val
+from ffcv_data.prepared import PreparedData, write_split_labels
+from ffcv_data.protocol import NONE, draw_observed, split_train_val
 from ffcv_data.source import SourceSplit
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ CONTENT_KEYS = ("format", "train_split", "test_split", "observed_seed", "observe
                 "val_seed", "max_resolution", "jpeg_quality", "keep_original_jpegs")
 # Keys added after folders were prepared without them: a record without the key had this value.
 CONTENT_DEFAULTS = {"format": "coco"}
-INPUTS_VERSION = 1
+INPUTS_VERSION = 2  # 2: labels in <split>.labels.npz, sparse; the .beton holds image and index
 SPLITS = ("train", "val", "test")
 
 
@@ -73,11 +73,14 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
     if train_full.class_names != test.class_names:
         raise DataError(f"{test.source_file}: classes differ from those of {train_full.source_file}")
     # Each source split gets its own draw over all of it (Cole et al. draw train2014 and val2014).
-    observed_full, observed_test = (
-        draw_observed(s.label_sets, s.keys, d.observed_seed, d.observed_protocol, num_classes=s.num_classes,
-                      reference_order=s.reference_order, reference_classes=s.reference_classes)
-        for s in (train_full, test)
-    )
+    try:
+        observed_full, observed_test = (
+            draw_observed(s.labels, s.keys, d.observed_seed, d.observed_protocol,
+                          reference_order=s.reference_order, reference_classes=s.reference_classes)
+            for s in (train_full, test)
+        )
+    except ValueError as exc:
+        raise DataError(f"{train_full.source_file}: {exc}") from None
     try:
         train_rows, val_rows = split_train_val(train_full.keys, d.val_fraction, d.val_seed,
                                                d.observed_protocol, train_full.reference_order)
@@ -117,22 +120,15 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
             write_beton(
                 path,
                 [source.files[i] for i in rows],
-                source.dense(rows),
-                one_hot(observed, source.num_classes),
                 max_resolution=d.max_resolution,
                 jpeg_quality=d.jpeg_quality,
                 keep_original_jpegs=d.keep_original_jpegs,
                 workers=d.write_workers,
             )
-        # The side file only once its .beton is in place (a meta file never stands alone).
-        if not out.meta(name).exists():
-            save_with(out.meta(name), lambda tmp, rows=rows, source=source, observed=observed: np.savez(
-                tmp,
-                image_ids=source.keys[rows],
-                files=np.asarray([os.path.relpath(source.files[i], source.image_root) for i in rows]),
-                labels=source.dense(rows),
-                observed=one_hot(observed, source.num_classes),
-            ))
+        # The labels only once their .beton is in place (a labels file never stands alone).
+        if not out.labels_file(name).exists():
+            write_split_labels(out.labels_file(name), source.keys[rows], source.labels.take(rows), observed,
+                               [os.path.relpath(source.files[i], source.image_root) for i in rows])
 
     stats = {
         "root": str(root),
@@ -169,7 +165,7 @@ def remove_stale_files(out: PreparedData) -> list[Path]:
     longer run (a live process's are left alone) and side files without their .beton (older versions
     wrote the side file first). Returns the deleted paths."""
     folder = Path(out.folder)
-    ours = {p.name for s in SPLITS for p in (out.beton(s), out.meta(s))}
+    ours = {p.name for s in SPLITS for p in (out.beton(s), out.labels_file(s))}
     ours |= {out.stats_file.name, out.inputs_file.name}
     removed = []
     for path in sorted(folder.iterdir()):
@@ -178,9 +174,9 @@ def remove_stale_files(out: PreparedData) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     for s in SPLITS:
-        if out.meta(s).exists() and not out.beton(s).exists():
-            out.meta(s).unlink(missing_ok=True)
-            removed.append(out.meta(s))
+        if out.labels_file(s).exists() and not out.beton(s).exists():
+            out.labels_file(s).unlink(missing_ok=True)
+            removed.append(out.labels_file(s))
     if removed:
         log.info("removed %d file(s) left by an interrupted prepare: %s", len(removed),
                  ", ".join(p.name for p in removed))
@@ -230,7 +226,7 @@ def _sha256_file(path: Path) -> str:
 def _check_inputs(out: PreparedData, inputs: dict) -> bool:
     """Whether `inputs` are still to be recorded (nothing prepared yet); else they must equal the record."""
     folder = Path(out.folder)
-    prepared = [p for s in SPLITS for p in (out.beton(s), out.meta(s))] + [out.stats_file]
+    prepared = [p for s in SPLITS for p in (out.beton(s), out.labels_file(s))] + [out.stats_file]
     prepared = [p.name for p in prepared if p.exists()]
     rebuild = f"delete {folder} to prepare it again, or prepare into another folder (run.data_dir)"
     if prepared:
@@ -277,7 +273,7 @@ def _changes(old: dict, new: dict) -> list[str]:
 def _readable(split: SourceSplit, protocol: str) -> SourceSplit:
     """Rows without a positive: kept under cole, as Cole et al. do (nothing observed, counted in the
     split's stats); dropped and counted under keyed, which observes one positive in every row."""
-    empty = split.counts() == 0
+    empty = split.labels.counts() == 0
     if protocol == "cole" or not empty.any():
         return split
     return split.subset(np.flatnonzero(~empty), {"no_positive": int(empty.sum())})
@@ -293,9 +289,8 @@ def _source_stats(split: SourceSplit) -> dict:
 
 
 def _label_stats(split: SourceSplit, rows: np.ndarray, observed: np.ndarray) -> dict:
-    per_image = split.counts()[rows]
-    per_class = np.bincount(np.concatenate([split.label_sets[i] for i in rows]).astype(np.int64),
-                            minlength=split.num_classes)
+    per_image = split.labels.counts()[rows]
+    per_class = split.labels.take(rows).per_class()
     return {
         "images": int(len(rows)),
         "labels_per_image": {

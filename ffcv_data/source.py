@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ffcv_data.sparse import LabelRows
+
 
 @dataclass
 class SourceSplit:
@@ -24,7 +26,7 @@ class SourceSplit:
     image_root: Path  # `files` relative to it are what `pml-dist labels` prints
     files: list[Path]
     keys: np.ndarray  # int64, unique: the image's id, which the keyed draw is keyed by
-    label_sets: list[np.ndarray]  # per row, its classes: int32, sorted ascending (may be empty)
+    labels: LabelRows  # per row, its classes (sparse.py; a row may be empty)
     class_names: list[str]
     class_ids: list[int]  # the source's own id of each class (COCO's category ids), else 0..L-1
     reference_order: np.ndarray  # row positions in the order Cole et al.'s scripts walk the rows
@@ -39,18 +41,6 @@ class SourceSplit:
     def __len__(self) -> int:
         return len(self.files)
 
-    def dense(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """The label sets of `rows` (default: all) as a uint8 multi-hot (len(rows), L) matrix."""
-        rows = np.arange(len(self)) if rows is None else np.asarray(rows)
-        out = np.zeros((len(rows), self.num_classes), dtype=np.uint8)
-        for i, row in enumerate(rows):
-            out[i, self.label_sets[row]] = 1
-        return out
-
-    def counts(self) -> np.ndarray:
-        """Positives per row."""
-        return np.fromiter((len(s) for s in self.label_sets), dtype=np.int64, count=len(self))
-
     def subset(self, rows: np.ndarray, dropped: dict[str, int]) -> SourceSplit:
         """The rows `rows` (ascending positions), with `dropped` added to the counts of dropped rows."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -58,13 +48,8 @@ class SourceSplit:
         position[rows] = np.arange(len(rows))
         kept = position[self.reference_order]
         return replace(self, files=[self.files[i] for i in rows], keys=self.keys[rows],
-                       label_sets=[self.label_sets[i] for i in rows], reference_order=kept[kept >= 0],
+                       labels=self.labels.take(rows), reference_order=kept[kept >= 0],
                        dropped={**self.dropped, **dropped})
-
-
-def label_set(classes) -> np.ndarray:
-    """A row's classes as the int32, sorted, duplicate-free array SourceSplit holds."""
-    return np.unique(np.asarray(classes, dtype=np.int32))
 
 
 def string_key(text: str) -> int:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.errors import DataError
-from ffcv_data.source import SourceSplit, check_images_exist, label_set, string_key
+from ffcv_data.source import SourceSplit, check_images_exist, string_key
+from ffcv_data.sparse import LabelRows
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -58,7 +59,7 @@ def read_split(root: Path, split: str, images: Path | None = None) -> SourceSpli
         name=split, source_file=lists / f"<class>_{split}.txt", label_files=files,
         image_root=voc / "JPEGImages", files=[voc / "JPEGImages" / name for name in names],
         keys=np.asarray([string_key(i) for i in ids], dtype=np.int64),
-        label_sets=[label_set(positives[i]) for i in ids], class_names=list(CLASSES),
+        labels=LabelRows.from_sets((positives[i] for i in ids), len(CLASSES)), class_names=list(CLASSES),
         class_ids=list(range(len(CLASSES))), reference_order=np.arange(len(ids)),
         reference_classes=np.arange(len(CLASSES)), images_read=len(listed),
         dropped={"no_positive": len(listed) - len(ids)},

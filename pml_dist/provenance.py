@@ -39,9 +39,9 @@ def _digest(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
 
 
 def data_id(run: RunLayout) -> str:
-    """Identifies the training split: its per-index metadata and the size of its .beton (hashing a
-    COCO-sized .beton would take minutes; the metadata already changes with any re-preparation)."""
-    meta, beton = run.data.meta("train"), run.data.beton("train")
+    """Identifies the training split: its labels file and the size of its .beton (hashing a
+    COCO-sized .beton would take minutes; the labels already change with any re-preparation)."""
+    meta, beton = run.data.labels_file("train"), run.data.beton("train")
     if not meta.is_file() or not beton.is_file():
         raise PmlError(f"no prepared training split in {run.data.folder} (run `pml-dist prepare`)")
     return f"{file_id(meta)}-{beton.stat().st_size}"

@@ -159,7 +159,7 @@ def test_scores(runs: list[Config]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The test labels and, per row id, the stage's test logits stacked over the seeds' runs
     (S, N, L); a stage missing in any seed (not finished, or trained before they were kept) is
     left out. AP needs only the order of the scores, so logits serve as the probabilities would."""
-    labels = RunLayout.of(runs[0]).data.read_meta("test", "labels")
+    labels = RunLayout.of(runs[0]).data.labels("test").labels.dense()
     paths: dict[str, list[Path]] = {}
     for run in runs:
         for entry in experiment(run, run):

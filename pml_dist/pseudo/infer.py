@@ -83,7 +83,7 @@ def _loader(cfg: Config, run: RunLayout, info, device):
 
     return eval_loader(
         run.data.beton("train"), cfg.infer.batch, cfg.data.image_size, rank=info.rank,
-        world_size=info.world_size, with_labels=False, transform=cfg.data.eval_transform, device=device,
+        world_size=info.world_size, label_fields=(), transform=cfg.data.eval_transform, device=device,
         workers=cfg.data.loader_workers,
         local_world_size=info.local_world_size, padded=True, jit=cfg.data.jit,
     )

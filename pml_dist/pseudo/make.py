@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from ffcv_data.atomic import write_json
+from ffcv_data.protocol import one_hot
 from pml_dist.config import Config
 from pml_dist.layout import RunLayout
 from pml_dist.provenance import data_id, teacher_id
@@ -44,8 +45,9 @@ def make_pseudo_labels(cfg: Config) -> dict:
 
 def _write_targets(cfg: Config, run: RunLayout) -> dict:
     probs = np.load(run.pseudo.probs, mmap_mode="r")
-    observed = run.data.read_meta("train", "observed")
-    # Full labels are used only for the statistics (every COCO-format set here has them).
-    full = run.data.read_meta("train", "labels")
+    split = run.data.labels("train")
+    observed = one_hot(split.observed, split.num_classes)
+    # Full labels are used only for the statistics (every data set read here has them).
+    full = split.labels.dense()
     return write_pseudo_labels(np.asarray(probs), observed, run.pseudo.dir, cfg.pseudo.taus,
                                cfg.pseudo.modes, cfg.loss.expected_positives, full=full)

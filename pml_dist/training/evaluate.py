@@ -38,14 +38,12 @@ def predict(model: torch.nn.Module, loader, device, num_classes: int,
         if keep_logits:
             fields.setdefault("logits", []).append(logits)
         idx.append(batch["index"].clone())
-        for name in ("labels", "observed"):
-            if name in batch:
-                fields.setdefault(name, []).append(batch[name].clone())
+        for name in loader.lookups:  # 0/1 (B, L) rows looked up for this batch: kept as uint8
+            fields.setdefault(name, []).append(batch[name].to(torch.uint8))
     model.train(was_training)
     if not probs:
         empty = np.zeros((0, num_classes), np.float32)
-        return np.zeros(0, np.int64), {"probs": empty, **{k: empty for k in loader.fields if k in
-                                                           ("labels", "observed")},
+        return np.zeros(0, np.int64), {"probs": empty, **{k: empty for k in loader.lookups},
                                        **({"logits": empty} if keep_logits else {})}
     out = {k: torch.cat(v).cpu().numpy() for k, v in {"probs": probs, **fields}.items()}
     return torch.cat(idx).cpu().numpy(), out
@@ -64,15 +62,16 @@ def gather(indices: np.ndarray, arrays: dict[str, np.ndarray]) -> tuple[np.ndarr
     return indices[order], {k: v[order] for k, v in arrays.items()}
 
 
-def split_loader(cfg, split: str, info, device, with_labels: bool = True):
-    """An evaluation loader over this rank's shard of `split`; build once, iterate every epoch
-    (each new FFCV loader compiles its pipeline again)."""
+def split_loader(cfg, split: str, info, device, label_fields: tuple[str, ...]):
+    """An evaluation loader over this rank's shard of `split` whose batches carry `label_fields`
+    ('labels', 'observed' or none); build once, iterate every epoch (each new FFCV loader compiles
+    its pipeline again)."""
     from ffcv_data.loaders import eval_loader
     from pml_dist.layout import RunLayout
 
     return eval_loader(
         RunLayout.of(cfg).data.beton(split), cfg.train.eval_batch, cfg.data.image_size, rank=info.rank,
-        world_size=info.world_size, with_labels=with_labels, transform=cfg.data.eval_transform,
+        world_size=info.world_size, label_fields=label_fields, transform=cfg.data.eval_transform,
         device=device, workers=cfg.data.loader_workers, local_world_size=info.local_world_size,
         jit=cfg.data.jit,
     )

@@ -1,7 +1,7 @@
 """What a stage's loss is trained against, as a function of the batch (`Stage.trains_on`):
 
     observed   the single observed positive, which the training loader carries (SPML losses)
-    full       the full labels, read by index from the meta file (only the bce upper bound)
+    full       the full labels, looked up by index in the split's sparse labels (only the bce upper bound)
     pseudo     a student's pseudo labels, read by index from its labels.npy
 
 Full labels never pass through the training loader (ffcv_data.loaders leaves them out), so the only
@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ffcv_data.sparse import DeviceRows
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout
 
@@ -28,14 +29,18 @@ def training_targets(cfg, run: RunLayout, stage, num_train: int, device=None) ->
     if kind == "observed":
         return "observed", lambda batch: batch["observed"].float()
     if kind == "full":
-        matrix = run.data.read_meta("train", "labels")
-        source = "full labels (loss.name=bce: the full-label upper bound)"
-    else:
-        path = run.pseudo.labels(stage.target)
-        if not path.is_file():
-            raise PmlError(f"no pseudo labels at {path} (run `pml-dist merge` first)")
-        matrix = np.load(path)
-        source = f"pseudo labels {path}"
+        split = run.data.labels("train")
+        if len(split) != num_train:
+            raise PmlError(f"{run.data.labels_file('train')}: {len(split)} rows, but the training split "
+                           f"has {num_train}")
+        rows = DeviceRows(split.labels, None, split.num_classes, device)
+        return ("full labels (loss.name=bce: the full-label upper bound)",
+                lambda batch: rows.labels(batch["index"]))
+    path = run.pseudo.labels(stage.target)
+    if not path.is_file():
+        raise PmlError(f"no pseudo labels at {path} (run `pml-dist merge` first)")
+    matrix = np.load(path)
+    source = f"pseudo labels {path}"
     if matrix.shape[0] != num_train:
         raise PmlError(f"{source}: {matrix.shape[0]} rows, but the training split has {num_train}")
     return source, _lookup(matrix, device)

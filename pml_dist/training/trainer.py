@@ -30,6 +30,7 @@ from torch import nn
 
 from ffcv_data.atomic import save_with, write_json
 from ffcv_data.loaders import threads_per_rank, train_loader
+from ffcv_data.protocol import one_hot
 from pml_dist import dist, provenance
 from pml_dist.config import Config, apl_schedule
 from pml_dist.errors import PmlError
@@ -158,8 +159,7 @@ class Trainer:
             write_json(self.files.derived, self.derived.to_dict())
         self.loader = self._train_loader()
         self.val_targets = "labels" if cfg.data.val_labels == "full" else "observed"
-        self.val_loader = split_loader(cfg, "val", info, self.device,
-                                       with_labels=self.val_targets == "labels")
+        self.val_loader = split_loader(cfg, "val", info, self.device, (self.val_targets,))
 
     # ------------------------------------------------------------------------------ the loop
 
@@ -252,7 +252,7 @@ class Trainer:
     def _apl_update(self) -> None:
         """EM+APL: score the whole training split (observed labels only), identically on every rank,
         and let the loss pseudo-label its next share of unobserved negatives."""
-        loader = split_loader(self.cfg, "train", self.info, self.device, with_labels=False)
+        loader = split_loader(self.cfg, "train", self.info, self.device, ())
         indices, arrays = gather(*predict(self.net, loader, self.device, self.num_classes,
                                           autocast=self.autocast))
         added = self.loss.update_pseudo_labels(torch.from_numpy(arrays["probs"]), torch.from_numpy(indices))
@@ -339,7 +339,7 @@ class Trainer:
         _barrier()  # best.pt from rank 0 is complete
         self.net.load_state_dict(torch.load(self.files.best_weights, map_location=self.device,
                                             weights_only=True))
-        loader = split_loader(self.cfg, "test", self.info, self.device)
+        loader = split_loader(self.cfg, "test", self.info, self.device, ("labels",))
         test = evaluate(self.net, loader, self.device, self.num_classes, autocast=self.autocast,
                         keep_logits=True)
         if self.info.is_main:  # the report's paired intervals compare models on these (layout.py)
@@ -414,7 +414,7 @@ class Trainer:
     def _build_loss(self) -> nn.Module:
         # Observed positives are training information (ROLE and EM+APL initialise from them),
         # unlike the full labels.
-        observed = (self.run.data.read_meta("train", "observed")
+        observed = (one_hot(self.run.data.labels("train").observed, self.num_classes)
                     if self.loss_name in ("role", "em_apl") else None)
         return build_loss(self.loss_name, self.num_classes, self.num_train, _loss_params(self.cfg),
                           seed=self.cfg.train.seed, observed_labels=observed)

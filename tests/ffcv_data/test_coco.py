@@ -19,7 +19,7 @@ def test_coco_mini_reads_like_pycocotools(coco_mini):
     assert split.num_classes == 80 and split.class_ids[-1] == 90  # non-contiguous ids mapped
     assert split.images_read == 208 and len(split) == 206
     assert split.dropped == {"no_annotations": 2}
-    labels = split.dense()
+    labels = split.labels.dense()
     for row, image_id in enumerate(split.keys):
         cats = {a["category_id"] for a in coco.loadAnns(coco.getAnnIds(imgIds=[int(image_id)]))}
         expected = np.isin(split.class_ids, sorted(cats)).astype(np.uint8)
@@ -31,7 +31,7 @@ def test_coco_mini_reads_like_pycocotools(coco_mini):
 def test_synthetic_set_reads_with_the_same_reader(synthetic_root):
     split = read_split(synthetic_root, "train")
     assert len(split) == 150 and split.num_classes == 20
-    assert split.counts().min() >= 1
+    assert split.labels.counts().min() >= 1
 
 
 @pytest.fixture

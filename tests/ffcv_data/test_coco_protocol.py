@@ -14,6 +14,7 @@ import pytest
 from ffcv_data.loaders import MEAN, STD, eval_loader
 from ffcv_data.prepare import PrepareSpec, prepare
 from ffcv_data.prepared import PreparedData
+from ffcv_data.protocol import one_hot
 from pml_dist.config import REPO_ROOT, load_config
 
 PRESET = load_config(REPO_ROOT / "configs" / "coco2014_r50.yaml").data
@@ -81,9 +82,10 @@ def test_the_preset_draws_cole_et_al_observed_labels_and_split(shuffled_root, tm
         else:
             expected_ids = {"test": set(ids.tolist())}
         for part in parts:
-            got_ids = out.read_meta(part, "image_ids")
+            meta = out.labels(part)
+            got_ids = meta.keys
             assert set(got_ids.tolist()) == expected_ids[part], part
-            got = out.read_meta(part, "observed")
+            got = one_hot(meta.observed, meta.num_classes)
             want = np.stack([by_id[i] for i in got_ids.tolist()])
             assert np.array_equal(got, want), f"{part}: {np.flatnonzero((got != want).any(1))[:5]}"
 
@@ -93,7 +95,7 @@ def test_keyed_protocol_draws_differently_on_the_same_files(shuffled_root, tmp_p
     cole, keyed = PreparedData(tmp_path / "cole"), PreparedData(tmp_path / "keyed")
     prepare(_spec(shuffled_root, max_resolution=32), cole)
     prepare(_spec(shuffled_root, max_resolution=32, observed_protocol="keyed"), keyed)
-    assert not np.array_equal(cole.read_meta("val", "image_ids"), keyed.read_meta("val", "image_ids"))
+    assert not np.array_equal(cole.labels("val").keys, keyed.labels("val").keys)
 
 
 # ------------------------------------------------------------------------------------ pixels
@@ -109,7 +111,7 @@ def test_stored_pixels_match_pil_on_the_originals(coco_mini, tmp_path):
     prepare(_spec(coco_mini), out)
     images = {im["id"]: coco_mini / "val2017" / im["file_name"] for im in
               json.loads((coco_mini / "annotations" / "instances_val2017.json").read_text())["images"]}
-    ids = out.read_meta("test", "image_ids")
+    ids = out.labels("test").keys
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     errors = []
     for batch in eval_loader(out.beton("test"), 16, 448, transform=PRESET.eval_transform, jit=False,

@@ -27,7 +27,7 @@ def test_a_full_disk_stops_prepare_with_one_line_and_keeps_the_complete_betons(s
     data = run / "data"
     with small_disk(data, "16m"):
         assert main(["prepare", *overrides]) == 0
-        (data / "test.beton").unlink()  # (prepare drops its side file test.meta.npz as stale)
+        (data / "test.beton").unlink()  # (prepare drops its side file test.labels.npz as stale)
         before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file() and p.name[:5] != "test."}
         fill_disk(data, leave)
         capsys.readouterr()

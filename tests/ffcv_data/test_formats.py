@@ -21,6 +21,7 @@ from ffcv_data.errors import DataError
 from ffcv_data.formats import read_split
 from ffcv_data.prepare import PrepareSpec, prepare
 from ffcv_data.prepared import PreparedData
+from ffcv_data.protocol import one_hot
 from pml_dist.cli import main
 
 pytestmark = pytest.mark.timeout(300)
@@ -181,10 +182,10 @@ def test_prepared_splits_equal_the_reference_procedure(fmt, request, reference):
                 "val": (train_files[val_rows], train_y[val_rows], train_obs[val_rows]),
                 "test": (ref["val"][0], ref["val"][1], reference.observe(ref["val"][1]))}
     for split, (files, y, obs) in expected.items():
-        with np.load(data.meta(split)) as meta:
-            assert list(meta["files"]) == list(files), split
-            assert np.array_equal(meta["labels"], y), split
-            assert np.array_equal(meta["observed"], obs == 1), split
+        got = data.labels(split)
+        assert list(got.files()) == list(files), split
+        assert np.array_equal(got.labels.dense(), y), split
+        assert np.array_equal(one_hot(got.observed, got.num_classes), obs == 1), split
         assert stats["splits"][split]["images"] == len(files)
 
 
@@ -215,7 +216,7 @@ def test_cub_reads_cole_et_al_doubly_nested_copy_alike(cub_root, tmp_path):
     nested = write_cub(tmp_path / "nested", nested=True)
     a, b = read_split("cub", cub_root, "train"), read_split("cub", nested, "train")
     assert [f.relative_to(a.image_root) for f in a.files] == [f.relative_to(b.image_root) for f in b.files]
-    assert all(np.array_equal(x, y) for x, y in zip(a.label_sets, b.label_sets, strict=True))
+    assert a.labels.equals(b.labels)
     assert a.class_names == b.class_names
 
 
@@ -226,7 +227,7 @@ def test_keyed_draws_are_the_same_for_any_subset_of_the_images(voc_root, tmp_pat
 
     whole = read_split("voc", voc_root, "train")
     part = whole.subset(np.arange(0, len(whole), 2), {})
-    draws = [draw_observed(s.label_sets, s.keys, 1200, num_classes=20) for s in (whole, part)]
+    draws = [draw_observed(s.labels, s.keys, 1200) for s in (whole, part)]
     assert np.array_equal(draws[0][::2], draws[1])
 
 
@@ -338,14 +339,16 @@ def test_labels_command_lists_a_prepared_split(fmt, request, tmp_path):
                              f"run.data_dir={data.folder}", *(["--names"] if with_names else [])]) == 0
             rows = list(csv.reader(io.StringIO(out.getvalue())))
             assert rows[0] == ["row", "file", "observed", "labels"]
-            with np.load(data.meta(split)) as meta:
-                assert len(rows) - 1 == len(meta["files"])
-                for row, (i, file, observed, labels) in enumerate(rows[1:]):
-                    assert (int(i), file) == (row, meta["files"][row])
-                    classes = np.flatnonzero(meta["labels"][row])
-                    seen = np.flatnonzero(meta["observed"][row])
-                    if with_names:
-                        assert labels == "|".join(names[c] for c in classes)
-                        assert observed == "|".join(names[c] for c in seen)
-                    else:
-                        assert labels == " ".join(map(str, classes)) and observed == " ".join(map(str, seen))
+            meta = data.labels(split)
+            files, dense = list(meta.files()), meta.labels.dense()
+            observed_rows = one_hot(meta.observed, len(names))
+            assert len(rows) - 1 == len(files)
+            for row, (i, file, observed, labels) in enumerate(rows[1:]):
+                assert (int(i), file) == (row, files[row])
+                classes = np.flatnonzero(dense[row])
+                seen = np.flatnonzero(observed_rows[row])
+                if with_names:
+                    assert labels == "|".join(names[c] for c in classes)
+                    assert observed == "|".join(names[c] for c in seen)
+                else:
+                    assert labels == " ".join(map(str, classes)) and observed == " ".join(map(str, seen))

@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from ffcv_data.loaders import (
-    TRAIN_FIELDS,
-    _build,
-    eval_loader,
-    per_rank_order,
-    read_fields,
-    train_loader,
-)
+from ffcv_data.loaders import _build, eval_loader, per_rank_order, train_loader
+from ffcv_data.prepared import labels_beside, read_split_labels
+from ffcv_data.protocol import one_hot
 
 pytestmark = pytest.mark.timeout(300)
+
+
+def _size(beton) -> int:
+    return len(read_split_labels(labels_beside(beton)))
 
 
 def _indices(loader) -> np.ndarray:
@@ -26,10 +25,11 @@ def _indices(loader) -> np.ndarray:
 
 
 def test_training_batches_cannot_carry_full_labels(betons):
-    """SPML training must not see the full labels: the training loader does not even decode them."""
+    """SPML training must not see the full labels: the .beton has none, and the training loader looks
+    up only the observed positives."""
     loader = train_loader(betons["train"], 16, 32, jit=False)
-    assert loader.fields == TRAIN_FIELDS
-    assert "labels" not in loader.loader.pipeline_specs
+    assert set(loader.loader.pipeline_specs) == {"image", "index"}
+    assert list(loader.lookups) == ["observed"]
     batch = next(iter(loader))
     assert set(batch) == {"image", "observed", "index"}
     assert batch["image"].shape == (16, 3, 32, 32) and batch["image"].dtype == torch.float32
@@ -37,8 +37,9 @@ def test_training_batches_cannot_carry_full_labels(betons):
     assert batch["image"].is_contiguous()
     assert batch["observed"].shape == (16, 20) and batch["index"].shape == (16,)
     # what the batch carries is the single observed positive of each index, nothing more
-    observed = read_fields(betons["train"], ("observed",))["observed"]
-    assert np.array_equal(batch["observed"].numpy(), observed[batch["index"].numpy().reshape(-1)])
+    split = read_split_labels(labels_beside(betons["train"]))
+    observed = one_hot(split.observed, split.num_classes)
+    assert np.array_equal(batch["observed"].numpy(), observed[batch["index"].numpy()])
     assert (batch["observed"].sum(dim=1) == 1).all()
 
 
@@ -49,7 +50,7 @@ def test_images_are_normalised(betons):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_training_shards_cover_every_sample_each_epoch(betons, world):
-    n = len(read_fields(betons["train"], ("index",))["index"])
+    n = _size(betons["train"])
     for epoch in (0, 1):
         per_rank = []
         for rank in range(world):
@@ -107,7 +108,7 @@ def test_resume_at_another_world_size_continues_the_same_global_order():
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_shards_are_exact(betons, world):
-    meta_n = len(read_fields(betons["val"], ("index",))["index"])
+    meta_n = _size(betons["val"])
     shards = [_indices(eval_loader(betons["val"], 7, 32, rank=r, world_size=world, jit=False))
               for r in range(world)]
     joined = np.concatenate(shards)
@@ -127,8 +128,7 @@ def test_a_dying_loader_thread_raises_instead_of_hanging(betons):
     from ffcv.loader import OrderOption
 
     # float indices make FFCV's decoder raise inside its worker thread (seen with Reader.num_samples)
-    loader = _build(betons["test"], 4, {"index": [IntDecoder()], "image": None, "labels": None,
-                                        "observed": None},
+    loader = _build(betons["test"], 4, {"index": [IntDecoder()], "image": None},
                     OrderOption.SEQUENTIAL, workers=1, drop_last=False, indices=np.arange(5.0),
                     jit=False)
     with pytest.raises(RuntimeError, match="loader thread died"):
@@ -205,14 +205,18 @@ def test_transforms_on_cuda_give_the_cpu_pixels(betons):
         gpu = train_loader(betons["train"], 64, 48, seed=5, order="sequential", transform=transform,
                            drop_last=False, jit=True, device=device)
         a = torch.cat([b["image"].clone() for b in cpu])
-        parts = []
+        observed = torch.cat([b["observed"] for b in cpu])
+        parts, looked_up = [], []
         for batch in gpu:
             image = batch["image"]
             assert image.is_cuda and image.dtype == torch.float32
             assert image.is_contiguous(memory_format=torch.channels_last)
+            assert batch["observed"].is_cuda  # looked up on the device by the batch's index
             parts.append(image.clone().cpu())
+            looked_up.append(batch["observed"].cpu())
         b = torch.cat(parts)
         assert torch.allclose(a, b, atol=1e-5), transform
+        assert torch.equal(observed, torch.cat(looked_up)), transform
 
 
 def test_a_process_bound_to_one_cpu_exits_after_parallel_loops_in_a_thread(tmp_path):

@@ -7,11 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ffcv_data.coco import read_split
 from ffcv_data.errors import DataError
-from ffcv_data.loaders import eval_loader, read_fields
+from ffcv_data.loaders import eval_loader
 from ffcv_data.protocol import draw_observed, one_hot
 from pml_dist.config import load_config
 from pml_dist.data_stage import prepare
@@ -20,28 +21,34 @@ from pml_dist.layout import RunLayout
 pytestmark = pytest.mark.timeout(300)  # FFCV's writer hangs on some failures: never wait forever
 
 
+def _records(beton) -> dict:
+    """Every sample as the evaluation loader gives it: index and the labels looked up by it."""
+    batches = [{k: v.clone() for k, v in b.items() if k != "image"}
+               for b in eval_loader(beton, 256, 16, label_fields=("labels", "observed"), jit=False)]
+    return {k: torch.cat([b[k] for b in batches]).numpy() for k in ("index", "labels", "observed")}
+
+
 def _check_every_record(cfg, root, train_split, test_split):
     """Each split's records equal what the source annotations and the protocol say they should."""
     stats = json.loads((cfg.data_dir / "stats.json").read_text())
     train, test = read_split(root, train_split), read_split(root, test_split)
     seen_train_ids = []
     for name, source in (("train", train), ("val", train), ("test", test)):
-        meta = np.load(cfg.data_dir / f"{name}.meta.npz")
-        records = read_fields(RunLayout.of(cfg).data.beton(name))
-        n = len(meta["image_ids"])
+        meta = RunLayout.of(cfg).data.labels(name)
+        records = _records(RunLayout.of(cfg).data.beton(name))
+        n = len(meta.keys)
         assert stats["splits"][name]["images"] == n
         assert np.array_equal(records["index"], np.arange(n))
-        rows = np.searchsorted(source.keys, meta["image_ids"])
-        assert np.array_equal(source.keys[rows], meta["image_ids"])
-        assert np.array_equal(records["labels"], source.dense(rows))
-        assert np.array_equal(records["labels"], meta["labels"])
-        assert list(meta["files"]) == [str(source.files[i].relative_to(source.image_root)) for i in rows]
-        expected_obs = draw_observed([source.label_sets[i] for i in rows], meta["image_ids"],
-                                     cfg.data.observed_seed, num_classes=source.num_classes)
+        rows = np.searchsorted(source.keys, meta.keys)
+        assert np.array_equal(source.keys[rows], meta.keys)
+        assert np.array_equal(records["labels"], source.labels.dense(rows))
+        assert meta.labels.equals(source.labels.take(rows))
+        assert list(meta.files()) == [str(source.files[i].relative_to(source.image_root)) for i in rows]
+        expected_obs = draw_observed(source.labels.take(rows), meta.keys, cfg.data.observed_seed)
         assert np.array_equal(records["observed"], one_hot(expected_obs, source.num_classes))
-        assert np.array_equal(records["observed"], meta["observed"])
+        assert np.array_equal(meta.observed, expected_obs)
         if name != "test":
-            seen_train_ids.append(meta["image_ids"])
+            seen_train_ids.append(np.asarray(meta.keys))
     all_train = np.concatenate(seen_train_ids)
     assert np.array_equal(np.sort(all_train), train.keys)  # train and val partition the source
     assert len(seen_train_ids[1]) == round(cfg.data.val_fraction * len(train))
@@ -71,13 +78,13 @@ def test_images_survive_encoding(synthetic_root, synthetic_overrides):
     """Decoded pixels match the source JPEG up to FFCV's re-encoding at quality 90."""
     cfg = load_config(None, synthetic_overrides)
     prepare(cfg)
-    meta = np.load(cfg.data_dir / "test.meta.npz")
+    keys = RunLayout.of(cfg).data.labels("test").keys
     batch = next(iter(eval_loader(RunLayout.of(cfg).data.beton("test"), 8, 48, jit=False)))
     from ffcv_data.loaders import MEAN, STD
 
     decoded = batch["image"].numpy() * np.array(STD)[:, None, None] + np.array(MEAN)[:, None, None]
     for k in range(8):
-        file = synthetic_root / "test" / f"{int(meta['image_ids'][int(batch['index'][k])]):012d}.jpg"
+        file = synthetic_root / "test" / f"{int(keys[int(batch['index'][k])]):012d}.jpg"
         original = np.asarray(Image.open(file).convert("RGB"), dtype=np.float64).transpose(2, 0, 1)
         assert np.abs(decoded[k] - original).mean() < 6.0
 
@@ -115,10 +122,9 @@ def test_writer_still_names_an_image_that_breaks_after_the_check(broken_copy, tm
 
     files = sorted((broken_copy / "test").glob("*.jpg"))[:6]
     files[3].write_bytes(b"this is not a jpeg")
-    labels = np.eye(6, 4, dtype=np.uint8)
     target = tmp_path / "out" / "x.beton"
     with pytest.raises(DataError, match=f"x.beton: 1 image\\(s\\) could not be read: {files[3]}: ") as err:
-        write_beton(target, files, labels, labels, max_resolution=48, jpeg_quality=90, workers=2)
+        write_beton(target, files, max_resolution=48, jpeg_quality=90, workers=2)
     assert "\n" not in str(err.value)
     assert list(target.parent.iterdir()) == []
 

@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 import pytest
+from ffcv.reader import Reader
 
 from ffcv_data.errors import DataError
-from ffcv_data.loaders import read_fields
 from ffcv_data.prepare import remove_stale_files
 from ffcv_data.prepared import PreparedData
 from pml_dist.config import load_config
@@ -94,7 +94,7 @@ def test_a_beton_whose_side_file_is_missing_gets_it_back_without_being_rewritten
     """Killed between the .beton's rename and its side file's: the rerun writes only the side file."""
     cfg = load_config(None, _overrides(own_copy, tmp_path / "run"))
     prepare(cfg)
-    meta, beton = cfg.data_dir / "val.meta.npz", cfg.data_dir / "val.beton"
+    meta, beton = cfg.data_dir / "val.labels.npz", cfg.data_dir / "val.beton"
     with np.load(meta) as m:
         content = {k: m[k] for k in m.files}
     mtime = beton.stat().st_mtime_ns
@@ -116,10 +116,10 @@ def test_stale_files_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
     out = PreparedData(tmp_path / "data")
     out.folder.mkdir()
     dead, live = _dead_pid(), os.getppid()
-    stale = [f".train.beton.tmp-{dead}.beton", f".val.meta.npz.tmp-{dead}.npz", f"test.beton.errors-{dead}",
-             f".stats.json.tmp-{dead}.json", "test.meta.npz"]  # the last: a side file without its .beton
+    stale = [f".train.beton.tmp-{dead}.beton", f".val.labels.npz.tmp-{dead}.npz", f"test.beton.errors-{dead}",
+             f".stats.json.tmp-{dead}.json", "test.labels.npz"]  # the last: a side file without its .beton
     kept = [f".train.beton.tmp-{live}.beton", f".test.beton.tmp-{os.getpid()}.beton", "val.beton",
-            "val.meta.npz", f".notes.txt.tmp-{dead}.txt", "inputs.json"]
+            "val.labels.npz", f".notes.txt.tmp-{dead}.txt", "inputs.json"]
     for name in stale + kept:
         (out.folder / name).write_bytes(b"x")
     removed = remove_stale_files(out)
@@ -158,11 +158,11 @@ def _same_records(folder, reference):
         s.pop("seconds"), s.pop("image_check_seconds")
     assert stats == ref_stats
     for split in ("train", "val", "test"):
-        got, want = read_fields(folder / f"{split}.beton"), read_fields(reference / f"{split}.beton")
-        assert got.keys() == want.keys()
-        assert all(np.array_equal(got[k], want[k]) for k in want)
-        with np.load(folder / f"{split}.meta.npz") as a, np.load(reference / f"{split}.meta.npz") as b:
-            assert all(np.array_equal(a[k], b[k]) for k in b.files)
+        got, want = (Reader(str(f / f"{split}.beton")) for f in (folder, reference))
+        assert got.num_samples == want.num_samples
+        assert np.array_equal(got.metadata["f1"], want.metadata["f1"])  # the index field
+        with np.load(folder / f"{split}.labels.npz") as a, np.load(reference / f"{split}.labels.npz") as b:
+            assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in b.files)
 
 
 def _gone(pgid: int, within: float = 20.0) -> bool:

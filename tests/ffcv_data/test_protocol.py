@@ -4,15 +4,16 @@ import numpy as np
 import pytest
 
 from ffcv_data.protocol import NONE, draw_observed, one_hot, split_train_val
+from ffcv_data.sparse import LabelRows
 
 
-def label_sets(dense: np.ndarray) -> list[np.ndarray]:
-    return [np.flatnonzero(row).astype(np.int32) for row in dense]
+def label_sets(dense: np.ndarray) -> LabelRows:
+    return LabelRows.from_dense(dense)
 
 
 def draw(dense: np.ndarray, ids: np.ndarray, seed: int, protocol: str = "keyed", **kw) -> np.ndarray:
     """draw_observed on a dense matrix, as the one-hot rows the .beton holds."""
-    observed = draw_observed(label_sets(dense), ids, seed, protocol, num_classes=dense.shape[1], **kw)
+    observed = draw_observed(label_sets(dense), ids, seed, protocol, **kw)
     return one_hot(observed, dense.shape[1])
 
 
@@ -61,7 +62,7 @@ def test_image_without_positive_is_an_error_under_keyed_and_observes_nothing_und
         draw(np.zeros((1, 3), np.uint8), np.array([7]), seed=0)
     labels = labels.copy()
     labels[[3, 10]] = 0
-    observed = draw_observed(label_sets(labels), np.arange(500), 1200, "cole", num_classes=12)
+    observed = draw_observed(label_sets(labels), np.arange(500), 1200, "cole")
     assert (observed[[3, 10]] == NONE).all() and (observed[np.arange(500) != 3] != NONE).sum() == 498
 
 
@@ -82,3 +83,34 @@ def test_validation_split_is_seeded_disjoint_and_complete():
 def test_validation_split_refuses_an_empty_part():
     with pytest.raises(ValueError, match="empty"):
         split_train_val(np.arange(3), 0.1, seed=0)
+
+
+def test_keyed_draw_is_the_documented_hash_of_seed_and_key():
+    """Re-implemented in plain Python integers from protocol.py's description: splitmix64's finaliser
+    of (seed + golden ratio), xor the key, finalised again; its top 53 bits pick the position."""
+    mask = (1 << 64) - 1
+
+    def mix(x):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    rng = np.random.default_rng(4)
+    dense = (rng.random((200, 9)) < 0.4).astype(np.uint8)
+    dense[:, 0] = 1
+    keys = rng.integers(0, 2**62, 200)
+    observed = draw_observed(label_sets(dense), keys, 77)
+    for row, key in enumerate(keys.tolist()):
+        h = mix(mix((77 + 0x9E3779B97F4A7C15) & mask) ^ key)
+        positives = np.flatnonzero(dense[row])
+        assert observed[row] == positives[int((h >> 11) * 2.0**-53 * len(positives))]
+
+
+def test_cole_draw_is_refused_where_it_cannot_finish_in_minutes(monkeypatch):
+    from ffcv_data import protocol
+
+    monkeypatch.setattr(protocol, "COLE_MAX_CELLS", 100)
+    rows = label_sets(np.eye(11, dtype=np.uint8))  # 11 x 11 = 121 draws
+    with pytest.raises(ValueError, match=r"11 images x 11 classes = 1.2e\+02 draws.*observed_protocol=keyed"):
+        draw_observed(rows, np.arange(11), 1200, "cole")
+    assert len(draw_observed(rows, np.arange(11), 1200, "keyed")) == 11  # keyed has no such limit

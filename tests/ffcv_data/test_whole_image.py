@@ -49,7 +49,7 @@ def _all(loader) -> torch.Tensor:
 @pytest.mark.parametrize("jit", [False, True])
 def test_decodes_at_reduced_scale_bit_for_bit_as_the_reference(beton, jit):
     """jit on: the decoder inside FFCV's compiled stage (its flip mask read through object mode)."""
-    loaded = _all(eval_loader(beton, 64, OUT, transform="resize", jit=jit, with_labels=False))
+    loaded = _all(eval_loader(beton, 64, OUT, transform="resize", jit=jit, label_fields=()))
     expected = reference(beton, OUT, scaled=True)
     assert loaded.dtype == torch.float32 and loaded.shape == expected.shape
     assert torch.equal(loaded, expected)

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from ffcv_data.prepared import PreparedData
 from pml_dist.cli import main
 from pml_dist.training.metrics import mean_average_precision
 
@@ -46,7 +47,7 @@ def test_every_stage_ran_and_the_report_lists_them(pipeline, capsys):
     assert teacher["world_size"] == 2 and len(set(teacher["rank_weight_digests"])) == 1
     shards = sorted(p.name for p in (run / "teacher/probs").glob("*.json"))
     assert shards == ["shard-00000-of-00002.json", "shard-00001-of-00002.json"]
-    test_labels = np.load(run / "data/test.meta.npz")["labels"]
+    test_labels = PreparedData(run / "data").labels("test").labels.dense()
     logits = np.load(run / "students/soft/test_logits.npy")  # what the report's intervals compare
     assert logits.dtype == np.float16 and logits.shape == test_labels.shape
     student = json.loads((run / "students/soft/result.json").read_text())

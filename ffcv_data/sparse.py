@@ -1,0 +1,120 @@
+"""Label sets as CSR arrays: row i's classes are `classes[indptr[i]:indptr[i + 1]]`, sorted, unique.
+
+Every stage from the reader to the loader keeps labels in this form, so memory grows with the number
+of positives, not with images x classes (OpenImages: ~9M images x ~20k classes, ~9 positives per
+image). A batch becomes B x L only where it is used, on the device (`DeviceRows`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LabelRows:
+    indptr: np.ndarray  # int64 (N + 1,), indptr[0] == 0
+    classes: np.ndarray  # int32 (indptr[-1],)
+    num_classes: int
+
+    @classmethod
+    def from_sets(cls, sets, num_classes: int) -> LabelRows:
+        """From an iterable of per-row class collections (any order, duplicates allowed)."""
+        rows = [np.unique(np.asarray(s, dtype=np.int32)) for s in sets]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in rows], out=indptr[1:])
+        classes = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
+        return cls(indptr, classes, num_classes)
+
+    @classmethod
+    def from_dense(cls, matrix: np.ndarray) -> LabelRows:
+        """From an (N, L) multi-hot matrix (nonzero = positive)."""
+        rows, classes = np.nonzero(matrix)  # row-major: each row's classes ascending
+        indptr = np.zeros(matrix.shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=matrix.shape[0]), out=indptr[1:])
+        return cls(indptr, classes.astype(np.int32), matrix.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def row(self, i: int) -> np.ndarray:
+        return self.classes[self.indptr[i]:self.indptr[i + 1]]
+
+    def counts(self) -> np.ndarray:
+        """Positives per row (int64)."""
+        return np.diff(self.indptr)
+
+    def per_class(self) -> np.ndarray:
+        """Rows per class (int64, length L)."""
+        return np.bincount(self.classes, minlength=self.num_classes).astype(np.int64)
+
+    def take(self, rows: np.ndarray) -> LabelRows:
+        """The rows `rows` (any order, repeats allowed), vectorised."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, counts = self.indptr[rows], self.counts()[rows]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        positions = np.repeat(starts - indptr[:-1], counts) + np.arange(indptr[-1], dtype=np.int64)
+        return LabelRows(indptr, np.asarray(self.classes[positions], dtype=np.int32), self.num_classes)
+
+    def dense(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The rows `rows` (default: all) as a uint8 multi-hot (len(rows), L) matrix; for small splits
+        and the stages that are still dense (pseudo labels, evaluation)."""
+        part = self if rows is None else self.take(rows)
+        out = np.zeros((len(part), self.num_classes), dtype=np.uint8)
+        out[np.repeat(np.arange(len(part)), part.counts()), part.classes] = 1
+        return out
+
+    def equals(self, other: LabelRows) -> bool:
+        return (self.num_classes == other.num_classes and np.array_equal(self.indptr, other.indptr)
+                and np.array_equal(self.classes, other.classes))
+
+
+class DeviceRows:
+    """Label lookups by sample index on the batch's device: `labels(index)` gives the (B, L) float32
+    multi-hot rows, `observed(index)` the one-hot observed positives. The tables are copied to the
+    device once (indptr 8 bytes + 4 per positive + 4 per row, e.g. COCO train 1.5 MB); a lookup is
+    a few gathers and one scatter with no host synchronisation (rows are padded to the split's most
+    positives per row instead of sized by a host-side count)."""
+
+    def __init__(self, labels: LabelRows | None, observed: np.ndarray | None, num_classes: int, device=None):
+        import torch
+
+        self.num_classes = num_classes
+        device = torch.device(device or "cpu")
+        self._observed = (None if observed is None
+                          else torch.as_tensor(np.array(observed, np.int64), device=device))
+        self._indptr = self._classes = None
+        if labels is not None:
+            self._indptr = torch.as_tensor(np.array(labels.indptr, np.int64), device=device)
+            self._classes = torch.as_tensor(np.array(labels.classes, np.int64), device=device)
+            widest = int(labels.counts().max()) if len(labels) else 0
+            self._offsets = torch.arange(widest, device=device)
+
+    def labels(self, index):
+        import torch
+
+        index = index.to(self._indptr.device, torch.int64)
+        starts = self._indptr[index]
+        counts = self._indptr[index + 1] - starts
+        positions = starts[:, None] + self._offsets[None, :]
+        inside = self._offsets[None, :] < counts[:, None]
+        last = max(len(self._classes) - 1, 0)
+        cls = self._classes[positions.clamp_(max=last)] if len(self._classes) else positions
+        return self._scatter(len(index), torch.where(inside, cls, self.num_classes), index.device)
+
+    def observed(self, index):
+        import torch
+
+        index = index.to(self._observed.device, torch.int64)
+        cls = self._observed[index]
+        return self._scatter(len(index), torch.where(cls < 0, self.num_classes, cls)[:, None], index.device)
+
+    def _scatter(self, rows: int, cls, device):
+        """(rows, L) float32 with 1 at `cls` ((rows, K) class indices; L marks nothing)."""
+        import torch
+
+        out = torch.zeros(rows, self.num_classes + 1, dtype=torch.float32, device=device)
+        out.scatter_(1, cls, 1.0)
+        return out[:, : self.num_classes]

@@ -1,0 +1,36 @@
+"""bench/bench_scale.py runs end to end on tiny sizes: exit 0, one line per stage and size in the
+documented form, the dense path skipped with its reason where it exceeds the budget, and the JSON.
+No timing is asserted (the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "bench_scale.py"
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_bench_scale_prints_a_line_per_stage_and_size(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--rows", "20000", "--dense-rows", "3000", "--classes", "500",
+           "--dense-budget-gib", "0.02", "--json", str(tmp_path / "scale.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280, cwd=tmp_path)
+    out = done.stdout
+    assert done.returncode == 0, f"stdout:\n{out}\nstderr:\n{done.stderr}"
+    line = r"^stage {} rows {} classes 500: peak RSS \d+ MiB, \d+\.\d\d s per million rows$"
+    for n in (3000, 20000):
+        for stage in ("prepare-labels", "target-lookup"):
+            assert re.search(line.format(stage, n), out, re.M), out
+    for stage in ("prepare-labels-dense", "target-lookup-dense"):  # 3000 x 500 fits 0.02 GiB, 20000 not
+        assert re.search(line.format(stage, 3000), out, re.M), out
+        skipped = rf"^stage {stage} rows 20000 classes 500: skipped \(its dense N x L arrays"
+        assert re.search(skipped, out, re.M), out
+    results = json.loads((tmp_path / "scale.json").read_text())
+    assert len(results) == 6 and all(r["peak_rss_mib"] > 0 for r in results)
