@@ -16,6 +16,8 @@ FORMATS = {
     "cub": ("ffcv_data.cub", "attributes.txt and CUB_200_2011/ (images.txt, train_test_split.txt, "
                              "attributes/image_attribute_labels.txt, images/)"),
     "cole": ("ffcv_data.cole", "formatted_<split>_images.npy and formatted_<split>_labels.npy"),
+    "openimages": ("ffcv_data.openimages", "*<split>-annotations-human-imagelabels.csv, *class-descriptions"
+                                           ".csv [, *classes-trainable.txt] and <split>/*.jpg"),
 }
 
 

@@ -51,7 +51,7 @@ class PrepareSpec:
     observed_protocol: str = "keyed"  # protocol.py: cole (Cole et al.'s exact draws) or keyed
     keep_original_jpegs: bool = True  # beton.py: JPEGs FFCV decodes as PIL does are stored as they are
     write_workers: int = 0
-    format: str = "coco"  # formats.py: coco, voc, cub or cole
+    format: str = "coco"  # formats.py: coco, voc, cub, cole or openimages
     images: Path | None = None  # cole: the folder its image paths are relative to
 
 
@@ -128,7 +128,8 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
         # The labels only once their .beton is in place (a labels file never stands alone).
         if not out.labels_file(name).exists():
             write_split_labels(out.labels_file(name), source.keys[rows], source.labels.take(rows), observed,
-                               [os.path.relpath(source.files[i], source.image_root) for i in rows])
+                               [os.path.relpath(source.files[i], source.image_root) for i in rows],
+                               None if source.negatives is None else source.negatives.take(rows))
 
     stats = {
         "root": str(root),
@@ -285,6 +286,7 @@ def _source_stats(split: SourceSplit) -> dict:
         "images_read": split.images_read,
         "images_kept": len(split),
         "images_dropped": split.dropped,
+        "labels_left_out": split.labels_left_out,
     }
 
 
@@ -300,6 +302,9 @@ def _label_stats(split: SourceSplit, rows: np.ndarray, observed: np.ndarray) -> 
         },
         "images_without_positive": int((per_image == 0).sum()),  # kept under cole, nothing observed
         "images_without_observed": int((observed == NONE).sum()),
+        # Open Images' verified negatives (confidence 0) per image; None where the format has none
+        "verified_negatives_per_image": (None if split.negatives is None
+                                         else float(split.negatives.counts()[rows].mean())),
         "per_class": {name: int(c) for name, c in zip(split.class_names, per_class, strict=True)},
         "classes_without_positives": [
             name for name, c in zip(split.class_names, per_class, strict=True) if c == 0

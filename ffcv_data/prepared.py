@@ -5,7 +5,8 @@ names; the run layout (pml_dist/layout.py) points at such a folder as `<run>/dat
     <folder>/{train,val,test}.labels.npz  row `index` of the split, sparse (`SplitLabels`): keys
                                           (source.py's), the label sets as CSR (indptr, classes), the
                                           observed class (-1: none), the file relative to the image
-                                          root; stored uncompressed, so each array is memory-mapped
+                                          root, the verified negatives as CSR (Open Images; else
+                                          empty); stored uncompressed, so each array is memory-mapped
     <folder>/inputs.json                  digests of what the folder was prepared from (prepare.py):
                                           written before the first .beton, checked by every rerun
     <folder>/stats.json                   counts, dropped images, label statistics; written last
@@ -88,6 +89,7 @@ class SplitLabels:
     observed: np.ndarray  # int32 (N,): the one observed positive, -1 where none is observed
     file_offsets: np.ndarray  # int64 (N + 1,): row i's file is file_bytes[off[i]:off[i + 1]], UTF-8
     file_bytes: np.ndarray  # uint8
+    negatives: LabelRows  # the verified negatives (Open Images' confidence 0); empty rows elsewhere
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -109,18 +111,21 @@ def labels_beside(beton: Path) -> Path:
 
 
 def write_split_labels(path: Path, keys: np.ndarray, labels: LabelRows, observed: np.ndarray,
-                       files: list[str]) -> Path:
+                       files: list[str], negatives: LabelRows | None = None) -> Path:
     """Write a SplitLabels file atomically (uncompressed .npz, so `read_split_labels` maps it)."""
+    if negatives is None:
+        negatives = LabelRows(np.zeros(len(keys) + 1, np.int64), np.zeros(0, np.int32), labels.num_classes)
     encoded = [f.encode() for f in files]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    if not len(keys) == len(labels) == len(observed) == len(files):
+    if not len(keys) == len(labels) == len(observed) == len(files) == len(negatives):
         raise ValueError(f"{path}: {len(keys)} keys, {len(labels)} label rows, {len(observed)} observed, "
-                         f"{len(files)} files")
+                         f"{len(files)} files, {len(negatives)} negative rows")
     return save_with(path, lambda tmp: np.savez(
         tmp, keys=np.asarray(keys, np.int64), indptr=labels.indptr, classes=labels.classes,
         num_classes=np.int64(labels.num_classes), observed=np.asarray(observed, np.int32),
         file_offsets=offsets, file_bytes=np.frombuffer(b"".join(encoded), dtype=np.uint8),
+        negatives_indptr=negatives.indptr, negatives=negatives.classes,
     ))
 
 
@@ -134,8 +139,10 @@ def read_split_labels(path: Path) -> SplitLabels:
         raise DataError(f"no {path} (run `pml-dist prepare` first)")
     try:
         a = _mapped_npz(path)
-        return SplitLabels(a["keys"], LabelRows(a["indptr"], a["classes"], int(a["num_classes"])),
-                           a["observed"], a["file_offsets"], a["file_bytes"])
+        num_classes = int(a["num_classes"])
+        return SplitLabels(a["keys"], LabelRows(a["indptr"], a["classes"], num_classes), a["observed"],
+                           a["file_offsets"], a["file_bytes"],
+                           LabelRows(a["negatives_indptr"], a["negatives"], num_classes))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: unreadable ({type(exc).__name__}: {exc}); delete the prepared folder "
                         f"and run `pml-dist prepare` again") from None

@@ -32,7 +32,9 @@ class SourceSplit:
     reference_order: np.ndarray  # row positions in the order Cole et al.'s scripts walk the rows
     reference_classes: np.ndarray  # reference_classes[k] = our class index of their class k
     images_read: int
-    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count of images left out
+    negatives: LabelRows | None = None  # per row, its verified negatives (openimages), else unknown
+    labels_left_out: dict[str, int] = field(default_factory=dict)  # reason -> count of labels left out
 
     @property
     def num_classes(self) -> int:
@@ -48,7 +50,9 @@ class SourceSplit:
         position[rows] = np.arange(len(rows))
         kept = position[self.reference_order]
         return replace(self, files=[self.files[i] for i in rows], keys=self.keys[rows],
-                       labels=self.labels.take(rows), reference_order=kept[kept >= 0],
+                       labels=self.labels.take(rows),
+                       negatives=None if self.negatives is None else self.negatives.take(rows),
+                       reference_order=kept[kept >= 0],
                        dropped={**self.dropped, **dropped})
 
 

@@ -40,7 +40,8 @@ ORDERS = ("random", "sequential", "quasi_random")
 DEVICES = ("auto", "cuda", "cpu")
 DEVICE_ENV = "PML_DIST_DEVICE"  # the default of train.device (presets and overrides still win)
 PSEUDO_MODES = ("hard", "soft", "class_prior")
-DATA_FORMATS = ("coco", "voc", "cub", "cole")  # data.format: the layout of data.root (ffcv_data/formats.py)
+# data.format: the layout of data.root (ffcv_data/formats.py)
+DATA_FORMATS = ("coco", "voc", "cub", "cole", "openimages")
 PUBLISHED_DATA_SETS = ("voc", "coco", "nuswide", "cub")  # report.published (pipeline/names.py: PUBLISHED)
 
 
@@ -88,6 +89,8 @@ class DataSection:
     #   voc   the folder holding VOCdevkit/VOC2012/ (splits train, val)
     #   cub   the folder the official CUB tarball unpacks into (attributes.txt beside CUB_200_2011/)
     #   cole  Cole et al.'s formatted folder (formatted_<split>_images.npy, formatted_<split>_labels.npy)
+    #   openimages  the release's files: *<split>-annotations-human-imagelabels.csv, *class-descriptions.csv
+    #         [, *classes-trainable.txt], <split>/<ImageID>.jpg (splits train, validation | val, test)
     root: str = "data/synthetic"
     format: str = "coco"  # one of DATA_FORMATS
     images: str = ""  # cole: the folder the formatted lists' image paths are relative to (else unused)

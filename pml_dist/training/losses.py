@@ -441,6 +441,25 @@ class LargeLossLoss(SPMLLoss):
 
 # ------------------------------------------------------------------------------------- factories
 
+# Losses that keep a label state per training image and class, and its bytes per cell on every rank:
+# ROLE's fp32 label logits with their gradient and Adam's two moments; EM+APL's fp32 pseudo labels,
+# the observed matrix and its one-hot source. They are refused above DENSE_STATE_BUDGET per process
+# (OpenImages' 600-class cut at 9M images would need 86 GB for ROLE), with the numbers.
+DENSE_STATE_BYTES = {"role": 16, "em_apl": 6}
+DENSE_STATE_BUDGET = 8 * 2**30
+
+
+def dense_state_problem(name: str, num_train: int, num_classes: int) -> str | None:
+    """Why loss `name` cannot keep its per-sample state for this split (None: it can)."""
+    per_cell = DENSE_STATE_BYTES.get(name)
+    if per_cell is None or num_train * num_classes * per_cell <= DENSE_STATE_BUDGET:
+        return None
+    others = ", ".join(n for n in LOSSES if n not in DENSE_STATE_BYTES and n != "bce")
+    return (f"loss.name={name} keeps a label state per training image and class ({per_cell} bytes each on "
+            f"every rank): {num_train:,} images x {num_classes:,} classes = "
+            f"{num_train * num_classes * per_cell / 2**30:.1f} GiB, over its budget of "
+            f"{DENSE_STATE_BUDGET / 2**30:.0f} GiB; at this size use a loss without one ({others})")
+
 
 def build_loss(name: str, num_classes: int, num_train: int, params: LossParams | None = None, *,
                seed: int = 0, observed_labels: torch.Tensor | np.ndarray | None = None) -> SPMLLoss:
@@ -456,6 +475,8 @@ def build_loss(name: str, num_classes: int, num_train: int, params: LossParams |
         raise ValueError(f"num_classes and num_train must be >= 1, got {num_classes} and {num_train}")
     if name == "wan" and num_classes < 2:
         raise ValueError("wan weights negatives by 1 / (L - 1): needs at least 2 classes")
+    if problem := dense_state_problem(name, num_train, num_classes):
+        raise ValueError(problem)
     params = params if params is not None else LossParams()
     if name == "role":
         observed = _observed_matrix(observed_labels, num_train, num_classes, name)

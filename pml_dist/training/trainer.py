@@ -40,7 +40,7 @@ from pml_dist.stages import Stage
 from pml_dist.training import checkpoint, engine
 from pml_dist.training.checkpoint import Checkpointer
 from pml_dist.training.evaluate import evaluate, gather, predict, split_loader
-from pml_dist.training.losses import LossParams, build_loss, param_groups_lr_mult
+from pml_dist.training.losses import LossParams, build_loss, dense_state_problem, param_groups_lr_mult
 from pml_dist.training.models import build_model, on_device, param_groups
 from pml_dist.training.stop import StopFlag, Stopped
 from pml_dist.training.targets import training_targets
@@ -412,6 +412,8 @@ class Trainer:
         return on_device(model, self.device)
 
     def _build_loss(self) -> nn.Module:
+        if problem := dense_state_problem(self.loss_name, self.num_train, self.num_classes):
+            raise PmlError(problem)  # before its N x L state is built
         # Observed positives are training information (ROLE and EM+APL initialise from them),
         # unlike the full labels.
         observed = (one_hot(self.run.data.labels("train").observed, self.num_classes)

@@ -359,3 +359,17 @@ def test_build_loss_rejects_bad_arguments():
         build_loss("em_apl", 3, 4, LossParams(apl_warmup_epochs=10, apl_num_epochs=10),
                    observed_labels=torch.zeros(4, 3))
     build_loss("em", 3, 4, LossParams(apl_warmup_epochs=10, apl_num_epochs=10))  # no schedule to check
+
+
+@pytest.mark.parametrize("name, gib", [("role", 80.5), ("em_apl", 30.2)])
+def test_losses_with_per_sample_state_refuse_an_openimages_size_split_with_the_numbers(name, gib):
+    """9M images x 600 classes: ROLE and EM+APL would hold N x L state on every rank; refused in one
+    line naming the loss, the sizes and the budget. Stateless losses are unaffected."""
+    with pytest.raises(ValueError) as err:
+        build_loss(name, 600, 9_000_000, observed_labels=None)
+    message = str(err.value)
+    assert "\n" not in message and f"loss.name={name}" in message
+    assert f"9,000,000 images x 600 classes = {gib} GiB, over its budget of 8 GiB" in message
+    assert "use a loss without one (an, an_ls, wan, epr, em, ll_r, ll_ct)" in message
+    assert build_loss("an", 600, 9_000_000).num_train == 9_000_000
+    assert build_loss(name, 80, 4, observed_labels=torch.eye(4, 80)) is not None  # COCO-size: fine
