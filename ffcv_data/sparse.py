@@ -52,11 +52,20 @@ class LabelRows:
     def take(self, rows: np.ndarray) -> LabelRows:
         """The rows `rows` (any order, repeats allowed), vectorised."""
         rows = np.asarray(rows, dtype=np.int64)
-        starts, counts = self.indptr[rows], self.counts()[rows]
+        counts = self.counts()
         indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        positions = np.repeat(starts - indptr[:-1], counts) + np.arange(indptr[-1], dtype=np.int64)
-        return LabelRows(indptr, np.asarray(self.classes[positions], dtype=np.int32), self.num_classes)
+        np.cumsum(counts[rows], out=indptr[1:])
+        if len(rows) > 1 and (np.diff(rows) > 0).all():
+            # a subset in order (a train/val part): one byte per stored class picks it, instead of
+            # an 8-byte position per taken class (a 10M-row split: 30 MB of mask, not 200 MB)
+            keep = np.zeros(len(self), dtype=bool)
+            keep[rows] = True
+            classes = self.classes[np.repeat(keep, counts)]
+        else:
+            positions = (np.repeat(self.indptr[rows] - indptr[:-1], counts[rows])
+                         + np.arange(indptr[-1], dtype=np.int64))
+            classes = self.classes[positions]
+        return LabelRows(indptr, np.asarray(classes, dtype=np.int32), self.num_classes)
 
     def dense(self, rows: np.ndarray | None = None) -> np.ndarray:
         """The rows `rows` (default: all) as a uint8 multi-hot (len(rows), L) matrix; for small splits

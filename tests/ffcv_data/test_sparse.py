@@ -30,6 +30,9 @@ def test_rows_round_trip_and_take_like_dense_indexing(dense):
     pick = np.random.default_rng(1).integers(0, 300, 500)  # any order, repeats
     assert np.array_equal(rows.take(pick).dense(), dense[pick])
     assert np.array_equal(rows.dense(pick[:10]), dense[pick[:10]])
+    part = np.unique(pick)  # a subset in order, as a train/val part is taken
+    assert np.array_equal(rows.take(part).dense(), dense[part])
+    assert rows.take(part).equals(LabelRows.from_dense(dense[part]))
     assert len(rows.take(np.zeros(0, np.int64))) == 0
 
 
