@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.atomic import save_with, write_json
+from ffcv_data.sparse import LabelRows
 from pml_dist.layout import PseudoFiles, tau_name
 
 
@@ -52,15 +53,28 @@ def class_prior_labels(probs: np.ndarray, observed: np.ndarray, k: float) -> tup
     return labels, thresholds
 
 
-def quality(targets: np.ndarray, full: np.ndarray | None) -> dict:
-    """Mean positives per image; with full labels, overall and per-class precision and recall
-    (expected counts for soft targets)."""
-    t = targets.astype(np.float64)
-    out = {"mean_positives_per_image": float(t.sum(axis=1).mean())}
+QUALITY_BLOCK = 16384  # rows per block of quality(): float64 copies of a block, not of the split
+
+
+def quality(targets: np.ndarray, full: np.ndarray | LabelRows | None) -> dict:
+    """Mean positives per image; with full labels (dense 0/1 rows or sparse LabelRows), overall and
+    per-class precision and recall (expected counts for soft targets). Row block by row block, so
+    the float64 arithmetic holds one block of N x L, never the split."""
+    n, num_classes = targets.shape
+    if isinstance(full, np.ndarray):
+        full = LabelRows.from_dense(full)
+    positives, pred, tp = 0.0, np.zeros(num_classes), np.zeros(num_classes)
+    for start in range(0, n, QUALITY_BLOCK):
+        rows = np.arange(start, min(n, start + QUALITY_BLOCK))
+        t = np.asarray(targets[start:rows[-1] + 1], dtype=np.float64)
+        positives += t.sum()
+        pred += t.sum(axis=0)
+        if full is not None:
+            tp += (t * full.dense(rows)).sum(axis=0)
+    out = {"mean_positives_per_image": positives / n}
     if full is None:
         return out
-    y = full.astype(np.float64)
-    tp, pred, true = (t * y).sum(axis=0), t.sum(axis=0), y.sum(axis=0)
+    true = full.per_class().astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         out.update({
             "precision": float(tp.sum() / pred.sum()) if pred.sum() else None,
@@ -72,7 +86,7 @@ def quality(targets: np.ndarray, full: np.ndarray | None) -> dict:
 
 
 def write_pseudo_labels(probs: np.ndarray, observed: np.ndarray, out_dir: Path, taus: list[float],
-                        modes: list[str], k: float, full: np.ndarray | None = None) -> dict:
+                        modes: list[str], k: float, full: np.ndarray | LabelRows | None = None) -> dict:
     """Write every target's labels.npy into `out_dir` (a run's `pseudo/`, file names from
     pml_dist/layout.py `PseudoFiles`), then stats.json (last: it marks the step complete)."""
     files = PseudoFiles(Path(out_dir))

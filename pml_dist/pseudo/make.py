@@ -47,7 +47,7 @@ def _write_targets(cfg: Config, run: RunLayout) -> dict:
     probs = np.load(run.pseudo.probs, mmap_mode="r")
     split = run.data.labels("train")
     observed = one_hot(split.observed, split.num_classes)
-    # Full labels are used only for the statistics (every data set read here has them).
-    full = split.labels.dense()
+    # Full labels are used only for the statistics (every data set read here has them), sparse.
+    full = split.labels
     return write_pseudo_labels(np.asarray(probs), observed, run.pseudo.dir, cfg.pseudo.taus,
                                cfg.pseudo.modes, cfg.loss.expected_positives, full=full)

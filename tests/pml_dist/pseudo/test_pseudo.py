@@ -122,3 +122,19 @@ def test_a_student_batch_carries_exactly_the_pseudo_labels_of_its_indices(synthe
         assert np.array_equal(targets_of(batch).numpy(), labels[index].astype(np.float32))
     with pytest.raises(Exception, match="run `pml-dist merge` first"):
         training_targets(cfg, RunLayout.of(cfg), Student("tau-0.95"), n)
+
+
+def test_quality_block_by_block_equals_the_whole_split_at_once(teacher, monkeypatch):
+    """Row blocks (here 7 rows) and sparse full labels give the statistics of the dense formula."""
+    from ffcv_data.sparse import LabelRows
+    from pml_dist.pseudo import labels as labels_module
+
+    probs, observed, full = teacher
+    t, y = probs.astype(np.float64), full.astype(np.float64)
+    tp, pred, true = (t * y).sum(axis=0), t.sum(axis=0), y.sum(axis=0)
+    monkeypatch.setattr(labels_module, "QUALITY_BLOCK", 7)
+    q = quality(probs, LabelRows.from_dense(full))
+    assert q["mean_positives_per_image"] == pytest.approx(t.sum(axis=1).mean(), rel=1e-12)
+    assert q["precision"] == pytest.approx(tp.sum() / pred.sum(), rel=1e-12)
+    assert q["recall"] == pytest.approx(tp.sum() / true.sum(), rel=1e-12)
+    assert q["per_class_recall"] == pytest.approx(list(tp / true), rel=1e-12)
