@@ -73,14 +73,7 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
     if train_full.class_names != test.class_names:
         raise DataError(f"{test.source_file}: classes differ from those of {train_full.source_file}")
     # Each source split gets its own draw over all of it (Cole et al. draw train2014 and val2014).
-    try:
-        observed_full, observed_test = (
-            draw_observed(s.labels, s.keys, d.observed_seed, d.observed_protocol,
-                          reference_order=s.reference_order, reference_classes=s.reference_classes)
-            for s in (train_full, test)
-        )
-    except ValueError as exc:
-        raise DataError(f"{train_full.source_file}: {exc}") from None
+    observed_full, observed_test = (_draw(s, d) for s in (train_full, test))
     try:
         train_rows, val_rows = split_train_val(train_full.keys, d.val_fraction, d.val_seed,
                                                d.observed_protocol, train_full.reference_order)
@@ -269,6 +262,16 @@ def _changes(old: dict, new: dict) -> list[str]:
                     if before.get("count") != images["count"] else "file names or sizes differ")
             changes.append(f"the {role} image list changed ({what})")
     return changes
+
+
+def _draw(split: SourceSplit, d: PrepareSpec) -> np.ndarray:
+    """The split's observed positives; a draw the protocol refuses (cole at a size it cannot do in
+    minutes) is one line naming the split's file."""
+    try:
+        return draw_observed(split.labels, split.keys, d.observed_seed, d.observed_protocol,
+                             reference_order=split.reference_order, reference_classes=split.reference_classes)
+    except ValueError as exc:
+        raise DataError(f"{split.source_file}: {exc}") from None
 
 
 def _readable(split: SourceSplit, protocol: str) -> SourceSplit:

@@ -167,3 +167,17 @@ def test_v6_validation_and_v7_val_are_told_apart(release, tmp_path):
     assert len(read_split("openimages", root, "validation")) == 12
     with pytest.raises(DataError, match=r"split 'val' must be exactly one file .*\(found: none\)"):
         read_split("openimages", root, "val")
+
+
+def test_a_cole_draw_too_large_to_reproduce_is_one_line_naming_the_split(release, tmp_path, monkeypatch):
+    """(Limit lowered: the real one, 5e9 image-class draws, is OpenImages-size.)"""
+    from dataclasses import replace
+
+    from ffcv_data import protocol
+
+    monkeypatch.setattr(protocol, "COLE_MAX_CELLS", 100)
+    out = PreparedData(tmp_path / "data")
+    with pytest.raises(DataError, match=r"oidv7-train-annotations-human-imagelabels.csv: observed_protocol="
+                                        r"cole .* 40 images x 6 classes = 2.4e\+02 draws") as err:
+        prepare(replace(_spec(release), observed_protocol="cole"), out)
+    assert "\n" not in str(err.value) and not out.folder.exists()
