@@ -31,19 +31,24 @@ def target_names(taus: list[float], modes: list[str]) -> list[str]:
     return names + [m for m in ("soft", "class_prior") if m in modes]
 
 
+# `observed` below: each image's observed class, (N,) int, -1 where none is observed (prepared.py's
+# SplitLabels.observed), not an N x L one-hot matrix.
+
+
 def hard_labels(probs: np.ndarray, observed: np.ndarray, tau: float) -> np.ndarray:
-    return ((probs > tau) | (observed > 0)).astype(np.uint8)
+    return _with_observed((probs > tau).astype(np.uint8), observed)
 
 
 def soft_labels(probs: np.ndarray, observed: np.ndarray) -> np.ndarray:
-    return np.where(observed > 0, np.float16(1.0), probs).astype(np.float16)
+    return _with_observed(np.array(probs, dtype=np.float16), observed)
 
 
 def class_prior_labels(probs: np.ndarray, observed: np.ndarray, k: float) -> tuple[np.ndarray, np.ndarray]:
     """(labels, per-class threshold): each class gets its estimated prior share of positives."""
     n, num_classes = probs.shape
-    prior = np.clip(observed.mean(axis=0) * k, 1.0 / n, 1.0)
-    labels = (observed > 0).astype(np.uint8)
+    seen = np.bincount(observed[observed >= 0], minlength=num_classes)
+    prior = np.clip(seen / n * k, 1.0 / n, 1.0)
+    labels = _with_observed(np.zeros((n, num_classes), dtype=np.uint8), observed)
     thresholds = np.ones(num_classes, dtype=np.float64)
     for c in range(num_classes):
         count = int(round(prior[c] * n))
@@ -51,6 +56,13 @@ def class_prior_labels(probs: np.ndarray, observed: np.ndarray, k: float) -> tup
         labels[top, c] = 1
         thresholds[c] = float(probs[top[-1], c]) if count else 1.0
     return labels, thresholds
+
+
+def _with_observed(labels: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """`labels` with each image's observed positive set to 1 (in place)."""
+    rows = np.flatnonzero(observed >= 0)
+    labels[rows, observed[rows]] = 1
+    return labels
 
 
 QUALITY_BLOCK = 16384  # rows per block of quality(): float64 copies of a block, not of the split

@@ -10,7 +10,6 @@ import time
 import numpy as np
 
 from ffcv_data.atomic import write_json
-from ffcv_data.protocol import one_hot
 from pml_dist.config import Config
 from pml_dist.layout import RunLayout
 from pml_dist.provenance import data_id, teacher_id
@@ -46,7 +45,7 @@ def make_pseudo_labels(cfg: Config) -> dict:
 def _write_targets(cfg: Config, run: RunLayout) -> dict:
     probs = np.load(run.pseudo.probs, mmap_mode="r")
     split = run.data.labels("train")
-    observed = one_hot(split.observed, split.num_classes)
+    observed = np.asarray(split.observed, dtype=np.int64)  # each image's observed class, -1: none
     # Full labels are used only for the statistics (every data set read here has them), sparse.
     full = split.labels
     return write_pseudo_labels(np.asarray(probs), observed, run.pseudo.dir, cfg.pseudo.taus,

@@ -29,9 +29,23 @@ def teacher():
     return probs, observed, full
 
 
+def _classes(observed: np.ndarray) -> np.ndarray:
+    """One-hot observed rows as the (N,) classes the targets take (-1: nothing observed)."""
+    return np.where(observed.any(axis=1), observed.argmax(axis=1), -1)
+
+
+def test_a_row_without_an_observed_positive_keeps_only_the_teacher(teacher):
+    probs, observed, _ = teacher
+    classes = _classes(observed)
+    classes[:5] = -1  # (Cole et al.'s protocol: a row without a positive observes nothing)
+    labels, soft = hard_labels(probs, classes, 0.5), soft_labels(probs, classes)
+    assert np.array_equal(labels[:5], (probs[:5] > 0.5).astype(np.uint8))
+    assert np.array_equal(soft[:5], probs[:5]) and (soft[np.arange(5, 400), classes[5:]] == 1).all()
+
+
 def test_hard_labels_threshold_and_keep_the_observed_positive(teacher):
     probs, observed, _ = teacher
-    labels = hard_labels(probs, observed, 0.75)
+    labels = hard_labels(probs, _classes(observed), 0.75)
     assert labels.dtype == np.uint8
     assert (labels[observed > 0] == 1).all()  # even where the teacher scored it below tau
     assert np.array_equal(labels[observed == 0], (probs > 0.75)[observed == 0])
@@ -39,14 +53,15 @@ def test_hard_labels_threshold_and_keep_the_observed_positive(teacher):
 
 def test_positives_per_image_fall_as_tau_rises(teacher):
     probs, observed, _ = teacher
-    means = [hard_labels(probs, observed, t).sum(axis=1).mean() for t in (0.55, 0.65, 0.75, 0.85, 0.95)]
+    classes = _classes(observed)
+    means = [hard_labels(probs, classes, t).sum(axis=1).mean() for t in (0.55, 0.65, 0.75, 0.85, 0.95)]
     assert all(a > b for a, b in zip(means, means[1:], strict=False))
     assert means[-1] >= 1.0
 
 
 def test_soft_labels_are_the_probabilities_with_the_observed_positive_at_one(teacher):
     probs, observed, _ = teacher
-    soft = soft_labels(probs, observed)
+    soft = soft_labels(probs, _classes(observed))
     assert soft.dtype == np.float16
     assert (soft[observed > 0] == 1).all()
     assert np.array_equal(soft[observed == 0], probs[observed == 0])
@@ -55,7 +70,7 @@ def test_soft_labels_are_the_probabilities_with_the_observed_positive_at_one(tea
 def test_class_prior_thresholds_match_the_estimated_prior(teacher):
     probs, observed, full = teacher
     k = full.sum(axis=1).mean()
-    labels, thresholds = class_prior_labels(probs, observed, k)
+    labels, thresholds = class_prior_labels(probs, _classes(observed), k)
     prior = observed.mean(axis=0) * k
     n = len(probs)
     for c in range(probs.shape[1]):
@@ -85,8 +100,8 @@ def test_quality_counts_by_hand():
 
 def test_write_pseudo_labels_layout_and_stats(teacher, tmp_path):
     probs, observed, full = teacher
-    stats = write_pseudo_labels(probs, observed, tmp_path, [0.55, 0.75], ["hard", "soft", "class_prior"],
-                                2.5, full)
+    stats = write_pseudo_labels(probs, _classes(observed), tmp_path, [0.55, 0.75],
+                                ["hard", "soft", "class_prior"], 2.5, full)
     assert list(stats["targets"]) == target_names([0.55, 0.75], ["hard", "soft", "class_prior"]) == \
         ["tau-0.55", "tau-0.75", "soft", "class_prior"]
     assert json.loads((tmp_path / "stats.json").read_text()) == json.loads(json.dumps(stats))
@@ -94,7 +109,7 @@ def test_write_pseudo_labels_layout_and_stats(teacher, tmp_path):
         assert np.load(tmp_path / name / "labels.npy").shape == probs.shape
     assert stats["targets"]["tau-0.55"]["mean_positives_per_image"] > \
         stats["targets"]["tau-0.75"]["mean_positives_per_image"]
-    only_hard = write_pseudo_labels(probs, observed, tmp_path / "h", [0.6], ["hard"], 2.9)
+    only_hard = write_pseudo_labels(probs, _classes(observed), tmp_path / "h", [0.6], ["hard"], 2.9)
     assert list(only_hard["targets"]) == ["tau-0.6"] and "precision" not in only_hard["targets"]["tau-0.6"]
 
 
