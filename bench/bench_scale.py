@@ -50,21 +50,19 @@ def synthetic_rows(n: int, num_classes: int, seed: int = 0, chunk: int = 1_000_0
     rng = np.random.default_rng(seed)
     weights = 1.0 / (np.arange(num_classes) + 10.0) ** 1.1
     cdf = np.cumsum(weights / weights.sum())
-    counts, classes = [], []
+    chunks = []  # row * L + class keys, ascending chunk by chunk
     for start in range(0, n, chunk):
-        rows = min(chunk, n - start)
-        k = 1 + rng.poisson(MEAN_EXTRA, rows)
+        rows = np.arange(start, min(n, start + chunk), dtype=np.int64)
+        k = 1 + rng.poisson(MEAN_EXTRA, len(rows))
         drawn = np.minimum(np.searchsorted(cdf, rng.random(int(k.sum()))), num_classes - 1)
-        key = np.unique(np.repeat(np.arange(rows, dtype=np.int64), k) * num_classes + drawn)
-        counts.append(np.bincount(key // num_classes, minlength=rows))
-        classes.append((key % num_classes).astype(np.int32))
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.concatenate(counts), out=indptr[1:])
+        chunks.append(np.unique(np.repeat(rows, k) * num_classes + drawn))
     keys = rng.permutation(n * 4)[:n].astype(np.int64)  # ids as a data set has them: unique, unordered
-    return LabelRows(indptr, np.concatenate(classes), num_classes), keys
+    return LabelRows.from_keys(np.concatenate(chunks), n, num_classes), keys
 
 
 # ------------------------------------------------------------------------------ the stages
+
+# A stage returns None (timed around it) or its own (seconds, rows) when it times only part of itself.
 
 def prepare_labels(source: Path, out: Path) -> None:
     from ffcv_data.prepared import read_split_labels, write_split_labels
@@ -95,7 +93,7 @@ def prepare_labels_dense(source: Path, out: Path) -> None:
                  observed=one_hot(observed[rows], dense.shape[1]))
 
 
-def target_lookup(source: Path, out: Path, dense: bool = False) -> None:
+def target_lookup(source: Path, out: Path, dense: bool = False) -> tuple[float, int]:
     import torch
 
     from ffcv_data.prepared import read_split_labels

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ffcv_data.cores import usable_cores
+from ffcv_data.errors import DataError
 from ffcv_data.prepared import labels_beside, read_split_labels
 from ffcv_data.sparse import DeviceRows
 from ffcv_data.transforms import MEAN, STD, image_ops
@@ -253,8 +254,8 @@ def _build(path, batch_size, pipelines, order, *, workers, drop_last, indices, j
     if label_fields:
         split = read_split_labels(labels_beside(Path(path)))
         if len(split) != loader.reader.num_samples:
-            raise ValueError(f"{labels_beside(Path(path))}: {len(split)} rows, but {path} holds "
-                             f"{int(loader.reader.num_samples)} samples (prepare the data again)")
+            raise DataError(f"{labels_beside(Path(path))}: {len(split)} rows, but {path} holds "
+                            f"{int(loader.reader.num_samples)} samples (prepare the data again)")
         rows = DeviceRows(split.labels if "labels" in label_fields else None,
                           split.observed if "observed" in label_fields else None, split.num_classes, device)
         lookups = {name: getattr(rows, name) for name in label_fields}

@@ -40,7 +40,7 @@ def read_split(root: Path, split: str, images: Path | None = None) -> SourceSpli
     cl = _classes(root)
     suffix = f"{split}{LABELS_SUFFIX}"
     labels_file = _one(root, f"*{suffix}", f"the labels of split '{split}'",
-                       lambda p: p.name == suffix or p.name.endswith(f"-{suffix}"))
+                       accept=lambda p: p.name == suffix or p.name.endswith(f"-{suffix}"))
     row_of: dict[str, int] = {}  # ImageID -> position in file order
     rows, classes, positive = array("q"), array("i"), array("b")
     outside = 0
@@ -69,10 +69,13 @@ def read_split(root: Path, split: str, images: Path | None = None) -> SourceSpli
     order = np.argsort(ids.astype(str), kind="stable")  # file-order row -> ImageIDs ascending
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
-    r = rank[np.frombuffer(rows, dtype=np.int64)]
-    c, pos = np.frombuffer(classes, dtype=np.int32), np.frombuffer(positive, dtype=np.int8)
-    positives = _rows(r[pos == 1], c[pos == 1], len(order), len(cl.names))
-    negatives = _rows(r[pos == 0], c[pos == 0], len(order), len(cl.names), minus=positives)
+    n, num_classes = len(order), len(cl.names)
+    key = rank[np.frombuffer(rows, dtype=np.int64)] * num_classes + np.frombuffer(classes, dtype=np.int32)
+    pos = np.frombuffer(positive, dtype=np.int8)
+    positive_keys = np.unique(key[pos == 1])  # a pair listed twice (two sources) once
+    positives = LabelRows.from_keys(positive_keys, n, num_classes)
+    # a pair that two sources disagree on is a positive: left out of the negatives
+    negatives = LabelRows.from_keys(np.setdiff1d(key[pos == 0], positive_keys), n, num_classes)
     sorted_ids = ids[order].tolist()
     out = SourceSplit(
         name=split, source_file=labels_file, label_files=[cl.source, labels_file, *cl.narrowed_by],
@@ -96,7 +99,7 @@ class _ClassList:
 
 
 def _classes(root: Path) -> _ClassList:
-    path = _one(root, "*class-descriptions.csv", "the class descriptions", lambda p: True)
+    path = _one(root, "*class-descriptions.csv", "the class descriptions")
     listed: list[tuple[str, str]] = []
     seen: dict[str, int] = {}
     with open(path, newline="") as f:
@@ -114,7 +117,7 @@ def _classes(root: Path) -> _ClassList:
             listed.append((fields[0], fields[1]))
     narrowed_by: list[Path] = []
     if list(root.glob("*classes-trainable.txt")):
-        keep_file = _one(root, "*classes-trainable.txt", "the trainable classes", lambda p: True)
+        keep_file = _one(root, "*classes-trainable.txt", "the trainable classes")
         keep = {line.strip() for line in keep_file.read_text().splitlines() if line.strip()}
         unknown = sorted(keep - set(seen))
         if unknown:
@@ -127,21 +130,10 @@ def _classes(root: Path) -> _ClassList:
     return _ClassList(index, [name for _, name in listed], path, narrowed_by, set(seen) - set(index))
 
 
-def _one(root: Path, pattern: str, what: str, accept) -> Path:
-    found = [p for p in sorted(root.glob(pattern)) if accept(p)]
+def _one(root: Path, pattern: str, what: str, accept=None) -> Path:
+    """The one file of `root` matching `pattern` (and `accept`, where given)."""
+    found = [p for p in sorted(root.glob(pattern)) if accept is None or accept(p)]
     if len(found) != 1:
         listed = ", ".join(p.name for p in found) if found else "none"
         raise DataError(f"{root}: {what} must be exactly one file matching {pattern} (found: {listed})")
     return found[0]
-
-
-def _rows(rows: np.ndarray, classes: np.ndarray, n: int, num_classes: int,
-          minus: LabelRows | None = None) -> LabelRows:
-    """CSR of (row, class) pairs, duplicates merged; with `minus`, pairs it holds are left out."""
-    key = np.unique(rows.astype(np.int64) * num_classes + classes)
-    if minus is not None and len(minus.classes):
-        held = np.repeat(np.arange(len(minus), dtype=np.int64), minus.counts()) * num_classes + minus.classes
-        key = key[~np.isin(key, held, assume_unique=True)]
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(key // num_classes, minlength=n), out=indptr[1:])
-    return LabelRows(indptr, (key % num_classes).astype(np.int32), num_classes)

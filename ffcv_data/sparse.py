@@ -28,12 +28,18 @@ class LabelRows:
         return cls(indptr, classes, num_classes)
 
     @classmethod
+    def from_keys(cls, keys: np.ndarray, num_rows: int, num_classes: int) -> LabelRows:
+        """From `row * num_classes + class` keys, ascending and unique (np.unique or np.setdiff1d of
+        pairs gives them, np.flatnonzero of a dense matrix too)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        indptr = np.zeros(num_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(keys // num_classes, minlength=num_rows), out=indptr[1:])
+        return cls(indptr, (keys % num_classes).astype(np.int32), num_classes)
+
+    @classmethod
     def from_dense(cls, matrix: np.ndarray) -> LabelRows:
         """From an (N, L) multi-hot matrix (nonzero = positive)."""
-        rows, classes = np.nonzero(matrix)  # row-major: each row's classes ascending
-        indptr = np.zeros(matrix.shape[0] + 1, dtype=np.int64)
-        np.cumsum(np.bincount(rows, minlength=matrix.shape[0]), out=indptr[1:])
-        return cls(indptr, classes.astype(np.int32), matrix.shape[1])
+        return cls.from_keys(np.flatnonzero(np.ascontiguousarray(matrix)), *matrix.shape)
 
     def __len__(self) -> int:
         return len(self.indptr) - 1
@@ -44,6 +50,10 @@ class LabelRows:
     def counts(self) -> np.ndarray:
         """Positives per row (int64)."""
         return np.diff(self.indptr)
+
+    def row_of_each_class(self) -> np.ndarray:
+        """The row of each stored class (int64, aligned with `classes`)."""
+        return np.repeat(np.arange(len(self), dtype=np.int64), self.counts())
 
     def per_class(self) -> np.ndarray:
         """Rows per class (int64, length L)."""
@@ -72,7 +82,7 @@ class LabelRows:
         and the stages that are still dense (pseudo labels, evaluation)."""
         part = self if rows is None else self.take(rows)
         out = np.zeros((len(part), self.num_classes), dtype=np.uint8)
-        out[np.repeat(np.arange(len(part)), part.counts()), part.classes] = 1
+        out[part.row_of_each_class(), part.classes] = 1
         return out
 
     def equals(self, other: LabelRows) -> bool:
@@ -110,8 +120,8 @@ class DeviceRows:
         counts = self._indptr[index + 1] - starts
         positions = starts[:, None] + self._offsets[None, :]
         inside = self._offsets[None, :] < counts[:, None]
-        last = max(len(self._classes) - 1, 0)
-        cls = self._classes[positions.clamp_(max=last)] if len(self._classes) else positions
+        # padding positions (outside the row) are clamped into the table and masked below
+        cls = self._classes[positions.clamp_(max=max(len(self._classes) - 1, 0))]
         return self._scatter(len(index), torch.where(inside, cls, self.num_classes), index.device)
 
     def observed(self, index):

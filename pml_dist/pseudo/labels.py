@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.atomic import save_with, write_json
+from ffcv_data.protocol import one_hot
 from ffcv_data.sparse import LabelRows
 from pml_dist.layout import PseudoFiles, tau_name
 
@@ -48,7 +49,7 @@ def class_prior_labels(probs: np.ndarray, observed: np.ndarray, k: float) -> tup
     n, num_classes = probs.shape
     seen = np.bincount(observed[observed >= 0], minlength=num_classes)
     prior = np.clip(seen / n * k, 1.0 / n, 1.0)
-    labels = _with_observed(np.zeros((n, num_classes), dtype=np.uint8), observed)
+    labels = one_hot(observed, num_classes)
     thresholds = np.ones(num_classes, dtype=np.float64)
     for c in range(num_classes):
         count = int(round(prior[c] * n))
@@ -77,12 +78,12 @@ def quality(targets: np.ndarray, full: np.ndarray | LabelRows | None) -> dict:
         full = LabelRows.from_dense(full)
     positives, pred, tp = 0.0, np.zeros(num_classes), np.zeros(num_classes)
     for start in range(0, n, QUALITY_BLOCK):
-        rows = np.arange(start, min(n, start + QUALITY_BLOCK))
-        t = np.asarray(targets[start:rows[-1] + 1], dtype=np.float64)
+        stop = min(n, start + QUALITY_BLOCK)
+        t = np.asarray(targets[start:stop], dtype=np.float64)
         positives += t.sum()
         pred += t.sum(axis=0)
         if full is not None:
-            tp += (t * full.dense(rows)).sum(axis=0)
+            tp += (t * full.dense(np.arange(start, stop))).sum(axis=0)
     out = {"mean_positives_per_image": positives / n}
     if full is None:
         return out

@@ -30,20 +30,21 @@ def training_targets(cfg, run: RunLayout, stage, num_train: int, device=None) ->
         return "observed", lambda batch: batch["observed"].float()
     if kind == "full":
         split = run.data.labels("train")
-        if len(split) != num_train:
-            raise PmlError(f"{run.data.labels_file('train')}: {len(split)} rows, but the training split "
-                           f"has {num_train}")
-        rows = DeviceRows(split.labels, None, split.num_classes, device)
-        return ("full labels (loss.name=bce: the full-label upper bound)",
-                lambda batch: rows.labels(batch["index"]))
-    path = run.pseudo.labels(stage.target)
-    if not path.is_file():
-        raise PmlError(f"no pseudo labels at {path} (run `pml-dist merge` first)")
-    matrix = np.load(path)
-    source = f"pseudo labels {path}"
-    if matrix.shape[0] != num_train:
-        raise PmlError(f"{source}: {matrix.shape[0]} rows, but the training split has {num_train}")
-    return source, _lookup(matrix, device)
+        where, rows = run.data.labels_file("train"), len(split)
+        source = "full labels (loss.name=bce: the full-label upper bound)"
+        table = DeviceRows(split.labels, None, split.num_classes, device)
+
+        def lookup(batch):
+            return table.labels(batch["index"])
+    else:
+        where = run.pseudo.labels(stage.target)
+        if not where.is_file():
+            raise PmlError(f"no pseudo labels at {where} (run `pml-dist merge` first)")
+        matrix = np.load(where)
+        source, rows, lookup = f"pseudo labels {where}", matrix.shape[0], _lookup(matrix, device)
+    if rows != num_train:
+        raise PmlError(f"{where}: {rows} rows, but the training split has {num_train}")
+    return source, lookup
 
 
 def _lookup(matrix: np.ndarray, device=None) -> TargetsOf:

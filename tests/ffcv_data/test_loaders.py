@@ -240,3 +240,17 @@ def test_a_process_bound_to_one_cpu_exits_after_parallel_loops_in_a_thread(tmp_p
                          preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() != "tbb"
+
+
+def test_a_labels_file_of_another_split_is_one_line_naming_both(betons, tmp_path):
+    """A .beton beside labels with another row count (a copied or half-replaced folder) is refused
+    before any batch, naming the labels file and the .beton."""
+    import shutil
+
+    from ffcv_data.errors import DataError
+
+    shutil.copy(betons["train"], tmp_path / "train.beton")
+    shutil.copy(labels_beside(betons["val"]), tmp_path / "train.labels.npz")
+    with pytest.raises(DataError, match=r"train.labels.npz: \d+ rows, but .*train.beton holds \d+ samples "
+                                        r"\(prepare the data again\)"):
+        train_loader(tmp_path / "train.beton", 8, 32, jit=False)
