@@ -35,6 +35,7 @@ import numpy as np
 
 from pml_dist.layout import RunLayout
 from pml_dist.pseudo.shards import write_shard
+from pml_dist.stored_probs import ScoreKeeper, StoreRule
 
 GOAL = 1.8
 
@@ -94,14 +95,20 @@ def job(run: Path, overrides: list[str], world: int, threads: int, port: int) ->
 
 
 def shard_write_seconds(tmp: Path, rows: int, num_classes: int, repeat: int = 3) -> float:
+    import torch
+
     rng = np.random.default_rng(0)
-    probs = rng.random((rows, num_classes), dtype=np.float32).astype(np.float16)
+    rule = StoreRule(0.0, None)  # every probability kept: the largest shard of this size
+    keeper = ScoreKeeper(num_classes, rule, "cpu")
+    keeper.add(torch.from_numpy(rng.random((rows, num_classes), dtype=np.float32)), rows)
+    scores = keeper.arrays()
     indices = np.arange(rows, dtype=np.int64)
     times = []
     for i in range(repeat):
         run = RunLayout(tmp / f"write-{rows}-{i}")
         t0 = time.perf_counter()
-        write_shard(run, 0, 2, indices, probs, {"teacher_id": "t", "data_id": "d"}, seconds=0.0)
+        write_shard(run, 0, 2, indices, scores, num_classes, rule.as_dict(),
+                    {"teacher_id": "t", "data_id": "d"}, seconds=0.0)
         times.append(time.perf_counter() - t0)
         shutil.rmtree(run.root)
     return statistics.median(times)

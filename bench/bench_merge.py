@@ -1,18 +1,15 @@
-"""Merge speed: N x L float16 probabilities in W shards (padded like DistributedSampler), merged with
-every check (coverage, padding duplicates, teacher and data ids, checksums), against np.load of the
-same shard files; beside them the previous merge (shard by shard into a memory-mapped output, still
-the path for shards the block-wise merge does not take) and the sequential write of the output's bytes
-alone, the floor of any merge that writes a new file. Goal: merge / np.load under 2x, the output
-still a memory-mappable .npy.
+"""Merge speed: N x L teacher probabilities in W shards (padded like DistributedSampler), kept by a store
+rule (default: every probability, what COCO's soft and class-prior targets keep), merged with every check
+(coverage, padding duplicates, teacher, data and store rule, every byte's CRC-32), against np.load of
+the same shard files. Goal: merge / np.load under 2x, the output a memory-mappable CSR .npz.
 
 Alternating runs after one warm-up of each (page cache warm for all), several repetitions; median
-and spread (min-max) of each time and of the paired ratio. Peak RSS (ru_maxrss) of one run of each
-in its own child process (VmHWM: the memory-mapped output's pages count as resident, the written
-blocks of the streaming merge do not).
---large adds 10M x 80 (1.6 GB of shards + 1.6 GB of output on the temporary folder's disk).
+and spread (min-max) of each time and of the paired ratio. Peak RSS (VmHWM) of one run of each in
+its own child process.
+--large adds 10M x 80 (about 5 GB of shards and as much output on the temporary folder's disk).
 
     .venv/bin/python bench/bench_merge.py [--samples 1000000] [--classes 80] [--shards 64] [--repeat 5]
-                                          [--large] [--large-samples 10000000] [--tmp DIR]
+                                          [--min-prob 0] [--large] [--large-samples 10000000] [--tmp DIR]
 """
 
 from __future__ import annotations
@@ -32,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from pml_dist.layout import RunLayout
-from pml_dist.pseudo import merge as merge_module
 from pml_dist.pseudo.merge import merge_shards
-from pml_dist.pseudo.shards import npz_of, write_shard
+from pml_dist.pseudo.shards import SHARD_ARRAYS, npz_of, write_shard
+from pml_dist.stored_probs import ScoreKeeper, StoreRule, read_stored_probs
 
 IDS = {"teacher_id": "bench-teacher", "data_id": "bench-data"}
 
@@ -47,12 +44,20 @@ def probs_of(indices: np.ndarray, num_classes: int) -> np.ndarray:
     return ((x & np.uint64(0xFFFF)).astype(np.float32) / np.float32(65536)).astype(np.float16)
 
 
-def make_shards(run: RunLayout, n: int, num_classes: int, world: int) -> None:
-    from ffcv_data.loaders import per_rank_order  # imports torch: not in the children measuring RSS
+def make_shards(run: RunLayout, n: int, num_classes: int, world: int, rule: StoreRule) -> None:
+    """What `pml-dist infer` writes for these scores: each rank's kept probabilities (ScoreKeeper)."""
+    import torch  # not in the children measuring RSS
+
+    from ffcv_data.loaders import per_rank_order
 
     for rank in range(world):
         idx = per_rank_order(n, 0, 0, rank, world, shuffle=False)
-        write_shard(run, rank, world, idx, probs_of(idx, num_classes), IDS)
+        keeper, real = ScoreKeeper(num_classes, rule, "cpu"), len(range(rank, n, world))  # the rest: padding
+        for lo in range(0, len(idx), 65536):
+            part = idx[lo:lo + 65536]
+            keeper.add(torch.from_numpy(probs_of(part, num_classes).astype(np.float32)),
+                       max(0, min(len(part), real - lo)))
+        write_shard(run, rank, world, idx, keeper.arrays(), num_classes, rule.as_dict(), IDS)
 
 
 def read_all(run: RunLayout) -> int:
@@ -60,33 +65,12 @@ def read_all(run: RunLayout) -> int:
     total = 0
     for manifest in run.shard_manifests():
         with np.load(npz_of(manifest)) as data:
-            total += data["indices"].nbytes + data["probs"].nbytes
+            total += sum(data[k].nbytes for k in SHARD_ARRAYS)
     return total
-
-
-def write_floor(path: Path, n: int, num_classes: int) -> None:
-    """The output's bytes written as the merge writes them (header, reserved blocks, one block
-    buffer again and again), without reading or checking anything."""
-    block = np.zeros((max(1, merge_module.BLOCK_BYTES // (2 * num_classes)), num_classes), np.float16)
-    with open(path, "wb", buffering=0) as f:
-        merge_module._header(path, f, n, num_classes)
-        for lo in range(0, n, len(block)):
-            merge_module._write(f, block[:min(len(block), n - lo)])
 
 
 def merge(run: RunLayout, n: int, num_classes: int) -> dict:
     return merge_shards(run, n, num_classes, IDS)
-
-
-def merge_by_shard(run: RunLayout, n: int, num_classes: int) -> dict:
-    """The same checks, shard by shard into a memory-mapped output: the merge before the block-wise
-    one, still the path for shards that one does not take."""
-    plan = merge_module._plan
-    merge_module._plan = lambda *args: None
-    try:
-        return merge_shards(run, n, num_classes, IDS)
-    finally:
-        merge_module._plan = plan
 
 
 def timed(fn, before=None) -> float:
@@ -103,8 +87,7 @@ def child(args) -> int:
     """One run of one contestant in this fresh process; prints its seconds and peak RSS as JSON."""
     run = RunLayout(Path(args.dir))
     fn = {"none": lambda: None, "load": lambda: read_all(run),
-          "merge": lambda: merge(run, args.samples, args.classes),
-          "mmap": lambda: merge_by_shard(run, args.samples, args.classes)}[args.child]
+          "merge": lambda: merge(run, args.samples, args.classes)}[args.child]
     seconds = timed(fn, lambda: run.pseudo.probs.unlink(missing_ok=True))
     print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_rss_mib()}))
     return 0
@@ -132,19 +115,14 @@ def spread(values: list[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.median(values))}  ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
-def bench(n: int, num_classes: int, world: int, repeat: int, tmp: Path) -> list[str]:
+def bench(n: int, num_classes: int, world: int, repeat: int, rule: StoreRule, tmp: Path) -> list[str]:
     run = RunLayout(tmp / f"run-{n}")
     t0 = time.perf_counter()
-    make_shards(run, n, num_classes, world)
+    make_shards(run, n, num_classes, world, rule)
     made = time.perf_counter() - t0
-    floor_path = tmp / "floor.npy"
     contestants = {"load": (lambda: read_all(run), None),
                    "merge": (lambda: merge(run, n, num_classes),
-                             lambda: run.pseudo.probs.unlink(missing_ok=True)),
-                   "mmap": (lambda: merge_by_shard(run, n, num_classes),
-                            lambda: run.pseudo.probs.unlink(missing_ok=True)),
-                   "write": (lambda: write_floor(floor_path, n, num_classes),
-                             lambda: floor_path.unlink(missing_ok=True))}
+                             lambda: run.pseudo.probs.unlink(missing_ok=True))}
     for fn, before in contestants.values():  # warm-up: page cache, allocator, first-call costs
         timed(fn, before)
     times: dict[str, list[float]] = {k: [] for k in contestants}
@@ -152,55 +130,37 @@ def bench(n: int, num_classes: int, world: int, repeat: int, tmp: Path) -> list[
     for i in range(repeat):  # alternating order, so drift and other load hit every contestant alike
         for key in order if i % 2 == 0 else order[::-1]:
             times[key].append(timed(*contestants[key]))
-    floor_path.unlink()
     run.pseudo.probs.unlink()
     summary = merge(run, n, num_classes)
     assert summary["padding_duplicates"] == (-n) % world
-    out = np.load(run.pseudo.probs, mmap_mode="r")  # the output is a memory-mappable .npy
-    assert isinstance(out, np.memmap) and out.shape == (n, num_classes) and out.dtype == np.float16
+    out = read_stored_probs(run.pseudo.probs)  # memory-mapped CSR
+    assert isinstance(out.values, np.memmap) and len(out) == n and (out.hist.sum(axis=1) == n).all()
     rows = np.unique(np.linspace(0, n - 1, 1000).astype(np.int64))
-    assert np.array_equal(out[rows], probs_of(rows, num_classes))
-    offset, nbytes = out.offset, out.nbytes
+    want = probs_of(rows, num_classes)
+    assert np.array_equal(out.dense(rows), np.where(want >= np.float16(rule.min_prob), want, 0))
+    out_mib, shard_mib = run.pseudo.probs.stat().st_size / 2**20, read_bytes(run) / 2**20
     del out
-    reserve = timed(lambda: _reserve_only(tmp / "reserve.npy", nbytes))
     run.pseudo.probs.unlink()
-    rss = {k: child_run(k, run, n, num_classes) for k in ("none", "load", "merge", "mmap")}
-    shard_mib = 2 * num_classes * -(-n // world) / 2**20
+    rss = {k: child_run(k, run, n, num_classes) for k in ("none", "load", "merge")}
     ratios = [m / load for m, load in zip(times["merge"], times["load"], strict=True)]
-    write_ratios = [w / load for w, load in zip(times["write"], times["load"], strict=True)]
-    mmap_ratios = [m / load for m, load in zip(times["mmap"], times["load"], strict=True)]
     shutil.rmtree(run.root)
     return [
-        f"{n} x {num_classes} float16 in {world} shards: shards {read_bytes(n, num_classes) / 2**20:.0f} "
-        f"MiB, "
-        f"output {nbytes / 2**20:.0f} MiB (one shard {shard_mib:.1f} MiB); shards written in {made:.1f} s; "
-        f"{repeat} alternating repetitions after a warm-up, median (min-max)",
+        f"{n} x {num_classes} kept by {rule.describe()} ({summary['entries_per_row']:.1f} per row) in "
+        f"{world} shards: shards {shard_mib:.0f} MiB, output {out_mib:.0f} MiB; shards written in "
+        f"{made:.1f} s; {repeat} alternating repetitions after a warm-up, median (min-max)",
         f"  np.load of the shards        {spread(times['load'])} s",
         f"  merge_shards, every check    {spread(times['merge'])} s",
-        f"  merge into a memory map      {spread(times['mmap'])} s   (the previous merge, same checks)",
-        f"  write of the output only     {spread(times['write'])} s   (header, reserve, sequential writes)",
-        f"  of which posix_fallocate     {reserve:.3f} s   (timed alone, one run)",
         f"  ratio merge / np.load        {spread(ratios, '{:.2f}')}   (goal < 2)",
-        f"  ratio memory map / np.load   {spread(mmap_ratios, '{:.2f}')}",
-        f"  ratio write-only / np.load   {spread(write_ratios, '{:.2f}')}",
-        f"  output: memory-mappable .npy (np.load mmap_mode='r', data at byte {offset}), rows checked",
-        f"  peak RSS, one run per child  merge {rss['merge']['peak_rss_mib']:.0f} MiB, memory map "
-        f"{rss['mmap']['peak_rss_mib']:.0f} MiB, np.load "
+        "  output: memory-mapped CSR .npz (read_stored_probs), rows checked",
+        f"  peak RSS, one run per child  merge {rss['merge']['peak_rss_mib']:.0f} MiB, np.load "
         f"{rss['load']['peak_rss_mib']:.0f} MiB, python + imports alone "
-        f"{rss['none']['peak_rss_mib']:.0f} MiB "
-        f"(output {nbytes / 2**20:.0f} MiB); child times merge {rss['merge']['seconds']:.3f} s, "
+        f"{rss['none']['peak_rss_mib']:.0f} MiB; child times merge {rss['merge']['seconds']:.3f} s, "
         f"np.load {rss['load']['seconds']:.3f} s (cold processes)",
     ]
 
 
-def _reserve_only(path: Path, size: int) -> None:
-    with open(path, "wb") as f:
-        merge_module._reserve(f, size)
-    path.unlink()
-
-
-def read_bytes(n: int, num_classes: int) -> int:
-    return n * (8 + 2 * num_classes)
+def read_bytes(run: RunLayout) -> int:
+    return sum(npz_of(m).stat().st_size for m in run.shard_manifests())
 
 
 def main() -> int:
@@ -209,11 +169,12 @@ def main() -> int:
     parser.add_argument("--classes", type=int, default=80)
     parser.add_argument("--shards", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--large", action="store_true", help="also 10M x 80 (about 3.3 GB of disk)")
+    parser.add_argument("--min-prob", type=float, default=0.0, help="store rule: keep p >= this")
+    parser.add_argument("--large", action="store_true", help="also 10M x 80 (about 10 GB of disk)")
     parser.add_argument("--large-samples", type=int, default=10_000_000)
     parser.add_argument("--large-repeat", type=int, default=3)
     parser.add_argument("--tmp", default=None, help="folder for the shards (default: the system's temp)")
-    parser.add_argument("--child", choices=("none", "load", "merge", "mmap"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("none", "load", "merge"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -225,13 +186,14 @@ def main() -> int:
               f"{os.getloadavg()[0]:.2f}, {free / 2**30:.0f} GiB free at {tmp}")
         sizes = [(args.samples, args.repeat)]
         if args.large:
-            need = 2 * read_bytes(args.large_samples, args.classes)
+            need = 2 * args.large_samples * (8 + 6 * args.classes)
             if free < 1.2 * need:
                 print(f"--large: skipped, needs about {need / 2**30:.1f} GiB free at {tmp}")
             else:
                 sizes.append((args.large_samples, args.large_repeat))
         for n, repeat in sizes:
-            print("\n".join(bench(n, args.classes, args.shards, repeat, Path(tmp))))
+            print("\n".join(bench(n, args.classes, args.shards, repeat, StoreRule(args.min_prob, None),
+                                   Path(tmp))))
         if not args.large:
             print(f"({args.large_samples} x {args.classes}: run with --large; left out of the default run "
                   "for time and disk)")

@@ -16,6 +16,17 @@ probability ~ 1 / (rank + 10)^1.1). Each stage runs in its own process, so its p
                            over batches of 256 random rows; per million rows looked up (the median
                            of 5 passes)
     target-lookup-dense    the same from a dense float32 N x L table (targets.py before)
+    merge                  a teacher's kept probabilities (the true labels at p in [0.55, 1), 1 + Poisson(1)
+                           false ones at p in [0.5, 0.8): `pseudo.store_min_prob` 0.5) in 16 shards padded
+                           like DistributedSampler, merged with every check (pseudo/merge.py)
+    merge-dense            the same shards into an N x L float16 .npy (the merge before sparse storage)
+    pseudo-stats           every target's rule (taus 0.55-0.95, soft, class prior) and their statistics
+                           against the full labels, in one blockwise pass (pseudo/labels.py)
+    pseudo-stats-dense     the same as before: the N x L probabilities, each target an N x L matrix,
+                           precision and recall row block by row block
+    pseudo-lookup          a student's batch of targets (rule tau 0.75 on the kept probabilities, looked
+                           up by index: training/targets.py), as target-lookup; target-lookup-dense is
+                           the dense path of both (a float32 N x L table)
 
 Every stage runs at `--rows` and `--dense-rows` (sizes where the dense path still fits, so the two
 are compared side by side); a dense stage is skipped, with a line saying so, where its N x L arrays
@@ -29,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +53,9 @@ MEAN_EXTRA = 2.1  # positives per row: 1 + Poisson(2.1)
 LOOKUP_ROWS = 1_000_000  # rows looked up per target-lookup pass
 LOOKUP_PASSES = 5
 BATCH = 256
+SHARDS = 16
+IDS = {"teacher_id": "bench-teacher", "data_id": "bench-data"}
+TAUS = [0.55, 0.65, 0.75, 0.85, 0.95]
 
 
 def synthetic_rows(n: int, num_classes: int, seed: int = 0, chunk: int = 1_000_000):
@@ -107,10 +122,16 @@ def target_lookup(source: Path, out: Path, dense: bool = False) -> tuple[float, 
             return table[index]
     else:
         lookup = DeviceRows(split.labels, None, split.num_classes).labels
+    return _timed_lookups(lookup, len(split))
+
+
+def _timed_lookups(lookup, n: int) -> tuple[float, int]:
+    import torch
+
     rng = np.random.default_rng(0)
     passes = []
     for _ in range(LOOKUP_PASSES):  # the median pass: a CPU's B x L allocations make single passes noisy
-        batches = [torch.from_numpy(rng.integers(0, len(split), BATCH)) for _ in range(LOOKUP_ROWS // BATCH)]
+        batches = [torch.from_numpy(rng.integers(0, n, BATCH)) for _ in range(LOOKUP_ROWS // BATCH)]
         start = time.perf_counter()
         for index in batches:
             lookup(index)
@@ -118,11 +139,149 @@ def target_lookup(source: Path, out: Path, dense: bool = False) -> tuple[float, 
     return float(np.median(passes)), LOOKUP_ROWS
 
 
+def synthetic_teacher(labels, seed: int = 1, chunk: int = 1_000_000):
+    """(LabelRows of kept classes, float16 values) of a teacher over `labels`: each true label at p in
+    [0.55, 1), 1 + Poisson(1) false ones per row (the classes' frequencies) at p in [0.5, 0.8)."""
+    from ffcv_data.sparse import LabelRows
+
+    n, num_classes = len(labels), labels.num_classes
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(np.bincount(labels.classes, minlength=num_classes) + 1.0)
+    cdf /= cdf[-1]
+    keys, values = [], []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        part = labels.take(np.arange(start, stop))
+        true = (part.row_of_each_class() + start) * num_classes + part.classes
+        k = 1 + rng.poisson(1.0, stop - start)
+        drawn = np.minimum(np.searchsorted(cdf, rng.random(int(k.sum()))), num_classes - 1)
+        false = np.repeat(np.arange(start, stop), k) * num_classes + drawn
+        both = np.unique(np.concatenate([true, false]))
+        is_true = np.isin(both, true, assume_unique=True)
+        u = rng.random(len(both))
+        keys.append(both)
+        values.append(np.where(is_true, 0.55 + 0.45 * u, 0.5 + 0.3 * u).astype(np.float16))
+    return LabelRows.from_keys(np.concatenate(keys), n, num_classes), np.concatenate(values)
+
+
+def write_teacher_shards(run_root: Path, labels) -> None:
+    """What `pml-dist infer` would write for `synthetic_teacher` on SHARDS ranks (store rule p >= 0.5)."""
+    from ffcv_data.loaders import per_rank_order
+    from pml_dist.layout import RunLayout
+    from pml_dist.pseudo.shards import write_shard
+    from pml_dist.stored_probs import HIST_BINS, StoreRule, entry_positions, float16_bins
+
+    kept, values = synthetic_teacher(labels)
+    n, num_classes = len(labels), labels.num_classes
+    run = RunLayout(run_root)
+    for rank in range(SHARDS):
+        idx = per_rank_order(n, 0, 0, rank, SHARDS, shuffle=False)
+        part, vals = kept.take(idx), values[entry_positions(kept.indptr, idx)]
+        real = len(range(rank, n, SHARDS))  # the rest is padding: out of the histograms
+        real_part = part.take(np.arange(real))
+        real_vals = vals[:real_part.indptr[-1]]
+        hist = np.bincount(real_part.classes.astype(np.int64) * HIST_BINS + float16_bins(real_vals),
+                           minlength=num_classes * HIST_BINS).reshape(num_classes, HIST_BINS)
+        unkept = real - hist.sum(axis=1)
+        hist[:, 10] += unkept  # the other rows' p: 0.1
+        sums = np.bincount(real_part.classes, real_vals.astype(np.float64), minlength=num_classes)
+        sums += 0.1 * unkept
+        scores = {"indptr": part.indptr, "classes": part.classes, "values": vals, "hist": hist, "sums": sums}
+        write_shard(run, rank, SHARDS, idx, scores, num_classes, StoreRule(0.5, None).as_dict(), IDS)
+
+
+def teacher_of(source: Path) -> Path:
+    """The synthetic teacher's run directory beside a source labels file."""
+    return source.with_name(source.name.replace(".labels.npz", "-teacher"))
+
+
+def merge(source: Path, out: Path) -> None:
+    from ffcv_data.prepared import read_split_labels
+    from pml_dist.layout import RunLayout
+    from pml_dist.pseudo.merge import merge_shards
+
+    split = read_split_labels(source)
+    merge_shards(RunLayout(teacher_of(source)), len(split), split.num_classes, IDS)
+
+
+def merge_dense(source: Path, out: Path) -> None:
+    from ffcv_data.prepared import read_split_labels
+    from pml_dist.layout import RunLayout
+    from pml_dist.pseudo.shards import npz_of, read_manifests, read_shard
+    from pml_dist.stored_probs import entry_positions
+
+    split = read_split_labels(source)
+    matrix = np.lib.format.open_memmap(out / "probs.npy", mode="w+", dtype=np.float16,
+                                       shape=(len(split), split.num_classes))
+    for manifest, info in read_manifests(RunLayout(teacher_of(source))):
+        a = read_shard(npz_of(manifest), info["checksum"])
+        indptr = np.asarray(a["indptr"])
+        for lo in range(0, len(indptr) - 1, 65536):  # rows of one shard, densified a block at a time
+            rows = np.arange(lo, min(len(indptr) - 1, lo + 65536))
+            block = np.zeros((len(rows), split.num_classes), np.float16)
+            counts = indptr[rows + 1] - indptr[rows]
+            pos = entry_positions(indptr, rows)
+            block[np.repeat(np.arange(len(rows)), counts), np.asarray(a["classes"])[pos]] = np.asarray(
+                a["values"])[pos]
+            matrix[np.asarray(a["indices"])[rows]] = block
+    matrix.flush()
+
+
+def _merged(source: Path):
+    from pml_dist.layout import RunLayout
+    from pml_dist.stored_probs import read_stored_probs
+
+    return read_stored_probs(RunLayout(teacher_of(source)).pseudo.probs)
+
+
+def pseudo_stats(source: Path, out: Path) -> None:
+    from ffcv_data.prepared import read_split_labels
+    from pml_dist.pseudo.labels import statistics, targets_of
+
+    split, stored = read_split_labels(source), _merged(source)
+    observed = np.asarray(split.observed, np.int64)
+    targets = targets_of(stored, observed, TAUS, ["hard", "soft", "class_prior"], 2.9)
+    statistics(stored, observed, targets, split.labels)
+
+
+def pseudo_stats_dense(source: Path, out: Path) -> None:
+    from ffcv_data.prepared import read_split_labels
+
+    split = read_split_labels(source)
+    probs = _merged(source).dense()
+    observed = np.asarray(split.observed, np.int64)
+    rows = np.flatnonzero(observed >= 0)
+    for tau in TAUS:  # each hard target an N x L matrix, its statistics row block by row block
+        labels = (probs > tau).astype(np.uint8)
+        labels[rows, observed[rows]] = 1
+        tp, pred = np.zeros(split.num_classes), np.zeros(split.num_classes)
+        for lo in range(0, len(labels), 16384):
+            t = labels[lo:lo + 16384].astype(np.float64)
+            pred += t.sum(axis=0)
+            tp += (t * split.labels.dense(np.arange(lo, min(len(labels), lo + 16384)))).sum(axis=0)
+        del labels
+
+
+def pseudo_lookup(source: Path, out: Path) -> tuple[float, int]:
+    from ffcv_data.sparse import DeviceRows
+    from pml_dist.training.targets import Target
+
+    stored = _merged(source)
+    table = DeviceRows(stored.rows, None, stored.num_classes, values=stored.values)
+    rule = Target("tau-0.75", "hard", 0.75).on()
+    return _timed_lookups(lambda index: table.labels(index, rule), len(stored))
+
+
 STAGES = {
     "prepare-labels": (prepare_labels, None),
     "prepare-labels-dense": (prepare_labels_dense, 3),  # bytes per cell: dense labels + one-hot + copies
     "target-lookup": (target_lookup, None),
     "target-lookup-dense": (lambda s, o: target_lookup(s, o, dense=True), 5),  # uint8 + float32 table
+    "merge": (merge, None),
+    "merge-dense": (merge_dense, 2),  # the float16 output (memory-mapped: its pages count)
+    "pseudo-stats": (pseudo_stats, None),
+    "pseudo-stats-dense": (pseudo_stats_dense, 3),  # float16 probabilities + a uint8 target
+    "pseudo-lookup": (pseudo_lookup, None),
 }
 
 
@@ -147,11 +306,20 @@ def main() -> None:
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--json", type=Path, help="also write the lines as JSON here")
     p.add_argument("--one", nargs=3, metavar=("STAGE", "SOURCE", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--teacher", nargs=2, metavar=("SOURCE", "MERGE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.teacher:
+        from ffcv_data.prepared import read_split_labels
+
+        source = Path(args.teacher[0])
+        write_teacher_shards(teacher_of(source), read_split_labels(source).labels)
+        if args.teacher[1]:  # the pseudo stages read the merged file
+            merge(source, source.parent)
+        return
     if args.one:
         name, source, out = args.one
-        if name.startswith("target-lookup"):
-            import torch  # noqa: F401  (imported before the clock starts, as a trainer has it)
+        if "lookup" in name or name.startswith("pseudo"):
+            import torch  # noqa: F401  (imported before the clock starts, as a trainer or merge has it)
 
         from ffcv_data.prepared import read_split_labels
 
@@ -164,6 +332,7 @@ def main() -> None:
         return
 
     from ffcv_data.prepared import write_split_labels
+    from ffcv_data.protocol import draw_observed
 
     sizes = sorted({int(r) for r in (args.rows + "," + args.dense_rows).split(",") if r})
     wanted = [s for s in args.stages.split(",") if s]
@@ -172,8 +341,13 @@ def main() -> None:
         for n in sizes:
             labels, keys = synthetic_rows(n, args.classes)
             source = Path(tmp) / f"source-{n}.labels.npz"
-            write_split_labels(source, keys, labels, np.full(n, -1), [""] * n)
+            write_split_labels(source, keys, labels, draw_observed(labels, keys, 1200), [""] * n)
             del labels, keys
+            if any(w.startswith(("merge", "pseudo")) for w in wanted):
+                # in a child: this process's peak RSS would count as every later child's (ru_maxrss
+                # survives fork + exec), and the teacher's arrays are large
+                subprocess.run([sys.executable, __file__, "--teacher", str(source),
+                                "merge" if "merge" not in wanted else ""], check=True)
             for name in wanted:
                 cells = STAGES[name][1]
                 if cells and n * args.classes * cells > args.dense_budget_gib * 2**30:
@@ -187,6 +361,7 @@ def main() -> None:
                 print(f"stage {name} rows {n} classes {args.classes}: peak RSS {rss:.0f} MiB, "
                       f"{per_million:.2f} s per million rows", flush=True)
             source.unlink()
+            shutil.rmtree(teacher_of(source), ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

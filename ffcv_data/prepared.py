@@ -138,7 +138,7 @@ def read_split_labels(path: Path) -> SplitLabels:
                             f"{older.name}, not {path.name}): delete it and run `pml-dist prepare` again")
         raise DataError(f"no {path} (run `pml-dist prepare` first)")
     try:
-        a = _mapped_npz(path)
+        a = mapped_npz(path)
         num_classes = int(a["num_classes"])
         return SplitLabels(a["keys"], LabelRows(a["indptr"], a["classes"], num_classes), a["observed"],
                            a["file_offsets"], a["file_bytes"],
@@ -148,7 +148,7 @@ def read_split_labels(path: Path) -> SplitLabels:
                         f"and run `pml-dist prepare` again") from None
 
 
-def _mapped_npz(path: Path) -> dict[str, np.ndarray]:
+def mapped_npz(path: Path) -> dict[str, np.ndarray]:
     """The arrays of an uncompressed .npz, each memory-mapped where it lies in the zip (np.load
     would read them all into memory)."""
     out = {}

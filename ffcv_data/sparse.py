@@ -98,21 +98,27 @@ class DeviceRows:
     scatter with no host synchronisation (rows are padded to the split's most positives per row
     instead of sized by a host-side count)."""
 
-    def __init__(self, labels: LabelRows | None, observed: np.ndarray | None, num_classes: int, device=None):
+    def __init__(self, labels: LabelRows | None, observed: np.ndarray | None, num_classes: int, device=None,
+                 values: np.ndarray | None = None):
         import torch
 
         self.num_classes = num_classes
         device = torch.device(device or "cpu")
         self._observed = (None if observed is None
                           else torch.as_tensor(np.array(observed, np.int64), device=device))
-        self._indptr = self._classes = None
+        self._indptr = self._classes = self._values = None
         if labels is not None:
             self._indptr = torch.as_tensor(np.array(labels.indptr, np.int64), device=device)
             self._classes = torch.as_tensor(np.array(labels.classes, np.int64), device=device)
+            if values is not None:  # one value per stored class (kept probabilities), in its dtype
+                self._values = torch.as_tensor(np.array(values), device=device)
             widest = int(labels.counts().max()) if len(labels) else 0
             self._offsets = torch.arange(widest, device=device)
 
-    def labels(self, index):
+    def labels(self, index, rule=None):
+        """(B, L) float32 rows of `index`: 1 at each stored class; with values, `rule(values, rows,
+        classes)` of them ((B, K) gathered values, (B, 1) sample indices, (B, K) classes -> float32;
+        default: the values as float32), 0 elsewhere."""
         import torch
 
         index = index.to(self._indptr.device, torch.int64)
@@ -121,8 +127,13 @@ class DeviceRows:
         positions = starts[:, None] + self._offsets[None, :]
         inside = self._offsets[None, :] < counts[:, None]
         # padding positions (outside the row) are clamped into the table and masked below
-        cls = self._classes[positions.clamp_(max=max(len(self._classes) - 1, 0))]
-        return self._scatter(len(index), torch.where(inside, cls, self.num_classes), index.device)
+        positions.clamp_(max=max(len(self._classes) - 1, 0))
+        cls = torch.where(inside, self._classes[positions], self.num_classes)
+        if self._values is None:
+            return self._scatter(len(index), cls, index.device)
+        values = self._values[positions]
+        values = rule(values, index[:, None], cls.clamp(max=self.num_classes - 1)) if rule else values.float()
+        return self._scatter(len(index), cls, index.device, values)
 
     def observed(self, index):
         import torch
@@ -131,10 +142,13 @@ class DeviceRows:
         cls = self._observed[index]
         return self._scatter(len(index), torch.where(cls < 0, self.num_classes, cls)[:, None], index.device)
 
-    def _scatter(self, rows: int, cls, device):
-        """(rows, L) float32 with 1 at `cls` ((rows, K) class indices; L marks nothing)."""
+    def _scatter(self, rows: int, cls, device, values=None):
+        """(rows, L) float32 with 1 (or `values`) at `cls` ((rows, K) class indices; L marks nothing)."""
         import torch
 
         out = torch.zeros(rows, self.num_classes + 1, dtype=torch.float32, device=device)
-        out.scatter_(1, cls, 1.0)
+        if values is None:
+            out.scatter_(1, cls, 1.0)
+        else:
+            out.scatter_(1, cls, values)
         return out[:, : self.num_classes]

@@ -281,6 +281,12 @@ class PseudoSection:
     # matching each class's estimated prior. Each becomes its own student.
     modes: list[str] = field(default_factory=lambda: ["hard", "soft", "class_prior"])
     dup_tolerance: float = 2e-3  # max |difference| of a sample scored twice (sampler padding)
+    # What inference keeps of each row (pml_dist/stored_probs.py): the probabilities >= store_min_prob,
+    # at most store_top_k of them. Default (null): the smallest tau in use, or 0 (everything) when
+    # the soft or class_prior target is in use, so that every target is exact. Set both for large
+    # label spaces: memory and disk grow with the kept entries, not with images x classes.
+    store_min_prob: float | None = None
+    store_top_k: int | None = None
     # The experiment's teacher chains (teacher -> pseudo labels -> students), one per loss.
     # loss.name's chain is always one (listed or not: [] is it alone) and is the run itself; every
     # other is <run>/chain-<loss>/ (pipeline/subruns.py), whose teacher is also that loss's
@@ -309,7 +315,13 @@ class PseudoSection:
              "pseudo.teacher_modes", f"values must be non-empty lists of {', '.join(PSEUDO_MODES)}"),
             (all(self.teacher_taus.values()), "pseudo.teacher_taus", "values must not be empty"),
             (self.rounds >= 1, "pseudo.rounds", "must be >= 1"),
+            (self.store_min_prob is None or 0.0 <= self.store_min_prob < 1.0, "pseudo.store_min_prob",
+             "must be in [0, 1) or null"),
+            (self.store_top_k is None or self.store_top_k >= 1, "pseudo.store_top_k", "must be >= 1 or null"),
         ])
+        if self.store_min_prob is not None and "hard" in self.modes and min(self.taus) < self.store_min_prob:
+            errors.append(f"config key 'pseudo.store_min_prob': {self.store_min_prob} is above the "
+                          f"smallest tau {min(self.taus)}; a hard target needs every p > tau kept")
         tau_lists = [("pseudo.taus", self.taus),
                      *((f"pseudo.teacher_taus.{loss}", taus) for loss, taus in self.teacher_taus.items())]
         errors += [f"config key '{key}': {tau} is outside [0, 1)"

@@ -8,10 +8,11 @@ the record several modules read (`StageResult`). No other module spells a file n
     <run>/data/                        prepared data (ffcv_data/prepared.py; sub-runs share it)
     <run>/teacher/                     a training stage's folder, see `StageFiles`
     <run>/teacher/probs/shard-RRRRR-of-WWWWW.{npz,json}   inference shards + manifests
-    <run>/pseudo/probs.npy             merged teacher probabilities, N x L float16
-    <run>/pseudo/merge.json            the merge's record (teacher and data it was made from)
-    <run>/pseudo/stats.json            positives per image, precision, recall per target
-    <run>/pseudo/<target>/labels.npy   one target set per student: tau-0.75, soft, class_prior
+    <run>/pseudo/probs.npz             merged teacher probabilities: the kept ones, CSR (stored_probs.py)
+    <run>/pseudo/merge.json            the merge's record (teacher, data and store rule it was made from)
+    <run>/pseudo/stats.json            every target's rule (tau-0.75, soft, class_prior: applied to
+                                       probs.npz as a student's batch is built), positives per
+                                       image, precision, recall
     <run>/students/<target>/           the student trained on it
     <run>/references/<loss>/           reference teachers (full-label BCE, EM, ...)
     <run>/seed-<s>/, <run>/chain-<loss>/, <chain>/round-<k>/   sub-runs (pipeline/subruns.py),
@@ -119,7 +120,7 @@ class PseudoFiles:
 
     @property
     def probs(self) -> Path:
-        return self.dir / "probs.npy"
+        return self.dir / "probs.npz"
 
     @property
     def record(self) -> Path:
@@ -128,9 +129,6 @@ class PseudoFiles:
     @property
     def stats(self) -> Path:
         return self.dir / "stats.json"
-
-    def labels(self, target: str) -> Path:
-        return self.dir / target / "labels.npy"
 
     def read_stats(self) -> dict | None:
         return json.loads(self.stats.read_text()) if self.stats.is_file() else None

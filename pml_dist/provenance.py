@@ -5,7 +5,7 @@ is stale and reruns.
     data             the prepared training split: its meta file's digest and the .beton's size
     config           the run's resolved config.yaml (a run directory holds one experiment)
     teacher          the teacher's best.pt (the merge; a student: the teacher of its labels)
-    pseudo_labels    a student's labels.npy
+    pseudo_labels    a student's target: the merged probabilities and its rule
     <stage name>     for the report: the digest of each result it read
 
 Ids are sha256 prefixes of file bytes, cached per (path, size, mtime), so `status` over many stages
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -60,14 +61,26 @@ def training_inputs(run: RunLayout, stage) -> dict[str, str]:
     if run.config.is_file():  # absent only when the library is called without the CLI or a job
         inputs["config"] = file_id(run.config)
     if stage.kind == "student":
-        labels, record = run.pseudo.labels(stage.target), run.pseudo.read_record()
-        if not labels.is_file() or record is None:
-            raise PmlError(f"no pseudo labels at {labels} (run `pml-dist merge` first)")
-        # the teacher too: a retrained teacher reruns its students even where a threshold happens
-        # to give the same labels (the paper's experiment is one teacher and its students)
-        inputs["teacher"] = record["teacher_id"]
-        inputs["pseudo_labels"] = file_id(labels)
+        inputs["teacher"], inputs["pseudo_labels"] = pseudo_labels_ids(run, stage.target)
     return inputs
+
+
+def pseudo_labels_ids(run: RunLayout, target: str) -> tuple[str, str]:
+    """(teacher id, pseudo-labels id) of a student's target: the merged probabilities' file and the
+    target's rule in pseudo/stats.json (the labels are that rule applied to that file)."""
+    probs, record, stats = run.pseudo.probs, run.pseudo.read_record(), run.pseudo.read_stats()
+    if not probs.is_file() or record is None or stats is None:
+        raise PmlError(f"no pseudo labels at {run.pseudo.dir} (run `pml-dist merge` first)")
+    rule = stats.get("targets", {}).get(target)
+    if rule is None:
+        has = ", ".join(stats.get("targets", {}))
+        raise PmlError(f"{run.pseudo.stats}: no target {target!r} (it has {has}; run `pml-dist merge` "
+                       "with it among pseudo.taus / pseudo.modes)")
+    rule = {k: v for k, v in rule.items() if k in ("mode", "tau", "thresholds", "last_rows")}
+    digest = hashlib.sha256(json.dumps(rule, sort_keys=True).encode()).hexdigest()[:16]
+    # the teacher too: a retrained teacher reruns its students even where a threshold happens
+    # to give the same labels (the paper's experiment is one teacher and its students)
+    return record["teacher_id"], f"{file_id(probs)}-{digest}"
 
 
 def stale(recorded: dict | None, current: dict) -> str | None:

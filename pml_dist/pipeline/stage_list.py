@@ -39,7 +39,7 @@ from pml_dist.pipeline.jobs import (
 )
 from pml_dist.pipeline.rounds import round_inputs
 from pml_dist.pipeline.subruns import chain_runs, references_to_train, round_runs, seed_runs, sweep_runs
-from pml_dist.provenance import data_id, file_id, stale, teacher_id, training_inputs
+from pml_dist.provenance import file_id, stale, training_inputs
 from pml_dist.stages import Reference, Stage, Student, Teacher
 
 
@@ -124,9 +124,9 @@ def _labels_and_students(root: Config, run: Config, teacher: Entry, chain: str, 
     resolved = str(layout.config)
     pseudo_name = _name(root, layout.pseudo.dir)
     infer = Entry(_name(root, layout.probs_dir), "infer", run, InferJob(resolved), resources(run, "infer"),
-                  (teacher.name,), lambda: _pseudo_outdated(layout), chain=chain, round=k, listed=False)
+                  (teacher.name,), lambda: _pseudo_outdated(run), chain=chain, round=k, listed=False)
     pseudo = Entry(pseudo_name, "pseudo", run, PseudoLabelsJob(resolved), resources(run, "cpu"),
-                   (infer.name,), lambda: _pseudo_outdated(layout), chain=chain, round=k)
+                   (infer.name,), lambda: _pseudo_outdated(run), chain=chain, round=k)
     students = [
         student
         for target in target_names(run.pseudo.taus, run.pseudo.modes)
@@ -201,13 +201,16 @@ def _round_outdated(run: Config, previous: Config) -> str | None:
     return _why(result.inputs, lambda: round_inputs(previous))
 
 
-def _pseudo_outdated(layout: RunLayout) -> str | None:
+def _pseudo_outdated(run: Config) -> str | None:
+    from pml_dist.pseudo.make import pseudo_inputs
+
+    layout = RunLayout.of(run)
     record = layout.pseudo.read_record()
     if record is None or not layout.pseudo.stats.is_file():
         return "not run"
-    # records of versions before `inputs` carry the same two ids under their own keys
+    # records of versions before `inputs` carry the teacher and data ids under their own keys
     recorded = record.get("inputs") or {"teacher": record.get("teacher_id"), "data": record.get("data_id")}
-    return _why(recorded, lambda: {"teacher": teacher_id(layout), "data": data_id(layout)})
+    return _why(recorded, lambda: pseudo_inputs(run, layout))
 
 
 def _report_outdated(run: Config) -> str | None:

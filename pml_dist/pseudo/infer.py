@@ -1,5 +1,7 @@
 """Sharded inference (`pml-dist infer`, run on every rank): each rank scores its slice of the
-training split with the teacher and writes one shard (format: pml_dist/pseudo/shards.py). No process
+training split with the teacher and writes one shard (format: pml_dist/pseudo/shards.py) holding
+what pml_dist/stored_probs.py keeps of each batch (the probabilities the targets need, histograms),
+taken on the scoring device batch by batch: never the rank's N_r x L probabilities. No process
 group is needed, so any launcher and any world size works, independent of the world size the
 teacher trained with.
 
@@ -13,10 +15,13 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from pml_dist.config import Config
 from pml_dist.layout import RunLayout
 from pml_dist.provenance import data_id, teacher_id
 from pml_dist.pseudo.shards import shard_is_complete, write_shard
+from pml_dist.stored_probs import ScoreKeeper, store_rule
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +34,16 @@ def infer(cfg: Config) -> Path:
     from pml_dist import dist
     from pml_dist.log import setup_logging
     from pml_dist.training.engine import autocast_dtype, configure_cuda
-    from pml_dist.training.evaluate import predict
+    from pml_dist.training.evaluate import scored_batches
 
     info = dist.resolve()
     run = RunLayout.of(cfg)
     setup_logging(info.rank, run.teacher.log(info.rank, prefix="infer-rank"))
     ids = {"teacher_id": teacher_id(run), "data_id": data_id(run)}
     shard = run.shard(info.rank, info.world_size)
-    if shard_is_complete(shard, {**ids, "world_size": info.world_size, "rank": info.rank}):
+    rule = store_rule(cfg.pseudo)
+    expected = {**ids, "world_size": info.world_size, "rank": info.rank, "store": rule.as_dict()}
+    if shard_is_complete(shard, expected):
         log.info("%s is complete, skipping", shard)
         return shard
 
@@ -56,11 +63,19 @@ def infer(cfg: Config) -> Path:
     log.info("rank %d/%d scoring %d training samples with teacher %s", info.rank, info.world_size,
              len(loader.loader.indices), ids["teacher_id"])
     t0 = time.perf_counter()
-    indices, arrays = predict(model, loader, device, num_classes, hflip_tta=cfg.infer.hflip_tta,
-                              progress="infer" if info.is_main else None,
-                              autocast=autocast_dtype(cfg, device))
-    path = write_shard(run, info.rank, info.world_size, indices, arrays["probs"], ids,
-                       seconds=time.perf_counter() - t0)
+    keeper = ScoreKeeper(num_classes, rule, device)
+    n = run.data.stats().images("train")
+    # The padded order gives rank r the samples at global positions r, r + W, ...: its rows past
+    # position N - 1 repeat samples another rank scores, and stay out of the histograms.
+    real, done, indices = len(range(info.rank, n, info.world_size)), 0, []
+    for batch, logits in scored_batches(model, loader, device, cfg.infer.hflip_tta,
+                                        "infer" if info.is_main else None, autocast_dtype(cfg, device)):
+        keeper.add(logits.sigmoid(), max(0, min(len(logits), real - done)))
+        indices.append(batch["index"].clone())  # FFCV reuses its batch buffers
+        done += len(logits)
+    indices = torch.cat(indices).cpu().numpy() if indices else np.zeros(0, np.int64)
+    path = write_shard(run, info.rank, info.world_size, indices, keeper.arrays(), num_classes,
+                       rule.as_dict(), ids, seconds=time.perf_counter() - t0)
     log.info("wrote %s (%d samples)", path, len(indices))
     return path
 

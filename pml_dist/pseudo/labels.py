@@ -1,30 +1,35 @@
-"""Pseudo multi-labels from the teacher's merged probabilities, and how good they are.
+"""Pseudo multi-labels: each target is a rule (pml_dist/training/targets.py `Target`) applied to the
+teacher's kept probabilities (pml_dist/stored_probs.py) as a student's batch is built; here, the
+rules' parameters and how good their labels are. No target is written out as an N x L matrix.
 
-Targets (each becomes one student, in `pseudo/<name>/labels.npy`):
+Targets (each becomes one student):
 - hard, one per tau (`tau-0.75`): y = p > tau (Algorithm 1 of the paper);
 - soft (`soft`): y = p, the probabilities themselves as BCE targets;
-- class_prior (`class_prior`): per class c, the top round(prior_c x N) images by p_c are positive,
-  with prior_c = (observed frequency of c) x k. Each image's observed positive is drawn uniformly
-  from its true positives, so P(observed = c) ~ prior_c / (mean positives per image), and k is
-  that mean (`loss.expected_positives`, EPR's assumption: 2.9 on COCO).
+- class_prior (`class_prior`): per class c, the top round(prior_c x N) images by p_c are positive
+  (ties by image index), with prior_c = (observed frequency of c) x k. Each image's observed positive
+  is drawn uniformly from its true positives, so P(observed = c) ~ prior_c / (mean positives per
+  image), and k is that mean (`loss.expected_positives`, EPR's assumption: 2.9 on COCO). As a rule:
+  p > t_c, or p == t_c and index <= i_c, with (t_c, i_c) the last image taken; the per-class
+  histograms say where t_c lies, so one pass over the kept entries near it finds it exactly.
 In every target the observed positive stays 1. The paper's Algorithm 1 does not say so; a
 confident teacher rarely scores its own training positive below tau, but nothing guarantees it.
 
-Only probabilities and observed labels make the targets; full labels, where the data set has them,
-are used for the statistics alone.
+Only probabilities and observed labels make the targets; full labels (and Open Images' verified
+negatives), where the data set has them, are used for the statistics alone, which one blockwise pass
+computes for every target at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from ffcv_data.atomic import save_with, write_json
-from ffcv_data.protocol import one_hot
+from ffcv_data.atomic import write_json
 from ffcv_data.sparse import LabelRows
 from pml_dist.layout import PseudoFiles, tau_name
+from pml_dist.stored_probs import StoredProbs, entry_blocks, float16_bins
+from pml_dist.training.targets import Target
 
 
 def target_names(taus: list[float], modes: list[str]) -> list[str]:
@@ -36,97 +41,163 @@ def target_names(taus: list[float], modes: list[str]) -> list[str]:
 # SplitLabels.observed), not an N x L one-hot matrix.
 
 
-def hard_labels(probs: np.ndarray, observed: np.ndarray, tau: float) -> np.ndarray:
-    return _with_observed((probs > tau).astype(np.uint8), observed)
-
-
-def soft_labels(probs: np.ndarray, observed: np.ndarray) -> np.ndarray:
-    return _with_observed(np.array(probs, dtype=np.float16), observed)
-
-
-def class_prior_labels(probs: np.ndarray, observed: np.ndarray, k: float) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, per-class threshold): each class gets its estimated prior share of positives."""
-    n, num_classes = probs.shape
-    seen = np.bincount(observed[observed >= 0], minlength=num_classes)
-    prior = np.clip(seen / n * k, 1.0 / n, 1.0)
-    labels = one_hot(observed, num_classes)
-    thresholds = np.ones(num_classes, dtype=np.float64)
-    for c in range(num_classes):
-        count = int(round(prior[c] * n))
-        top = np.argsort(-probs[:, c].astype(np.float32), kind="stable")[:count]
-        labels[top, c] = 1
-        thresholds[c] = float(probs[top[-1], c]) if count else 1.0
-    return labels, thresholds
-
-
-def _with_observed(labels: np.ndarray, observed: np.ndarray) -> np.ndarray:
-    """`labels` with each image's observed positive set to 1 (in place)."""
-    rows = np.flatnonzero(observed >= 0)
-    labels[rows, observed[rows]] = 1
-    return labels
-
-
-QUALITY_BLOCK = 16384  # rows per block of quality(): float64 copies of a block, not of the split
-
-
-def quality(targets: np.ndarray, full: np.ndarray | LabelRows | None) -> dict:
-    """Mean positives per image; with full labels (dense 0/1 rows or sparse LabelRows), overall and
-    per-class precision and recall (expected counts for soft targets). Row block by row block, so
-    the float64 arithmetic holds one block of N x L, never the split."""
-    n, num_classes = targets.shape
-    if isinstance(full, np.ndarray):
-        full = LabelRows.from_dense(full)
-    positives, pred, tp = 0.0, np.zeros(num_classes), np.zeros(num_classes)
-    for start in range(0, n, QUALITY_BLOCK):
-        stop = min(n, start + QUALITY_BLOCK)
-        t = np.asarray(targets[start:stop], dtype=np.float64)
-        positives += t.sum()
-        pred += t.sum(axis=0)
-        if full is not None:
-            tp += (t * full.dense(np.arange(start, stop))).sum(axis=0)
-    out = {"mean_positives_per_image": positives / n}
-    if full is None:
-        return out
-    true = full.per_class().astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out.update({
-            "precision": float(tp.sum() / pred.sum()) if pred.sum() else None,
-            "recall": float(tp.sum() / true.sum()) if true.sum() else None,
-            "per_class_precision": [None if p == 0 else float(a / p) for a, p in zip(tp, pred, strict=True)],
-            "per_class_recall": [None if r == 0 else float(a / r) for a, r in zip(tp, true, strict=True)],
-        })
+def targets_of(stored: StoredProbs, observed: np.ndarray, taus: list[float], modes: list[str],
+               k: float) -> list[Target]:
+    """Every target, in `target_names` order."""
+    out = [Target(tau_name(t), "hard", t) for t in taus] if "hard" in modes else []
+    if "soft" in modes:
+        out.append(Target("soft", "soft"))
+    if "class_prior" in modes:
+        out.append(class_prior_target(stored, observed, k))
     return out
 
 
-def write_pseudo_labels(probs: np.ndarray, observed: np.ndarray, out_dir: Path, taus: list[float],
-                        modes: list[str], k: float, full: np.ndarray | LabelRows | None = None) -> dict:
-    """Write every target's labels.npy into `out_dir` (a run's `pseudo/`, file names from
-    pml_dist/layout.py `PseudoFiles`), then stats.json (last: it marks the step complete)."""
-    files = PseudoFiles(Path(out_dir))
-    stats: dict = {"num_samples": int(probs.shape[0]), "num_classes": int(probs.shape[1]),
-                   "targets": {}}
-    for name, labels, record in _targets(probs, observed, taus, modes, k):
-        _save(files.labels(name), labels)
-        stats["targets"][name] = {**record, **quality(labels, full)}
-    stats["teacher"] = quality(probs, full)  # the teacher's own expected positives per image
-    write_json(files.stats, stats)
+def class_prior_target(stored: StoredProbs, observed: np.ndarray, k: float) -> Target:
+    """Each class's t_c and i_c: the round(prior_c x N)-th kept entry of the class by (p descending,
+    index ascending). The histograms give the bin it lies in; one pass collects the entries in or
+    above that bin (the count plus one bin's rows per class), which are then sorted."""
+    n, num_classes = len(stored), stored.num_classes
+    seen = np.bincount(observed[observed >= 0], minlength=num_classes)
+    prior = np.clip(seen / n * k, 1.0 / n, 1.0)
+    count = np.round(prior * n).astype(np.int64)
+    above = np.cumsum(stored.hist[:, ::-1], axis=1)[:, ::-1]  # rows with bin >= b, per class
+    first_bin = (above >= count[:, None]).sum(axis=1) - 1  # the bin of the count-th largest
+    rows, classes, values = [], [], []
+    for lo, hi in entry_blocks(stored.rows.indptr):
+        a, b = stored.rows.indptr[lo], stored.rows.indptr[hi]
+        cls, val = np.asarray(stored.rows.classes[a:b]), np.asarray(stored.values[a:b])
+        near = float16_bins(val) >= first_bin[cls] - 1  # a bin's margin: float rounding at its edge
+        rows.append(np.repeat(np.arange(lo, hi), np.diff(stored.rows.indptr[lo:hi + 1]))[near])
+        classes.append(cls[near])
+        values.append(val[near])
+    rows, classes, values = (np.concatenate(x) for x in (rows, classes, values))
+    order = np.lexsort((rows, -values.astype(np.float32), classes))
+    rows, classes, values = rows[order], classes[order], values[order]
+    starts = np.searchsorted(classes, np.arange(num_classes))
+    available = np.searchsorted(classes, np.arange(num_classes), side="right") - starts
+    taken = np.minimum(count, available)
+    thresholds = np.ones(num_classes, dtype=np.float16)  # no positive: p > 1 never holds
+    last_rows = np.full(num_classes, -1, dtype=np.int64)
+    at = np.flatnonzero(taken > 0)
+    thresholds[at] = values[starts[at] + taken[at] - 1]
+    last_rows[at] = rows[starts[at] + taken[at] - 1]
+    short = np.flatnonzero(count > available)
+    extra = {"k": k, "short_classes": {int(c): {"wanted": int(count[c]), "kept": int(available[c])}
+                                        for c in short}}
+    return Target("class_prior", "class_prior", None, thresholds, last_rows, extra)
+
+
+# -- statistics: one pass over the kept entries for every target -----------------------------------
+
+def statistics(stored: StoredProbs, observed: np.ndarray, targets: list[Target],
+               full: LabelRows | None, negatives: LabelRows | None = None) -> dict:
+    """{"targets": {name: quality}, "teacher": quality}. A quality: mean positives per image; with
+    full labels, overall and per-class precision and recall (expected counts for soft targets); with
+    verified negatives (Open Images), precision over verified labels only, as Open Images scores."""
+    import torch
+
+    n, num_classes = len(stored), stored.num_classes
+    rules = [t.on("cpu") for t in targets]
+    pred, tp, fp = (np.zeros((len(targets), num_classes)) for _ in range(3))
+    teacher_tp = np.zeros(num_classes)
+    verified = negatives is not None and len(negatives.classes) > 0
+    for lo, hi in entry_blocks(stored.rows.indptr):
+        block = _Block(stored, observed, lo, hi, full, negatives if verified else None)
+        values = torch.from_numpy(np.array(block.values))  # a copy: the file is mapped read-only
+        rows, classes = torch.from_numpy(block.rows), torch.from_numpy(block.classes.astype(np.int64))
+        teacher_tp += np.bincount(block.classes, block.values.astype(np.float64) * block.true,
+                                  minlength=num_classes)
+        for j, rule in enumerate(rules):
+            y = rule(values, rows, classes).numpy().astype(np.float64)
+            y[block.observed] = 1.0
+            pred[j] += np.bincount(block.classes, y, minlength=num_classes) + block.extra_count
+            tp[j] += np.bincount(block.classes, y * block.true, minlength=num_classes) + block.extra_true
+            if verified:
+                fp[j] += np.bincount(block.classes, y * block.negative, minlength=num_classes) \
+                    + block.extra_negative
+    true = full.per_class().astype(np.float64) if full is not None else None
+    out = {"targets": {t.name: _quality(pred[j], tp[j], fp[j] if verified else None, true, n)
+                       for j, t in enumerate(targets)}}
+    # The teacher's expected positives: every row's p (the sums); its true positives: the kept p.
+    out["teacher"] = _quality(np.asarray(stored.sums, np.float64), teacher_tp, None, true, n)
+    return out
+
+
+class _Block:
+    """Rows lo..hi-1: their kept entries (rows, classes, values), which of them are the observed
+    positive, true labels, verified negatives; and per class the observed positives that were not
+    kept (positive in every target), counted, with how many of those are true or verified negative."""
+
+    def __init__(self, stored: StoredProbs, observed: np.ndarray, lo: int, hi: int,
+                 full: LabelRows | None, negatives: LabelRows | None):
+        num_classes = stored.num_classes
+        a, b = stored.rows.indptr[lo], stored.rows.indptr[hi]
+        self.rows = np.repeat(np.arange(lo, hi), np.diff(stored.rows.indptr[lo:hi + 1]))
+        self.classes = np.asarray(stored.rows.classes[a:b])
+        self.values = np.asarray(stored.values[a:b])
+        keys = self.rows * num_classes + self.classes  # ascending: rows in order, classes sorted
+        seen = np.asarray(observed[lo:hi])
+        obs_rows = np.flatnonzero(seen >= 0) + lo
+        obs_keys = obs_rows * num_classes + seen[obs_rows - lo]
+        self.observed = _member(keys, obs_keys)
+        unkept = obs_keys[~_member(obs_keys, keys)]
+        self.extra_count = np.bincount(unkept % num_classes, minlength=num_classes)
+        self.true = self.negative = np.zeros(len(keys))
+        self.extra_true = self.extra_negative = 0
+        if full is not None:
+            true_keys = _keys(full, lo, hi)
+            self.true = _member(keys, true_keys).astype(np.float64)
+            self.extra_true = np.bincount(unkept % num_classes, _member(unkept, true_keys),
+                                          minlength=num_classes)
+        if negatives is not None:
+            neg_keys = _keys(negatives, lo, hi)
+            self.negative = _member(keys, neg_keys).astype(np.float64)
+            self.extra_negative = np.bincount(unkept % num_classes, _member(unkept, neg_keys),
+                                              minlength=num_classes)
+
+
+def _keys(rows: LabelRows, lo: int, hi: int) -> np.ndarray:
+    """row * L + class of rows lo..hi-1 of a CSR (ascending)."""
+    indptr = rows.indptr[lo:hi + 1]
+    row = np.repeat(np.arange(lo, hi), np.diff(indptr))
+    return row * rows.num_classes + np.asarray(rows.classes[indptr[0]:indptr[-1]])
+
+
+def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """Whether each of `keys` is in the ascending `sorted_keys`."""
+    if not len(sorted_keys):
+        return np.zeros(len(keys), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
+
+
+def _quality(pred: np.ndarray, tp: np.ndarray, fp_verified: np.ndarray | None, true: np.ndarray | None,
+             n: int) -> dict:
+    out = {"mean_positives_per_image": float(pred.sum() / n) if n else 0.0}
+    if true is None:
+        return out
+    out.update({
+        "precision": float(tp.sum() / pred.sum()) if pred.sum() else None,
+        "recall": float(tp.sum() / true.sum()) if true.sum() else None,
+        "per_class_precision": [None if p == 0 else float(a / p) for a, p in zip(tp, pred, strict=True)],
+        "per_class_recall": [None if r == 0 else float(a / r) for a, r in zip(tp, true, strict=True)],
+    })
+    if fp_verified is not None:
+        judged = tp.sum() + fp_verified.sum()
+        out["verified_precision"] = float(tp.sum() / judged) if judged else None
+    return out
+
+
+def write_pseudo_stats(stored: StoredProbs, observed: np.ndarray, out_dir: Path, taus: list[float],
+                       modes: list[str], k: float, full: LabelRows | None = None,
+                       negatives: LabelRows | None = None) -> dict:
+    """Every target's rule and statistics in `out_dir`/stats.json (a run's `pseudo/`; the students
+    read their rules there); returns what it wrote."""
+    targets = targets_of(stored, observed, taus, modes, k)
+    quality = statistics(stored, observed, targets, full, negatives)
+    stats = {"num_samples": len(stored), "num_classes": stored.num_classes, "store": stored.rule.as_dict(),
+             "targets": {t.name: {**t.record(), **quality["targets"][t.name]} for t in targets},
+             "teacher": quality["teacher"]}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_json(PseudoFiles(Path(out_dir)).stats, stats)
     return stats
-
-
-def _targets(probs: np.ndarray, observed: np.ndarray, taus: list[float], modes: list[str],
-             k: float) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """(name, labels, what made them) of every target, in `target_names` order; one at a time, so
-    only one target's labels are in memory."""
-    if "hard" in modes:
-        for tau in taus:
-            yield tau_name(tau), hard_labels(probs, observed, tau), {"mode": "hard", "tau": tau}
-    if "soft" in modes:
-        yield "soft", soft_labels(probs, observed), {"mode": "soft"}
-    if "class_prior" in modes:
-        labels, thresholds = class_prior_labels(probs, observed, k)
-        yield "class_prior", labels, {"mode": "class_prior", "k": k, "thresholds": thresholds.tolist()}
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_with(path, lambda tmp: np.save(tmp, array))

@@ -1,6 +1,6 @@
-"""The pseudo-label stage (`pml-dist merge`): the shards of the current teacher -> pseudo/probs.npy
-(pml_dist/pseudo/merge.py) -> every pseudo-label target + stats (pml_dist/pseudo/labels.py) ->
-pseudo/merge.json, the stage's record, written last."""
+"""The pseudo-label stage (`pml-dist merge`): the shards of the current teacher -> pseudo/probs.npz
+(pml_dist/pseudo/merge.py) -> every pseudo-label target's rule + statistics in pseudo/stats.json
+(pml_dist/pseudo/labels.py) -> pseudo/merge.json, the stage's record, written last."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from ffcv_data.atomic import write_json
 from pml_dist.config import Config
 from pml_dist.layout import RunLayout
 from pml_dist.provenance import data_id, teacher_id
-from pml_dist.pseudo.labels import write_pseudo_labels
+from pml_dist.pseudo.labels import target_names, write_pseudo_stats
 from pml_dist.pseudo.merge import merge_shards
+from pml_dist.stored_probs import read_stored_probs, store_rule
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,12 @@ def make_pseudo_labels(cfg: Config) -> dict:
     run = RunLayout.of(cfg)
     data = run.data.stats()
     n = data.images("train")
-    inputs = {"teacher": teacher_id(run), "data": data_id(run)}
+    inputs = pseudo_inputs(cfg, run)
     ids = {"teacher_id": inputs["teacher"], "data_id": inputs["data"]}  # what each shard must carry
-    record = merge_shards(run, n, data.num_classes, ids, cfg.pseudo.dup_tolerance)
-    log.info("merged %d shards: %d samples, %d padding duplicates dropped", record["shards"], n,
+    rule = store_rule(cfg.pseudo)
+    record = merge_shards(run, n, data.num_classes, ids, cfg.pseudo.dup_tolerance, rule)
+    log.info("merged %d shards: %d samples (%.1f kept probabilities each: %s), %d padding duplicates "
+             "dropped", record["shards"], n, record["entries_per_row"], rule.describe(),
              record["padding_duplicates"])
     result = _write_targets(cfg, run)
     record["merge_seconds"] = time.perf_counter() - t0
@@ -42,11 +45,20 @@ def make_pseudo_labels(cfg: Config) -> dict:
     return result
 
 
+def pseudo_inputs(cfg: Config, run: RunLayout) -> dict:
+    """What the stage is made from (pml_dist/provenance.py ids): a new teacher, new data, another
+    store rule or other targets make its output stale."""
+    targets = ", ".join(target_names(cfg.pseudo.taus, cfg.pseudo.modes))
+    if "class_prior" in cfg.pseudo.modes:
+        targets += f" (k {cfg.loss.expected_positives:g})"
+    return {"teacher": teacher_id(run), "data": data_id(run), "store": store_rule(cfg.pseudo).describe(),
+            "targets": targets}
+
+
 def _write_targets(cfg: Config, run: RunLayout) -> dict:
-    probs = np.load(run.pseudo.probs, mmap_mode="r")
     split = run.data.labels("train")
     observed = np.asarray(split.observed, dtype=np.int64)  # each image's observed class, -1: none
-    # Full labels are used only for the statistics (every data set read here has them), sparse.
-    full = split.labels
-    return write_pseudo_labels(np.asarray(probs), observed, run.pseudo.dir, cfg.pseudo.taus,
-                               cfg.pseudo.modes, cfg.loss.expected_positives, full=full)
+    # Full labels and verified negatives are used only for the statistics.
+    return write_pseudo_stats(read_stored_probs(run.pseudo.probs), observed, run.pseudo.dir,
+                              cfg.pseudo.taus, cfg.pseudo.modes, cfg.loss.expected_positives,
+                              full=split.labels, negatives=split.negatives)

@@ -1,58 +1,58 @@
-"""Merge a run's inference shards (pml_dist/pseudo/shards.py) into one N x L float16 matrix,
-`pseudo/probs.npy`, after proving that nothing was lost, duplicated inconsistently or mixed up.
+"""Merge a run's inference shards (pml_dist/pseudo/shards.py) into `pseudo/probs.npz`: the kept
+probabilities of every training sample in sample order, as CSR (pml_dist/stored_probs.py reads it),
+with the shards' histograms and sums added up, after proving that nothing was lost, duplicated
+inconsistently or mixed up.
 
 Checks, each a PmlError naming the shard(s): every manifest parses; all have one world size W (the
-one in their file names), ranks 0..W-1 each exactly once; one teacher id and one data id, equal to
-the current teacher and data; every shard's arrays match its manifest (count, width, checksum);
-indices lie in 0..N-1; a sample scored twice (sampler padding) has equal probabilities (within
-`pseudo.dup_tolerance`); the union is exactly 0..N-1.
+one in their file names), ranks 0..W-1 each exactly once; one teacher id, one data id and one store
+rule, equal to the current teacher, data and config; every byte of every shard against its CRC-32 and
+the manifest's checksum; its arrays' shapes against the manifest; indices in 0..N-1, classes in
+0..L-1; a sample scored twice (sampler padding) has equal probabilities (within
+`pseudo.dup_tolerance`; a probability one score did not keep counts as the least it could have
+been); the union is exactly 0..N-1.
 
-Streaming, under a temporary name that is renamed only when every check has passed (a failed merge
-writes nothing). The usual shards (np.savez's uncompressed members; each shard's indices a few
-increasing runs, as the padded DistributedSampler order gives) are merged block by block of output
-rows (a few MiB): each shard's rows of the block are read straight from its file (os.preadv, no
-np.load), their CRC-32 computed over the bytes as they arrive, gathered into output order with one
-np.take, and the block written with sequential writes after the .npy header (no memory map: no page
-fault per output page, and the output's pages never count as this process's memory). Memory: the
-block buffers and one shard's indices, whatever N is (bench/bench_merge.py measures it). Other
-shards go one at a time into a memory-mapped .npy (`_merge_by_shard`). Either way the result is an
-ordinary .npy that np.load(mmap_mode="r") maps.
+Streaming, with bounded memory: the shards are memory-mapped; the first score of each sample (by
+rank, then row) is found from their indices; then the output's entries are gathered block by block
+(stored.entry_blocks) into the members of the output .npz, written under a temporary name that is
+renamed only when every check has passed (a failed merge writes nothing). Memory: 20 bytes per
+sample (which shard and entries hold its first score, the output's indptr) and one block, whatever
+L and the number of kept entries.
 """
 
 from __future__ import annotations
 
-import bisect
-import os
-import zlib
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from ffcv_data.atomic import FULL, save_with
+from ffcv_data.atomic import save_with
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout
-from pml_dist.pseudo.shards import StoredRows, npz_of, open_shard, read_manifests, read_shard
+from pml_dist.pseudo.shards import npz_of, read_manifests, read_shard
+from pml_dist.stored_probs import HIST_BINS, StoreRule, entry_blocks, ranges
 
 Shards = list[tuple[Path, dict]]  # (manifest path, manifest), by rank
+COMPARE_ROWS = 1024  # repeated rows compared per dense block
 
 
 def merge_shards(run: RunLayout, num_samples: int, num_classes: int, expected_ids: dict | None = None,
-                 dup_tolerance: float = 2e-3) -> dict:
-    """Verify the shards of `run` and write the merged matrix to its `pseudo.probs`; returns a
-    summary. `expected_ids`: the teacher_id and data_id every shard must carry (none: any, but one)."""
+                 dup_tolerance: float = 2e-3, store: StoreRule | None = None) -> dict:
+    """Verify the shards of `run` and write the merged file to its `pseudo.probs`; returns a summary.
+    `expected_ids`: the teacher_id and data_id every shard must carry (none: any, but one); `store`:
+    the rule they must have kept by (none: any, but one)."""
     expected_ids = expected_ids or {}
-    shards = _checked_manifests(run, expected_ids)
+    shards = _checked_manifests(run, expected_ids, store)
+    rule = StoreRule(**shards[0][1]["store"])
+    arrays = [_checked_arrays(npz_of(m), info, num_samples, num_classes) for m, info in shards]
+    first = _first_scores(shards, arrays, num_samples, num_classes, rule, dup_tolerance, run.probs_dir)
     out = run.pseudo.probs
     out.parent.mkdir(parents=True, exist_ok=True)
-    duplicates = 0
-
-    def write(tmp: Path) -> None:
-        nonlocal duplicates
-        duplicates = _merge_into(tmp, shards, num_samples, num_classes, dup_tolerance, run.probs_dir)
-
-    save_with(out, write)
-    return _summary(shards, num_samples, duplicates, expected_ids)
+    save_with(out, lambda tmp: _write(tmp, arrays, first, num_classes, rule))
+    entries = int(first.indptr[-1])
+    return {**_summary(shards, num_samples, first.duplicates, expected_ids), "entries": entries,
+            "entries_per_row": entries / num_samples if num_samples else 0.0, "store": rule.as_dict()}
 
 
 def _summary(shards: Shards, num_samples: int, duplicates: int, expected_ids: dict) -> dict:
@@ -63,9 +63,9 @@ def _summary(shards: Shards, num_samples: int, duplicates: int, expected_ids: di
             "infer_samples_per_s": num_samples / infer_s if infer_s else None}
 
 
-# -- the manifests: one complete set of ranks, from one teacher and one data set -------------------
+# -- the manifests: one complete set of ranks, from one teacher, one data set, one store rule ------
 
-def _checked_manifests(run: RunLayout, expected_ids: dict) -> Shards:
+def _checked_manifests(run: RunLayout, expected_ids: dict, store: StoreRule | None) -> Shards:
     folder = run.probs_dir
     shards = read_manifests(run)
     if not shards:
@@ -74,6 +74,7 @@ def _checked_manifests(run: RunLayout, expected_ids: dict) -> Shards:
     _every_rank_once(folder, shards, world)
     for key in ("teacher_id", "data_id"):
         _one_input(folder, shards, key, expected_ids.get(key))
+    _one_input(folder, shards, "store", store.as_dict() if store else None)
     return sorted(shards, key=lambda m: m[1]["rank"])
 
 
@@ -93,342 +94,176 @@ def _every_rank_once(folder: Path, shards: Shards, world: int) -> None:
         raise PmlError(f"{folder}: world size {world} but shards of rank(s) {absent} are missing")
 
 
-def _one_input(folder: Path, shards: Shards, key: str, wanted: str | None) -> None:
-    """All shards carry one value of `key` (teacher_id or data_id), equal to `wanted` when given."""
-    values = {info.get(key) for _, info in shards}
-    if len(values) > 1 or (wanted is not None and values != {wanted}):
-        odd = [p.name for p, i in shards if i.get(key) != (wanted or shards[0][1].get(key))]
-        what = "teacher" if key == "teacher_id" else "data"
-        raise PmlError(f"{folder}: shard(s) {odd} come from another {what} ({key} differs"
-                       + (f" from the current {wanted})" if wanted else ")"))
+_WHAT = {"teacher_id": "teacher", "data_id": "data", "store": "store rule (pseudo.store_min_prob, "
+         "pseudo.store_top_k or the taus)"}
 
 
-# -- the arrays ------------------------------------------------------------------------------------
-
-BLOCK_BYTES = 4 << 20  # output rows merged per block: a few MiB, so the buffers stay in cache
-MAX_RUNS_PER_SHARD = 4  # more increasing runs than this (shuffled shards): merged shard by shard
-
-
-def _merge_into(tmp: Path, shards: Shards, num_samples: int, num_classes: int, tolerance: float,
-                folder: Path) -> int:
-    """Fill the .npy at `tmp` from every shard; returns how many rows were scored more than once."""
-    plan = _plan(shards, num_samples, num_classes)
-    if plan is None:
-        return _merge_by_shard(tmp, shards, num_samples, num_classes, tolerance, folder)
-    try:
-        return _merge_by_block(tmp, plan, shards, num_samples, num_classes, tolerance, folder)
-    finally:
-        _close(plan.readers)
+def _one_input(folder: Path, shards: Shards, key: str, wanted) -> None:
+    """All shards carry one value of `key` (teacher_id, data_id, store), equal to `wanted` when given."""
+    values = [info.get(key) for _, info in shards]
+    reference = wanted if wanted is not None else values[0]
+    odd = [p.name for p, info in shards if info.get(key) != reference]
+    if odd:
+        raise PmlError(f"{folder}: shard(s) {odd} come from another {_WHAT[key]} ({key} differs"
+                       + (f" from the current {wanted})" if wanted is not None else ")"))
 
 
-def _header(tmp: Path, f, num_samples: int, num_classes: int) -> None:
-    """The .npy header (padded so the rows start aligned, as np.save does), then every block of the
-    file reserved: the disk's space is claimed before the merge fills it, so a full disk is one
-    ENOSPC here (save_with makes it one line naming the file) and not a SIGBUS or a late error."""
-    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
-                                             "fortran_order": False, "shape": (num_samples, num_classes)})
-    _reserve(f, f.tell() + 2 * num_samples * num_classes)
-
-
-def _reserve(f, size: int) -> None:
-    """Allocate `size` bytes of the open file `f` (an ENOSPC/EDQUOT OSError on a full disk); where
-    the file system or platform cannot, leave the file sparse."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    try:
-        os.posix_fallocate(f.fileno(), 0, size)
-    except OSError as exc:
-        if exc.errno in FULL:
-            raise
-
-
-# -- block by block: each shard's rows read in place, the output written sequentially -------------
-
-class _Rows:
-    """One shard's probabilities, read straight from its .npz (`StoredRows`), with the member's
-    CRC-32 computed over the bytes read in file order; `verify` reads whatever was not (rows read out
-    of order, such as a padding row at the end of the shard that belongs to the first block)."""
-
-    def __init__(self, npz: Path, stored: StoredRows):
-        self.npz, self.stored = npz, stored
-        self.fd = os.open(npz, os.O_RDONLY)
-        self.crc, self.done = zlib.crc32(stored.header), len(stored.header)  # member bytes checked
-        self.row_bytes = 2 * stored.shape[1]
-
-    def read(self, row: int, out: np.ndarray) -> None:
-        """Rows `row`, `row + 1`, ... into `out` (C-contiguous, len(out) rows)."""
-        start = len(self.stored.header) + row * self.row_bytes
-        self._pread(memoryview(out).cast("B"), start)
-        if start == self.done:
-            self.crc = zlib.crc32(out, self.crc)
-            self.done += out.nbytes
-
-    def verify(self) -> None:
-        chunk = bytearray(min(BLOCK_BYTES, self.stored.size - self.done))
-        while self.done < self.stored.size:
-            view = memoryview(chunk)[:min(len(chunk), self.stored.size - self.done)]
-            self._pread(view, self.done)
-            self.crc, self.done = zlib.crc32(view, self.crc), self.done + len(view)
-        if self.crc != self.stored.crc:
-            raise PmlError(f"{self.npz}: unreadable shard (BadZipFile: Bad CRC-32 for file "
-                           f"{self.stored.name!r})")
-
-    def _pread(self, view: memoryview, start: int) -> None:
-        offset = self.stored.offset + start
-        while len(view):
-            got = os.preadv(self.fd, [view], offset)
-            if got == 0:
-                raise PmlError(f"{self.npz}: unreadable shard (EOFError: the file ends inside "
-                               f"{self.stored.name})")
-            view, offset = view[got:], offset + got
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-@dataclass
-class _Run:
-    """Rows `row`.. of one shard whose indices strictly increase: start, start + step, ... (step > 0)
-    or, where they do not step evenly, `indices`. `cuts[b]`: the run's first row in block b."""
-
-    rank: int
-    rows: _Rows
-    row: int
-    start: int
-    step: int
-    indices: np.ndarray | None
-    cuts: list[int]
-
-    def positions(self, j0: int, j1: int, lo: int):
-        """Where rows j0..j1-1 of the run go in the block starting at sample `lo`."""
-        if self.indices is None:
-            first = self.start + j0 * self.step - lo
-            return slice(first, first + (j1 - j0 - 1) * self.step + 1, self.step)
-        return self.indices[j0:j1] - lo
-
-
-@dataclass
-class _Plan:
-    block: int
-    edges: np.ndarray  # block b is samples edges[b]..edges[b+1]-1
-    runs: list[_Run]  # by rank, then by row
-    readers: list[_Rows]
-
-
-def _plan(shards: Shards, num_samples: int, num_classes: int) -> _Plan | None:
-    """Check every shard's indices and shape and cut them into increasing runs; None when a shard's
-    rows cannot be read in place or are too shuffled for block-wise merging."""
-    block = max(1, BLOCK_BYTES // (2 * max(1, num_classes)))
-    edges = np.append(np.arange(0, num_samples, block, dtype=np.int64), num_samples)
-    runs, readers = [], []
-    try:
-        for manifest, info in shards:
-            npz = npz_of(manifest)
-            indices, stored = open_shard(npz, info["checksum"])
-            if stored is None:
-                _close(readers)
-                return None
-            _check_shape(npz, info, indices, stored.shape, num_samples, num_classes)
-            cut = _increasing_runs(indices)
-            if len(cut) - 1 > MAX_RUNS_PER_SHARD:
-                _close(readers)
-                return None
-            readers.append(_Rows(npz, stored))
-            runs += [_run(info["rank"], readers[-1], indices, a, b, edges)
-                     for a, b in zip(cut, cut[1:], strict=False) if b > a]
-    except PmlError:
-        try:
-            _verify(readers)  # a damaged earlier shard is the cause to report, as in rank order
-        finally:
-            _close(readers)
-        raise
-    except BaseException:
-        _close(readers)
-        raise
-    return _Plan(block, edges, runs, readers)
-
-
-def _increasing_runs(indices: np.ndarray) -> list[int]:
-    """Row numbers cutting `indices` into strictly increasing runs: [0, ..., len(indices)]."""
-    return [0, *(np.flatnonzero(indices[1:] <= indices[:-1]) + 1).tolist(), len(indices)]
-
-
-def _run(rank: int, rows: _Rows, indices: np.ndarray, a: int, b: int, edges: np.ndarray) -> _Run:
-    seg = indices[a:b].astype(np.int64)
-    step = int(seg[1] - seg[0]) if len(seg) > 1 else 1
-    if len(seg) == 1 or (int(seg[-1] - seg[0]) == step * (len(seg) - 1) and (np.diff(seg) == step).all()):
-        cuts = np.clip(-((int(seg[0]) - edges) // step), 0, len(seg))  # ceil((edge - start) / step)
-        return _Run(rank, rows, a, int(seg[0]), step, None, cuts.tolist())
-    return _Run(rank, rows, a, int(seg[0]), 0, seg, np.searchsorted(seg, edges).tolist())
-
-
-def _merge_by_block(tmp: Path, plan: _Plan, shards: Shards, num_samples: int, num_classes: int,
-                    tolerance: float, folder: Path) -> int:
-    """Per block: every run's rows of it read one after another into `staged`, `source[k]` the
-    staged row that output row k takes, one gather (np.take) into the block, one write."""
-    out = np.empty((plan.block, num_classes), dtype=np.float16)
-    staged = np.empty((plan.block + len(plan.runs), num_classes), dtype=np.float16)  # + padding rows
-    source = np.empty(plan.block, dtype=np.intp)
-    duplicates, missing, first_missing = 0, 0, []
-    with open(tmp, "wb", buffering=0) as f:
-        _header(tmp, f, num_samples, num_classes)
-        try:
-            for b in range(len(plan.edges) - 1):
-                lo, hi = int(plan.edges[b]), int(plan.edges[b + 1])
-                rows, src = out[:hi - lo], source[:hi - lo]
-                src.fill(-1)
-                pieces, used = [], 0  # (run, first staged row, its rows' places in the block)
-                for run in plan.runs:
-                    j0, j1 = run.cuts[b], run.cuts[b + 1]
-                    if j1 <= j0:
-                        continue
-                    if used + j1 - j0 > len(staged):  # more repeats than padding makes: grow
-                        staged = np.concatenate([staged, np.empty_like(staged)])
-                    run.rows.read(run.row + j0, staged[used:used + j1 - j0])
-                    pos = run.positions(j0, j1, lo)
-                    src[pos] = np.arange(used, used + j1 - j0)
-                    pieces.append((run, used, pos))
-                    used += j1 - j0
-                if used != len(rows) or (src < 0).any():  # repeats or gaps: resolve them in order
-                    duplicates += _first_scores(pieces, used, staged, src, lo, shards, tolerance)
-                    gaps = np.flatnonzero(src < 0)
-                    missing += len(gaps)
-                    first_missing += (gaps[:5 - len(first_missing)] + lo).tolist()
-                if not missing:
-                    np.take(staged[:used], src, axis=0, out=rows, mode="clip")
-                    _write(f, rows)
-        except PmlError:
-            _verify(plan.readers)  # a damaged file is the cause to report, as reading it whole would have
-            raise
-        _verify(plan.readers)
-    if missing:
-        raise PmlError(f"{folder}: {missing} of {num_samples} samples are in no shard "
-                       f"(first: {first_missing})")
-    # No fsync: the rename publishes the complete file to every reader through the page cache,
-    # and flushing 2 bytes x N x L to disk here would double the merge time.
-    return duplicates
-
-
-def _first_scores(pieces: list, used: int, staged: np.ndarray, src: np.ndarray, lo: int, shards: Shards,
-                  tolerance: float) -> int:
-    """`src` again with every sample's first score (by rank, then row), after checking that every
-    later score of it agrees; returns how many later scores there were (sampler padding)."""
-    src.fill(-1)
-    starts = [first for _, first, _ in pieces]
-    duplicates = 0
-    for k, (run, first, pos) in enumerate(pieces):
-        ids = np.arange(first, starts[k + 1] if k + 1 < len(pieces) else used)
-        seen = src[pos] >= 0
-        if not seen.any():
-            src[pos] = ids
-            continue
-        places = np.arange(len(src))[pos]  # row numbers in the block
-        old = src[places[seen]]
-        diff = _max_diff(staged[old], staged[ids[seen]])
-        bad = np.flatnonzero(diff > tolerance)
-        if len(bad):
-            row = int(places[seen][bad[0]]) + lo
-            earlier = pieces[bisect.bisect_right(starts, int(old[bad[0]])) - 1][0]
-            if earlier.rank == run.rank:
-                raise PmlError(f"{run.rows.npz}: sample {row} appears twice with different probabilities")
-            other = npz_of(shards[earlier.rank][0])  # shards are by rank: entry r is rank r's
-            raise PmlError(f"{run.rows.npz} and {other}: sample {row} scored twice with different "
-                           f"probabilities (max difference {diff[bad[0]]:.4g} > {tolerance})")
-        src[places[~seen]] = ids[~seen]
-        duplicates += int(seen.sum())
-    return duplicates
-
-
-def _write(f, rows: np.ndarray) -> None:
-    view = memoryview(rows).cast("B")
-    while len(view):
-        view = view[f.write(view):]
-
-
-def _verify(readers: list[_Rows]) -> None:
-    """Every shard's CRC-32 over all its probs bytes (a PmlError naming the first that differs)."""
-    for reader in readers:
-        reader.verify()
-
-
-def _close(readers: list[_Rows]) -> None:
-    for reader in readers:
-        reader.close()
-
-
-# -- shard by shard, into a memory map: shards the block-wise merge does not take ------------------
-
-def _merge_by_shard(tmp: Path, shards: Shards, num_samples: int, num_classes: int, tolerance: float,
-                    folder: Path) -> int:
-    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(num_samples, num_classes))
-    # The file is sparse until written: reserve its blocks now (a SIGBUS on a full disk otherwise).
-    with open(tmp, "r+b") as f:
-        _reserve(f, os.fstat(f.fileno()).st_size)
-    owner = np.full(num_samples, -1, dtype=np.int32)  # which rank wrote each row
-    duplicates = 0
-    for manifest, info in shards:
-        duplicates += _add_shard(manifest, info, merged, owner, shards, tolerance)
-    missing = np.flatnonzero(owner < 0)
-    if len(missing):
-        raise PmlError(
-            f"{folder}: {len(missing)} of {num_samples} samples are in no shard "
-            f"(first: {missing[:5].tolist()})"
-        )
-    return duplicates
-
-
-def _add_shard(manifest: Path, info: dict, merged: np.ndarray, owner: np.ndarray, shards: Shards,
-               tolerance: float) -> int:
-    """Copy one shard's rows into `merged`; returns the rows it repeats (its own or earlier ranks')."""
-    npz = npz_of(manifest)
-    indices, probs = read_shard(npz, info["checksum"])
-    _check_shape(npz, info, indices, probs.shape, len(owner), merged.shape[1])
-    indices, probs, repeats = _without_repeats(npz, indices, probs, tolerance)
-    indices, probs, overlaps = _without_scored(npz, indices, probs, merged, owner, shards, tolerance)
-    merged[indices] = probs
-    owner[indices] = info["rank"]
-    return repeats + overlaps
-
-
-def _check_shape(npz: Path, info: dict, indices: np.ndarray, shape: tuple, num_samples: int,
-                 num_classes: int) -> None:
-    if len(indices) != info["count"] or tuple(shape) != (info["count"], num_classes):
-        raise PmlError(f"{npz}: holds {len(indices)} x {tuple(shape[1:])} values, its manifest says "
-                       f"{info['count']} x ({num_classes},)")
-    if len(indices) and (indices.min() < 0 or indices.max() >= num_samples):
+def _checked_arrays(npz: Path, info: dict, num_samples: int, num_classes: int) -> dict[str, np.ndarray]:
+    a = read_shard(npz, info["checksum"])
+    count, entries = info["count"], len(a["values"])
+    shapes_ok = (len(a["indices"]) == count and a["indptr"].shape == (count + 1,)
+                 and a["classes"].shape == (entries,) and int(a["indptr"][-1]) == entries
+                 and a["hist"].shape == (num_classes, HIST_BINS) and a["sums"].shape == (num_classes,)
+                 and a["values"].dtype == np.float16 and entries == info.get("entries", entries))
+    if not shapes_ok or info.get("num_classes") != num_classes:
+        raise PmlError(f"{npz}: holds {len(a['indices'])} rows and {entries} entries of "
+                       f"{a['hist'].shape[0]} classes, its manifest says {count} rows and "
+                       f"{info.get('entries')} entries of {info.get('num_classes')}; the split has "
+                       f"{num_classes} classes")
+    if count and (a["indices"].min() < 0 or a["indices"].max() >= num_samples):
         raise PmlError(f"{npz}: indices outside 0..{num_samples - 1}")
+    if entries and (a["classes"].min() < 0 or a["classes"].max() >= num_classes):
+        raise PmlError(f"{npz}: classes outside 0..{num_classes - 1}")
+    return a
 
 
-def _without_repeats(npz: Path, indices: np.ndarray, probs: np.ndarray, tolerance: float):
-    """A shard's rows with each index once. Padding repeats a sample inside one shard when there
-    are more ranks than samples; the repeats must agree."""
-    if np.all(indices[1:] > indices[:-1]):  # strictly increasing, the usual case: nothing to do
-        return indices, probs, 0
-    unique, first, inverse = np.unique(indices, return_index=True, return_inverse=True)
-    diff = _max_diff(probs[first][inverse], probs)
-    if (diff > tolerance).any():
-        raise PmlError(f"{npz}: sample {int(indices[np.argmax(diff)])} appears twice with "
-                       "different probabilities")
-    return unique, probs[first], len(indices) - len(unique)
+# -- which score of each sample is merged: the first, by rank then row; the others must agree -------
+
+class _First:
+    """Per sample: the rank whose shard holds its first score, where that row's entries start in
+    the shard, how many there are; the output's indptr; the number of later scores (padding)."""
+
+    def __init__(self, num_samples: int):
+        self.rank = np.full(num_samples, -1, dtype=np.int32)
+        self.start = np.zeros(num_samples, dtype=np.int64)
+        self.count = np.zeros(num_samples, dtype=np.int64)
+        self.indptr = np.zeros(num_samples + 1, dtype=np.int64)
+        self.duplicates = 0
 
 
-def _without_scored(npz: Path, indices: np.ndarray, probs: np.ndarray, merged: np.ndarray,
-                    owner: np.ndarray, shards: Shards, tolerance: float):
-    """A shard's rows that no earlier rank wrote. Padding hands some samples to two ranks; the
-    second score must agree with the one already merged."""
-    seen = owner[indices] >= 0
-    if not seen.any():
-        return indices, probs, 0
-    old_rows = indices[seen]
-    diff = _max_diff(merged[old_rows], probs[seen])
+def _first_scores(shards: Shards, arrays: list[dict], num_samples: int, num_classes: int,
+                  rule: StoreRule, tolerance: float, folder: Path) -> _First:
+    first = _First(num_samples)
+    for k, a in enumerate(arrays):
+        idx = np.asarray(a["indices"])
+        indptr = np.asarray(a["indptr"])
+        if np.all(idx[1:] > idx[:-1]):  # strictly increasing, the usual case
+            once = np.arange(len(idx))
+        else:
+            once = np.unique(idx, return_index=True)[1]
+        once = once[first.rank[idx[once]] < 0]  # rows whose sample no earlier rank scored
+        first.rank[idx[once]] = k
+        first.start[idx[once]] = indptr[once]
+        first.count[idx[once]] = indptr[once + 1] - indptr[once]
+        later = np.setdiff1d(np.arange(len(idx)), once, assume_unique=True)
+        for chunk in range(0, len(later), COMPARE_ROWS):
+            _check_repeats(shards, arrays, k, later[chunk:chunk + COMPARE_ROWS], first, num_classes,
+                           rule, tolerance)
+        first.duplicates += len(later)
+    missing = np.flatnonzero(first.rank < 0)
+    if len(missing):
+        raise PmlError(f"{folder}: {len(missing)} of {num_samples} samples are in no shard "
+                       f"(first: {missing[:5].tolist()})")
+    np.cumsum(first.count, out=first.indptr[1:])
+    return first
+
+
+def _check_repeats(shards: Shards, arrays: list[dict], k: int, rows: np.ndarray, first: _First,
+                   num_classes: int, rule: StoreRule, tolerance: float) -> None:
+    """Rows `rows` of shard k score samples already merged: each must agree with the merged score."""
+    a, idx = arrays[k], np.asarray(arrays[k]["indices"])[rows]
+    indptr = np.asarray(a["indptr"])
+    mine = _dense(a, indptr[rows], indptr[rows + 1] - indptr[rows], num_classes, rule)
+    owners = first.rank[idx]
+    diff = np.zeros(len(rows))
+    for owner in np.unique(owners):
+        at = owners == owner
+        theirs = _dense(arrays[owner], first.start[idx[at]], first.count[idx[at]], num_classes, rule)
+        diff[at] = _max_diff(mine[0][at], mine[1][at], theirs[0], theirs[1])
     bad = np.flatnonzero(diff > tolerance)
     if len(bad):
-        row = old_rows[bad[0]]
-        other = npz_of(shards[int(owner[row])][0])  # shards are by rank: entry r is rank r's
-        raise PmlError(f"{npz} and {other}: sample {row} scored twice with different "
-                       f"probabilities (max difference {diff[bad[0]]:.4g} > {tolerance})")
-    return indices[~seen], probs[~seen], int(seen.sum())
+        sample, owner = int(idx[bad[0]]), int(owners[bad[0]])
+        npz = npz_of(shards[k][0])
+        if owner == k:
+            raise PmlError(f"{npz}: sample {sample} appears twice with different probabilities")
+        raise PmlError(f"{npz} and {npz_of(shards[owner][0])}: sample {sample} scored twice with "
+                       f"different probabilities (max difference {diff[bad[0]]:.4g} > {tolerance})")
 
 
-def _max_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.abs(a.astype(np.float32) - b.astype(np.float32)).max(axis=1)
+def _dense(a: dict, starts: np.ndarray, counts: np.ndarray, num_classes: int,
+           rule: StoreRule) -> tuple[np.ndarray, np.ndarray]:
+    """(values, floor) of a few rows: float32 (m, L), NaN where nothing was kept; and per row the
+    floor of what it kept (min_prob, or its smallest kept value where top_k filled the row): a
+    probability it did not keep lies below that floor."""
+    values = np.full((len(starts), num_classes), np.nan, dtype=np.float32)
+    pos = ranges(starts, counts)
+    values[np.repeat(np.arange(len(starts)), counts), np.asarray(a["classes"])[pos]] = \
+        np.asarray(a["values"])[pos]
+    floor = np.full(len(starts), np.float32(np.float16(rule.min_prob)))
+    if rule.top_k is not None:
+        full = counts >= rule.top_k
+        if full.any():
+            floor[full] = np.nanmin(values[full], axis=1)
+    return values, floor
+
+
+def _max_diff(a: np.ndarray, fa: np.ndarray, b: np.ndarray, fb: np.ndarray) -> np.ndarray:
+    """Per row, the least |difference| the two scores can have: where one kept a value v and the
+    other did not, the other's lies below its floor, so they differ by at least v - floor."""
+    kept_a, kept_b = ~np.isnan(a), ~np.isnan(b)
+    diff = np.where(kept_a & kept_b, np.abs(a - b), 0)
+    diff = np.maximum(diff, np.where(kept_a & ~kept_b, a - fb[:, None], 0))
+    diff = np.maximum(diff, np.where(kept_b & ~kept_a, b - fa[:, None], 0))
+    return diff.max(axis=1) if diff.shape[1] else np.zeros(len(a))
+
+
+# -- the output: small members whole, the entries streamed block by block --------------------------
+
+def _write(tmp: Path, arrays: list[dict], first: _First, num_classes: int, rule: StoreRule) -> None:
+    hist = np.zeros((num_classes, HIST_BINS), dtype=np.int64)
+    sums = np.zeros(num_classes, dtype=np.float64)
+    for a in arrays:
+        hist += a["hist"]
+        sums += a["sums"]
+    small = {"indptr": first.indptr, "num_classes": np.int64(num_classes), "hist": hist, "sums": sums,
+             "min_prob": np.float64(rule.min_prob), "top_k": np.int64(rule.top_k or 0)}
+    entries = int(first.indptr[-1])
+    _write_npz(tmp, small, [
+        ("classes", np.dtype(np.int32), entries, lambda: _gathered(arrays, first, "classes", np.int32)),
+        ("values", np.dtype(np.float16), entries, lambda: _gathered(arrays, first, "values", np.float16)),
+    ])
+
+
+def _gathered(arrays: list[dict], first: _First, name: str, dtype) -> Iterator[np.ndarray]:
+    """The output's `name` entries, block by block, each sample's from the shard holding its first
+    score (the rows of one rank in a block are consecutive rows of its shard: one region of its file)."""
+    for lo, hi in entry_blocks(first.indptr):
+        base = first.indptr[lo]
+        out = np.empty(int(first.indptr[hi] - base), dtype=dtype)
+        ranks = first.rank[lo:hi]
+        for k in np.unique(ranks):
+            at = np.flatnonzero(ranks == k) + lo
+            counts = first.count[at]
+            out[ranges(first.indptr[at] - base, counts)] = np.asarray(arrays[k][name])[
+                ranges(first.start[at], counts)]
+        yield out
+
+
+def _write_npz(path: Path, small: dict[str, np.ndarray],
+               streamed: list[tuple[str, np.dtype, int, Callable[[], Iterator[np.ndarray]]]]) -> None:
+    """An uncompressed .npz, as np.savez writes it (so ffcv_data.prepared.mapped_npz maps it), whose
+    `streamed` members (name, dtype, length, blocks) are written block by block."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, array in small.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
+        for name, dtype, length, blocks in streamed:
+            with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {
+                    "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (length,)})
+                written = 0
+                for block in blocks():
+                    f.write(memoryview(np.ascontiguousarray(block, dtype=dtype)).cast("B"))
+                    written += len(block)
+                if written != length:
+                    raise RuntimeError(f"{path}: wrote {written} of {length} {name}")

@@ -10,37 +10,47 @@ import torch
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader, device, num_classes: int,
-            hflip_tta: bool = False, progress: str | None = None,
-            autocast: torch.dtype | None = None, keep_logits: bool = False) -> tuple[np.ndarray, dict]:
-    """(indices, {field: array}) for this rank's shard: 'probs' plus the loader's label fields.
-    A rank whose shard is empty (more ranks than samples) returns empty arrays of the right width.
+def scored_batches(model: torch.nn.Module, loader, device, hflip_tta: bool = False,
+                   progress: str | None = None, autocast: torch.dtype | None = None):
+    """(batch, fp32 logits) of every batch of `loader`, the model in eval mode meanwhile.
     progress: a label for a progress bar (None: no bar, e.g. on ranks other than 0).
     autocast: the forward passes' autocast dtype on CUDA (engine.autocast_dtype: bf16 when the
-    model trains in bf16), None for fp32; logits are averaged and squashed in fp32 either way.
-    keep_logits: also return the logits themselves, under 'logits'."""
+    model trains in bf16), None for fp32; logits are averaged in fp32 either way."""
     from tqdm import tqdm
 
     was_training = model.training
     model.eval()
     device = torch.device(device)
     use_autocast = autocast is not None and device.type == "cuda"
+    try:
+        for batch in tqdm(loader, desc=progress, disable=progress is None, leave=False):
+            images = batch["image"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast, enabled=use_autocast):
+                logits = model(images).float()
+                if hflip_tta:
+                    logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
+            yield batch, logits
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device, num_classes: int,
+            hflip_tta: bool = False, progress: str | None = None,
+            autocast: torch.dtype | None = None, keep_logits: bool = False) -> tuple[np.ndarray, dict]:
+    """(indices, {field: array}) for this rank's shard: 'probs' plus the loader's label fields.
+    A rank whose shard is empty (more ranks than samples) returns empty arrays of the right width.
+    progress, autocast: as scored_batches'. keep_logits: also return the logits, under 'logits'."""
     # Results stay where they were computed until the shard ends: one copy to the host then, not a
     # host sync per batch. Clones, since FFCV reuses its batch buffers.
     idx, probs, fields = [], [], {}
-    for batch in tqdm(loader, desc=progress, disable=progress is None, leave=False):
-        images = batch["image"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast, enabled=use_autocast):
-            logits = model(images).float()
-            if hflip_tta:
-                logits = (logits + model(torch.flip(images, dims=[3])).float()) / 2
+    for batch, logits in scored_batches(model, loader, device, hflip_tta, progress, autocast):
         probs.append(logits.sigmoid())
         if keep_logits:
             fields.setdefault("logits", []).append(logits)
         idx.append(batch["index"].clone())
         for name in loader.lookups:  # 0/1 (B, L) rows looked up for this batch: kept as uint8
             fields.setdefault(name, []).append(batch[name].to(torch.uint8))
-    model.train(was_training)
     if not probs:
         empty = np.zeros((0, num_classes), np.float32)
         return np.zeros(0, np.int64), {"probs": empty, **{k: empty for k in loader.lookups},

@@ -36,7 +36,7 @@ def pipeline(synthetic_root, tmp_path_factory):
 
 def test_every_stage_ran_and_the_report_lists_them(pipeline, capsys):
     run, overrides = pipeline
-    for path in ["data/stats.json", "teacher/result.json", "pseudo/probs.npy", "pseudo/stats.json",
+    for path in ["data/stats.json", "teacher/result.json", "pseudo/probs.npz", "pseudo/stats.json",
                  "students/tau-0.5/result.json", "students/tau-0.7/result.json",
                  "students/soft/result.json", "references/bce/result.json", "report.md", "report.json",
                  "chain-em/teacher/result.json", "chain-em/students/soft/result.json"]:

@@ -20,13 +20,14 @@ from pml_dist.layout import RunLayout
 from pml_dist.provenance import data_id, teacher_id
 from pml_dist.pseudo.infer import infer
 from pml_dist.pseudo.make import make_pseudo_labels
-from pml_dist.pseudo.shards import npz_checksum
+from pml_dist.pseudo.shards import SHARD_ARRAYS, npz_checksum
+from pml_dist.stored_probs import read_stored_probs
 
 pytestmark = pytest.mark.timeout(600)
 REPO = Path(__file__).resolve().parents[3]
 # 150 generated images -> 120 training samples: divides by neither 7 nor 9 (uneven shards).
 OVERRIDES = ["data.image_size=32", "data.max_resolution=48", "data.jit=false", "data.loader_workers=1",
-             "model.width=8", "infer.batch=16"]
+             "model.width=8", "infer.batch=16", "pseudo.store_min_prob=0"]  # keep every p: compared dense
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,13 @@ def prepared(synthetic_root, tmp_path_factory):
     (run / "teacher").mkdir()
     torch.save(model.state_dict(), run / "teacher" / "best.pt")
     return run, overrides
+
+
+def merged(run: Path) -> np.ndarray:
+    """The merged probabilities as an N x L float16 matrix (the default targets keep every one)."""
+    stored = read_stored_probs(run / "pseudo" / "probs.npz")
+    assert stored.rule.min_prob == 0.0 and stored.rule.top_k is None
+    return stored.dense()
 
 
 def clone(prepared, tmp_path) -> tuple[Path, list[str]]:
@@ -76,7 +84,7 @@ def single(prepared, tmp_path_factory):
     infer(cfg)
     mp.undo()
     make_pseudo_labels(cfg)
-    probs = np.load(run / "pseudo" / "probs.npy")
+    probs = merged(run)
     shutil.rmtree(run / "teacher" / "probs")
     shutil.rmtree(run / "pseudo")
     return probs
@@ -88,15 +96,36 @@ def test_sharded_inference_merges_to_the_single_process_result(prepared, single,
     run, overrides = clone(prepared, tmp_path)
     run_ranks(overrides, world, monkeypatch)
     result = make_pseudo_labels(load_config(None, overrides))
-    probs = np.load(run / "pseudo" / "probs.npy", mmap_mode="r")
+    probs = merged(run)
     assert probs.dtype == np.float16 and probs.shape == (120, 20)
-    np.testing.assert_array_equal(np.asarray(probs), single)
+    np.testing.assert_array_equal(probs, single)
     assert result["merge"]["padding_duplicates"] == (-120) % world
+    assert result["merge"]["entries"] == 120 * 20
+    stored = read_stored_probs(run / "pseudo" / "probs.npz")
+    assert (stored.hist.sum(axis=1) == 120).all()  # every sample once: padding left out
+    np.testing.assert_allclose(stored.sums, single.astype(np.float64).sum(axis=0), rtol=1e-9)
     record = json.loads((run / "pseudo" / "merge.json").read_text())
     assert record == json.loads(json.dumps(result["merge"]))
     layout = RunLayout(run)
-    assert record["inputs"] == {"teacher": teacher_id(layout), "data": data_id(layout)}
+    assert {k: record["inputs"][k] for k in ("teacher", "data")} == {"teacher": teacher_id(layout),
+                                                                      "data": data_id(layout)}
     assert (record["teacher_id"], record["data_id"]) == (teacher_id(layout), data_id(layout))
+
+
+def test_a_store_rule_keeps_the_largest_probabilities_above_min_prob_at_any_world_size(
+        prepared, single, tmp_path, monkeypatch):
+    """store_min_prob 0.5, store_top_k 3, over 7 ranks (padding): each row keeps its 3 largest p
+    >= 0.5 of the single-process scores; the histograms still count every p, once per sample."""
+    run, overrides = clone(prepared, tmp_path)
+    overrides = [*overrides, "pseudo.store_min_prob=0.5", "pseudo.store_top_k=3", "pseudo.taus=[0.5, 0.7]"]
+    run_ranks(overrides, 7, monkeypatch)
+    make_pseudo_labels(load_config(None, overrides))
+    stored = read_stored_probs(run / "pseudo" / "probs.npz")
+    assert stored.rule.min_prob == 0.5 and stored.rule.top_k == 3
+    third = np.sort(single.astype(np.float32), axis=1)[:, -3:-2]
+    want = np.where((single >= np.float16(0.5)) & (single >= third), single, 0).astype(np.float16)
+    np.testing.assert_array_equal(stored.dense(), want)
+    assert (stored.hist.sum(axis=1) == 120).all()
 
 
 @pytest.mark.slow
@@ -110,7 +139,7 @@ def test_two_real_processes(prepared, single, tmp_path):
         procs.append(subprocess.Popen([sys.executable, "-m", "pml_dist", "infer", *overrides], env=env))
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     assert main(["merge", *overrides]) == 0
-    np.testing.assert_array_equal(np.load(run / "pseudo" / "probs.npy"), single)
+    np.testing.assert_array_equal(merged(run), single)
 
 
 def test_rerun_skips_complete_shards(prepared, tmp_path, monkeypatch):
@@ -153,12 +182,12 @@ def test_a_rank_killed_mid_write_leaves_no_shard_and_a_rerun_fills_it(prepared, 
     assert not (folder / "shard-00001-of-00003.json").exists()
     with pytest.raises(PmlError, match=r"rank\(s\) \[1\] are missing"):
         make_pseudo_labels(load_config(None, overrides))
-    assert not (run / "pseudo" / "probs.npy").exists()
+    assert not (run / "pseudo" / "probs.npz").exists()
     run_ranks(overrides, 3, monkeypatch)  # the whole job again
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*") if p.name in kept} == kept
     assert (folder / "shard-00001-of-00003.json").is_file()
     make_pseudo_labels(load_config(None, overrides))
-    np.testing.assert_array_equal(np.load(run / "pseudo" / "probs.npy"), single)
+    np.testing.assert_array_equal(merged(run), single)
 
 
 def _one_line_enospc(err: str, path: Path) -> None:
@@ -192,7 +221,7 @@ def test_a_full_disk_stops_a_shard_write_with_one_line_and_keeps_what_was_comple
         run_ranks(overrides, 3, monkeypatch)
         assert {p.name: p.read_bytes() for p in folder.glob("shard-00000-*")} == before
         make_pseudo_labels(load_config(None, overrides))
-    np.testing.assert_array_equal(np.load(run / "pseudo" / "probs.npy"), single)
+    np.testing.assert_array_equal(merged(run), single)
 
 
 @pytest.mark.faults
@@ -200,9 +229,8 @@ def test_a_full_disk_stops_the_merge_with_one_line_and_keeps_the_previous_matrix
                                                                                 monkeypatch, capsys,
                                                                                 small_disk, fill_disk):
     """pseudo/ on a small real tmpfs holding a finished merge; the disk is then full but for one
-    page, less than the matrix (the merge reserves a matrix's blocks before it fills them: a sparse
-    memory map on a full disk dies of SIGBUS). `pml-dist merge` again: one line naming probs.npy
-    and ENOSPC (exit 2), the previous matrix byte for byte, no temporary file left."""
+    page, less than the merged file. `pml-dist merge` again: one line naming probs.npz and ENOSPC
+    (exit 2), the previous files byte for byte, no temporary file left."""
     run, overrides = clone(prepared, tmp_path)
     run_ranks(overrides, 3, monkeypatch)
     pseudo = run / "pseudo"
@@ -212,7 +240,7 @@ def test_a_full_disk_stops_the_merge_with_one_line_and_keeps_the_previous_matrix
         fill_disk(pseudo, leave=4096)
         capsys.readouterr()
         assert main(["merge", *overrides]) == 2
-        _one_line_enospc(capsys.readouterr().err, pseudo / "probs.npy")
+        _one_line_enospc(capsys.readouterr().err, pseudo / "probs.npz")
         after = {p.relative_to(pseudo): p.read_bytes() for p in pseudo.rglob("*") if p.is_file()}
         assert after.pop(Path("filler")) and after == before
 
@@ -220,12 +248,11 @@ def test_a_full_disk_stops_the_merge_with_one_line_and_keeps_the_previous_matrix
 def _rewrite(npz: Path, change) -> None:
     """Change a shard's arrays and keep its manifest consistent, so only the intended check fails."""
     with np.load(npz) as data:
-        indices, probs = data["indices"].copy(), data["probs"].copy()
-    indices, probs = change(indices, probs)
-    np.savez(npz, indices=indices, probs=probs)
+        arrays = change({k: data[k].copy() for k in SHARD_ARRAYS})
+    np.savez(npz, **arrays)
     manifest = npz.with_suffix(".json")
     info = json.loads(manifest.read_text())
-    info.update(count=len(indices), checksum=npz_checksum(npz))
+    info.update(count=len(arrays["indices"]), entries=len(arrays["values"]), checksum=npz_checksum(npz))
     manifest.write_text(json.dumps(info))
 
 
@@ -247,9 +274,14 @@ def _other_teacher(folder):
 
 def _duplicate_differs(folder):
     # world 3 over 120 samples has no padding: give rank 2 a copy of sample 0 with other values
-    def change(indices, probs):
-        extra = np.clip(probs[:1].astype(np.float32) + 0.25, 0, 1).astype(np.float16)
-        return np.concatenate([indices, [0]]), np.concatenate([probs, extra])
+    with np.load(folder / "shard-00000-of-00003.npz") as rank0:
+        classes, values = rank0["classes"][:rank0["indptr"][1]], rank0["values"][:rank0["indptr"][1]]
+    values = np.clip(values.astype(np.float32) + 0.25, 0, 1).astype(np.float16)
+
+    def change(a):
+        return {**a, "indices": np.append(a["indices"], 0), "indptr": np.append(a["indptr"], a["indptr"][-1]
+                                                                                + len(classes)),
+                "classes": np.append(a["classes"], classes), "values": np.append(a["values"], values)}
 
     _rewrite(folder / "shard-00002-of-00003.npz", change)
 
@@ -270,7 +302,18 @@ def _stale_world(folder):  # leftovers of an older 2-rank job beside the 3-rank 
 def _checksum(folder):
     npz = folder / "shard-00001-of-00003.npz"
     with np.load(npz) as data:
-        np.savez(npz, indices=data["indices"], probs=data["probs"] * np.float16(0.5))
+        arrays = {k: data[k] for k in SHARD_ARRAYS}
+    np.savez(npz, **{**arrays, "values": arrays["values"] * np.float16(0.5)})
+
+
+def _other_store(folder):  # a rank that kept by another rule (another store_min_prob)
+    manifest = folder / "shard-00001-of-00003.json"
+    info = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**info, "store": {"min_prob": 0.5, "top_k": None}}))
+
+
+def _class_out_of_range(folder):
+    _rewrite(folder / "shard-00000-of-00003.npz", lambda a: {**a, "classes": a["classes"] + 1})
 
 
 @pytest.mark.faults
@@ -283,6 +326,8 @@ def _checksum(folder):
     (_wrong_world, r"shard-00001-of-00003.json: manifest says rank 1 of world size 4"),
     (_stale_world, r"shards from different world sizes"),
     (_checksum, r"shard-00001-of-00003.npz: checksum does not match"),
+    (_other_store, r"shard\(s\) \['shard-00001-of-00003.json'\] come from another store rule"),
+    (_class_out_of_range, r"shard-00000-of-00003.npz: classes outside 0..19"),
 ])
 def test_bad_shards_are_refused_and_nothing_is_written(prepared, tmp_path, monkeypatch, damage, message):
     run, overrides = clone(prepared, tmp_path)
@@ -316,7 +361,7 @@ def test_sharded_inference_on_the_gpu_merges_to_the_cpu_result(prepared, single,
         infer(cfg)
     assert torch.cuda.max_memory_allocated() > 0  # the teacher ran on the GPU
     result = make_pseudo_labels(load_config(None, overrides))
-    probs = np.load(run / "pseudo" / "probs.npy")
+    probs = merged(run)
     assert probs.dtype == np.float16 and probs.shape == single.shape == (120, 20)
     assert result["merge"]["padding_duplicates"] == 0
     np.testing.assert_allclose(probs.astype(np.float32), single.astype(np.float32), rtol=0, atol=atol)

@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from ffcv_data.sparse import LabelRows
 from pml_dist.cli import main
 from pml_dist.config import load_config
+from pml_dist.stored_probs import ScoreKeeper, StoredProbs, StoreRule
 from pml_dist.training import engine
 from pml_dist.training.losses import build_loss
 from pml_dist.training.models import build_model, on_device, param_groups
-from pml_dist.training.targets import _lookup
+from pml_dist.training.targets import Target, pseudo_lookup
 from pml_dist.training.trainer import TrainModule, _Window
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -46,10 +48,17 @@ def test_bf16_autocast_step_with_batchnorm_is_finite_and_makes_no_host_sync():
     module = TrainModule(model, build_loss("bce", classes, n)).to(device)
     optimizer = engine.build_optimizer(load_config(None, ["train.device=cuda"]), param_groups(model, 1e-4),
                                        1e-3, on_gpu=True)
-    targets_of = _lookup((torch.rand(n, classes) < 0.1).float().numpy(), device)
+    keeper = ScoreKeeper(classes, StoreRule(0.3, None), "cpu")  # a teacher's kept probabilities
+    keeper.add(torch.rand(n, classes), n)
+    kept = keeper.arrays()
+    stored = StoredProbs(LabelRows(kept["indptr"], kept["classes"], classes), kept["values"], kept["hist"],
+                         kept["sums"], StoreRule(0.3, None))
+    targets_of = pseudo_lookup(stored, Target("tau-0.5", "hard", 0.5), device)
     channels_last = torch.channels_last  # as the loaders give CUDA batches
     batches = [{"image": torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=channels_last),
-                "index": torch.randint(0, n, (batch,), device=device, dtype=torch.int32)} for _ in range(5)]
+                "index": torch.randint(0, n, (batch,), device=device, dtype=torch.int32),
+                "observed": torch.nn.functional.one_hot(torch.randint(0, classes, (batch,), device=device),
+                                                        classes).float()} for _ in range(5)]
     bn = model.stem[1]
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     window = _Window()

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from ffcv_data.sparse import LabelRows
+from pml_dist.stored_probs import HIST_BINS, StoredProbs, StoreRule
 from pml_dist.training.checkpoint import _load_rng, _save_rng
-from pml_dist.training.targets import _lookup
+from pml_dist.training.targets import Target, pseudo_lookup
 from pml_dist.training.trainer import _Window
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -27,11 +29,28 @@ def test_the_window_sums_device_tensors_to_the_floats_it_summed_before():
     assert as_tensors.samples == 37 * 8
 
 
-def test_label_tables_are_looked_up_on_the_batch_device_without_a_host_copy():
-    table = np.arange(12, dtype=np.float32).reshape(6, 2)
-    lookup = _lookup(table)
-    rows = lookup({"index": torch.tensor([4, 1, 4], dtype=torch.int32), "image": torch.zeros(3)})
-    assert torch.equal(rows, torch.tensor([[8.0, 9.0], [2.0, 3.0], [8.0, 9.0]]))
+PROBS = np.array([[0.5, 0.0, 0.25], [0.0, 0.75, 0.0], [0.0, 0.0, 0.0], [1.0, 0.5, 0.125]], np.float16)
+
+
+def stored(probs: np.ndarray) -> StoredProbs:
+    """The nonzero probabilities kept (row-major, as inference keeps them)."""
+    num_classes = probs.shape[1]
+    return StoredProbs(LabelRows.from_dense(probs > 0), probs[probs > 0], np.zeros((num_classes, HIST_BINS)),
+                       np.zeros(num_classes), StoreRule(0.0, None))
+
+
+def batch(index: list[int], observed: list[int], device=None) -> dict:
+    return {"index": torch.tensor(index, dtype=torch.int32, device=device),  # as FFCV's IntDecoder gives
+            "observed": torch.nn.functional.one_hot(torch.tensor(observed, device=device), 3).float()}
+
+
+def test_pseudo_labels_are_the_rule_on_the_kept_probabilities_with_the_observed_positive():
+    soft = pseudo_lookup(stored(PROBS), Target("soft", "soft"))
+    rows = soft(batch([3, 1, 3, 2], [2, 0, 1, 1]))
+    assert torch.equal(rows, torch.tensor([[1.0, 0.5, 1.0], [1.0, 0.75, 0.0], [1.0, 1.0, 0.125],
+                                           [0.0, 1.0, 0.0]]))
+    hard = pseudo_lookup(stored(PROBS), Target("tau-0.5", "hard", 0.5))
+    assert torch.equal(hard(batch([0, 3], [1, 1])), torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]]))
 
 
 def test_rng_state_round_trip_on_cpu(tmp_path):
@@ -65,13 +84,13 @@ def test_rng_state_of_the_gpu_is_checkpointed(tmp_path):
 @needs_cuda
 def test_label_table_lives_on_the_gpu():
     device = torch.device("cuda", torch.cuda.current_device())
-    lookup = _lookup(np.eye(5, dtype=np.float32), device)
-    index = torch.tensor([3, 0], device=device, dtype=torch.int32)  # as FFCV's IntDecoder gives them
+    lookup = pseudo_lookup(stored(PROBS), Target("soft", "soft"), device)
+    on_gpu = batch([3, 1], [2, 0], device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        rows = lookup({"index": index, "image": torch.zeros(2, device=device)})
+        rows = lookup(on_gpu)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert rows.device == device
-    assert torch.equal(rows.cpu(), torch.eye(5)[[3, 0]])
+    assert torch.equal(rows.cpu(), torch.tensor([[1.0, 0.5, 1.0], [1.0, 0.75, 0.0]]))
