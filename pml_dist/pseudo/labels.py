@@ -54,35 +54,42 @@ def targets_of(stored: StoredProbs, observed: np.ndarray, taus: list[float], mod
 
 def class_prior_target(stored: StoredProbs, observed: np.ndarray, k: float) -> Target:
     """Each class's t_c and i_c: the round(prior_c x N)-th kept entry of the class by (p descending,
-    index ascending). The histograms give the bin it lies in; one pass collects the entries in or
-    above that bin (the count plus one bin's rows per class), which are then sorted."""
+    index ascending). The histograms give the bin b_c it lies in; one pass counts each class's kept
+    entries above b_c (all taken) and collects those in b_c, of which only the remaining ones
+    are chosen by sorting (so the time is linear in the kept entries, plus one bin's sort)."""
     n, num_classes = len(stored), stored.num_classes
     seen = np.bincount(observed[observed >= 0], minlength=num_classes)
     prior = np.clip(seen / n * k, 1.0 / n, 1.0)
     count = np.round(prior * n).astype(np.int64)
-    above = np.cumsum(stored.hist[:, ::-1], axis=1)[:, ::-1]  # rows with bin >= b, per class
-    first_bin = (above >= count[:, None]).sum(axis=1) - 1  # the bin of the count-th largest
+    at_or_above = np.cumsum(stored.hist[:, ::-1], axis=1)[:, ::-1]  # rows with bin >= b, per class
+    edge_bin = (at_or_above >= count[:, None]).sum(axis=1) - 1  # the bin of the count-th largest
+    kept, above = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
     rows, classes, values = [], [], []
     for lo, hi in entry_blocks(stored.rows.indptr):
         a, b = stored.rows.indptr[lo], stored.rows.indptr[hi]
         cls, val = np.asarray(stored.rows.classes[a:b]), np.asarray(stored.values[a:b])
-        near = float16_bins(val) >= first_bin[cls] - 1  # a bin's margin: float rounding at its edge
-        rows.append(np.repeat(np.arange(lo, hi), np.diff(stored.rows.indptr[lo:hi + 1]))[near])
-        classes.append(cls[near])
-        values.append(val[near])
+        bins = float16_bins(val)  # as the histograms binned every row
+        kept += np.bincount(cls, minlength=num_classes)
+        above += np.bincount(cls[bins > edge_bin[cls]], minlength=num_classes)
+        edge = bins == edge_bin[cls]
+        rows.append(np.repeat(np.arange(lo, hi), np.diff(stored.rows.indptr[lo:hi + 1]))[edge])
+        classes.append(cls[edge])
+        values.append(val[edge])
     rows, classes, values = (np.concatenate(x) for x in (rows, classes, values))
     order = np.lexsort((rows, -values.astype(np.float32), classes))
     rows, classes, values = rows[order], classes[order], values[order]
     starts = np.searchsorted(classes, np.arange(num_classes))
-    available = np.searchsorted(classes, np.arange(num_classes), side="right") - starts
-    taken = np.minimum(count, available)
+    in_edge = np.searchsorted(classes, np.arange(num_classes), side="right") - starts
+    # the histograms count every row, so fewer kept entries than rows lie above the edge bin
+    wanted = count - above
     thresholds = np.ones(num_classes, dtype=np.float16)  # no positive: p > 1 never holds
     last_rows = np.full(num_classes, -1, dtype=np.int64)
-    at = np.flatnonzero(taken > 0)
-    thresholds[at] = values[starts[at] + taken[at] - 1]
-    last_rows[at] = rows[starts[at] + taken[at] - 1]
-    short = np.flatnonzero(count > available)
-    extra = {"k": k, "short_classes": {int(c): {"wanted": int(count[c]), "kept": int(available[c])}
+    at = np.flatnonzero((wanted > 0) & (wanted <= in_edge))
+    thresholds[at] = values[starts[at] + wanted[at] - 1]
+    last_rows[at] = rows[starts[at] + wanted[at] - 1]
+    short = np.flatnonzero(wanted > in_edge)  # the kept entries cannot fill it: every one is taken
+    thresholds[short], last_rows[short] = 0.0, n
+    extra = {"k": k, "short_classes": {int(c): {"wanted": int(count[c]), "kept": int(kept[c])}
                                         for c in short}}
     return Target("class_prior", "class_prior", None, thresholds, last_rows, extra)
 

@@ -1,4 +1,7 @@
-"""Score a split on every rank (rank r takes indices r, r+W, ...) and gather the result on all ranks.
+"""Score a split on every rank (rank r takes indices r, r+W, ...) and compute its exact mAP without
+gathering the scores: every rank keeps its own N/W x L, the ranks exchange only the positives' scores
+and one sum of counts (pml_dist/training/metrics.py), and the test logits go to one file through a
+file per rank, merged block by block.
 
 No sampler padding: each sample is scored exactly once, so mAP is exact whatever the world size.
 """
@@ -60,14 +63,11 @@ def predict(model: torch.nn.Module, loader, device, num_classes: int,
 
 
 def gather(indices: np.ndarray, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
-    """All ranks' shards, ordered by sample index (identity when there is no process group)."""
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        parts: list = [None] * tdist.get_world_size()
-        tdist.all_gather_object(parts, (indices, arrays))
-        indices = np.concatenate([p[0] for p in parts])
-        arrays = {k: np.concatenate([p[1][k] for p in parts]) for k in arrays}
+    """All ranks' shards, ordered by sample index (identity when there is no process group). Only
+    EM+APL's dense per-sample state needs this (losses.dense_state_problem bounds it)."""
+    parts = _all_gather((indices, arrays))
+    indices = np.concatenate([p[0] for p in parts])
+    arrays = {k: np.concatenate([p[1][k] for p in parts]) for k in arrays}
     order = np.argsort(indices, kind="stable")
     return indices[order], {k: v[order] for k, v in arrays.items()}
 
@@ -90,16 +90,102 @@ def split_loader(cfg, split: str, info, device, label_fields: tuple[str, ...]):
 def evaluate(model, loader, device, num_classes: int, targets: str = "labels",
              autocast: torch.dtype | None = None, keep_logits: bool = False) -> dict:
     """mAP (percent) of `model` over the whole split behind the per-rank `loader`; every rank
-    returns the same result. targets: 'labels' (full) or 'observed'. autocast: as predict's.
-    keep_logits: also return the (N, L) logits in index order under "logits"."""
-    from pml_dist.training.metrics import mean_average_precision
+    returns the same result, equal to metrics.mean_average_precision of the gathered scores.
+    targets: 'labels' (full) or 'observed'. autocast: as predict's. keep_logits: also return this
+    rank's logits (samples r, r + W, ...) under "logits" (`write_rows` puts every rank's in one file)."""
+    from pml_dist.training import metrics
 
-    indices, arrays = gather(*predict(model, loader, device, num_classes, autocast=autocast,
-                                      keep_logits=keep_logits))
-    if not np.array_equal(indices, np.arange(len(indices))):
-        raise RuntimeError("gathered indices are not 0..N-1: the ranks' shards do not cover the split")
-    result = mean_average_precision(arrays["probs"], arrays[targets])
-    result["targets"] = targets
+    indices, arrays = predict(model, loader, device, num_classes, autocast=autocast, keep_logits=keep_logits)
+    rank, world = _rank_world()
+    probs, labels = arrays["probs"], arrays[targets]
+    classes, values = metrics.local_positives(probs, labels)
+    parts = _all_gather((len(indices), classes, values))
+    n = sum(p[0] for p in parts)
+    if not np.array_equal(indices, np.arange(rank, n, world)):
+        raise RuntimeError(f"rank {rank} scored other samples than {rank}, {rank} + {world}, ... of the "
+                           f"{n}: the ranks' shards do not cover the split")
+    classes, values = (np.concatenate([p[i] for p in parts]) for i in (1, 2))
+    negatives = _all_reduce_sum(metrics.negatives_at_or_above(probs, labels, classes, values))
+    result = metrics.summary(metrics.average_precision_from_counts(classes, values, negatives, num_classes))
+    result["targets"], result["num_samples"] = targets, n
     if keep_logits:
         result["logits"] = arrays["logits"]
     return result
+
+
+def write_rows(path, rows: np.ndarray, num_samples: int) -> None:
+    """Every rank's `rows` (rank r: samples r, r + W, ...) into one (N, L) float16 .npy at `path`,
+    on rank 0: each rank writes its part beside it, then rank 0 merges them block by block (memory:
+    a block) and removes them. Collective: every rank calls it."""
+    from pathlib import Path
+
+    from ffcv_data.atomic import save_with
+
+    path = Path(path)
+    rank, world = _rank_world()
+    part_of = [path.with_name(f".{path.stem}.rank-{r}-of-{world}.npy") for r in range(world)]
+    save_with(part_of[rank], lambda tmp: np.save(tmp, np.asarray(rows, np.float16)))
+    _barrier()
+    if rank == 0:
+        parts = [_mapped(part) for part in part_of]
+        width = rows.shape[1]
+        block = max(world, (4 << 20) // max(1, 2 * width) // world * world)  # rows, a multiple of W
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False,
+                                                         "shape": (num_samples, width)})
+                for lo in range(0, num_samples, block):
+                    out = np.empty((min(block, num_samples - lo), width), np.float16)
+                    for r, rows_r in enumerate(parts):
+                        out[r::world] = rows_r[lo // world:lo // world + len(out[r::world])]
+                    f.write(out.tobytes())
+
+        save_with(path, write)
+        for part in part_of:
+            part.unlink()
+    _barrier()
+
+
+def _mapped(path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:  # an empty part (more ranks than samples): nothing to map
+        return np.load(path)
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj) -> list:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        parts: list = [None] * tdist.get_world_size()
+        tdist.all_gather_object(parts, obj)
+        return parts
+    return [obj]
+
+
+def _all_reduce_sum(counts: np.ndarray) -> np.ndarray:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        tensor = torch.from_numpy(np.ascontiguousarray(counts, np.int64))
+        if tdist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        tdist.all_reduce(tensor)
+        return tensor.cpu().numpy()
+    return counts
+
+
+def _barrier() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.barrier()

@@ -47,7 +47,11 @@ def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> dict[str, 
     Returns {"map": percent or None when no class has a positive, "ap": per-class percent (None for
     classes without positives), "classes_without_positives": their indices, "num_classes_scored": int}.
     """
-    ap = average_precision(scores, labels)
+    return summary(average_precision(scores, labels))
+
+
+def summary(ap: np.ndarray) -> dict[str, Any]:
+    """mean_average_precision's dict from AP per class (NaN: no positive)."""
     scored = ~np.isnan(ap)
     return {
         "map": float(100.0 * ap[scored].mean()) if scored.any() else None,
@@ -55,6 +59,60 @@ def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> dict[str, 
         "classes_without_positives": [int(i) for i in np.flatnonzero(~scored)],
         "num_classes_scored": int(scored.sum()),
     }
+
+
+# -- the same AP from shards: each rank holds its own rows, nothing N x L is gathered --------------
+#
+# Only thresholds where a positive sits change AP (a threshold of negatives alone adds no recall), so
+# AP_c = sum over the positives of class c of P(s), P(s) = TP(s) / (TP(s) + FP(s)) with TP(s), FP(s)
+# the positives and negatives scoring >= s (ties form one threshold: every tied positive sees
+# them all). The positives' scores are few (sparse labels), so every rank gets all of them; each
+# rank counts its own negatives at or above each of them; one sum over ranks gives FP, and every
+# rank then computes the same AP as `average_precision` on the gathered matrix.
+
+
+def local_positives(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class, score) of every positive of this shard's (n, L) scores and 0/1 labels."""
+    rows, classes = np.nonzero(np.asarray(labels))
+    return classes.astype(np.int64), np.asarray(scores)[rows, classes]
+
+
+def negatives_at_or_above(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray,
+                          values: np.ndarray) -> np.ndarray:
+    """For each (class, score) query: how many of this shard's negatives of that class score >= it
+    (int64). One sort of the shard's scores per class, positives pushed below every score."""
+    scores = np.asarray(scores)
+    counts = np.zeros(len(classes), dtype=np.int64)
+    if not len(scores) or not len(classes):
+        return counts
+    negatives = np.where(np.asarray(labels) > 0, -np.inf, scores).T.astype(scores.dtype)  # (L, n)
+    negatives.sort(axis=1)
+    order = np.argsort(classes, kind="stable")
+    bounds = np.searchsorted(classes[order], np.arange(scores.shape[1] + 1))
+    for c in np.flatnonzero(np.diff(bounds)):
+        at = order[bounds[c]:bounds[c + 1]]
+        counts[at] = scores.shape[0] - np.searchsorted(negatives[c], values[at].astype(scores.dtype), "left")
+    return counts
+
+
+def average_precision_from_counts(classes: np.ndarray, values: np.ndarray, negatives_above: np.ndarray,
+                                  num_classes: int) -> np.ndarray:
+    """AP per class from every positive (class, score) of the split and the negatives scoring >=
+    each (summed over shards); NaN where a class has no positive. Equals `average_precision` (up to
+    the order of a float sum: 1e-14 here)."""
+    order = np.lexsort((-np.asarray(values, np.float64), classes))
+    classes, values, fp = classes[order], np.asarray(values, np.float64)[order], negatives_above[order]
+    n = len(classes)
+    # TP of a positive's threshold: positives of its class up to the last one tied with it
+    last = np.ones(n, dtype=bool)
+    last[:-1] = (classes[:-1] != classes[1:]) | (values[:-1] != values[1:])
+    end = np.minimum.accumulate(np.where(last, np.arange(n), n)[::-1])[::-1]  # index of its run's end
+    start = np.searchsorted(classes, classes)  # first positive of its class
+    tp = (end - start + 1).astype(np.float64)
+    num_pos = np.bincount(classes, minlength=num_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.bincount(classes, tp / (tp + fp), minlength=num_classes) / num_pos
+    return np.where(num_pos > 0, ap, np.nan)
 
 
 def _checked(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

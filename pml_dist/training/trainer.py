@@ -24,7 +24,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -39,7 +38,7 @@ from pml_dist.log import setup_logging
 from pml_dist.stages import Stage
 from pml_dist.training import checkpoint, engine
 from pml_dist.training.checkpoint import Checkpointer
-from pml_dist.training.evaluate import evaluate, gather, predict, split_loader
+from pml_dist.training.evaluate import evaluate, gather, predict, split_loader, write_rows
 from pml_dist.training.losses import LossParams, build_loss, dense_state_problem, param_groups_lr_mult
 from pml_dist.training.models import build_model, on_device, param_groups
 from pml_dist.training.stop import StopFlag, Stopped
@@ -342,8 +341,8 @@ class Trainer:
         loader = split_loader(self.cfg, "test", self.info, self.device, ("labels",))
         test = evaluate(self.net, loader, self.device, self.num_classes, autocast=self.autocast,
                         keep_logits=True)
-        if self.info.is_main:  # the report's paired intervals compare models on these (layout.py)
-            save_with(self.files.test_logits, lambda tmp: np.save(tmp, test["logits"].astype(np.float16)))
+        # the report's paired intervals compare models on these (layout.py); every rank writes its rows
+        write_rows(self.files.test_logits, test.pop("logits"), test["num_samples"])
         best = self.state.best
         self.metrics.write({"kind": "test", "step": best["step"], "epoch": best["epoch"], "map": test["map"],
                             "classes_without_positives": test["classes_without_positives"]})
