@@ -236,16 +236,26 @@ def _write(tmp: Path, arrays: list[dict], first: _First, num_classes: int, rule:
 
 def _gathered(arrays: list[dict], first: _First, name: str, dtype) -> Iterator[np.ndarray]:
     """The output's `name` entries, block by block, each sample's from the shard holding its first
-    score (the rows of one rank in a block are consecutive rows of its shard: one region of its file)."""
+    score. The rows of one rank in a block are usually consecutive rows of its shard (one region of
+    its file, read as a slice), and where every row of the block keeps as many entries (everything
+    kept, or top_k full) they are copied row by row, not entry by entry."""
     for lo, hi in entry_blocks(first.indptr):
         base = first.indptr[lo]
         out = np.empty(int(first.indptr[hi] - base), dtype=dtype)
-        ranks = first.rank[lo:hi]
+        ranks, counts = first.rank[lo:hi], first.count[lo:hi]
+        width = int(counts[0]) if len(counts) and (counts == counts[0]).all() else 0
         for k in np.unique(ranks):
-            at = np.flatnonzero(ranks == k) + lo
-            counts = first.count[at]
-            out[ranges(first.indptr[at] - base, counts)] = np.asarray(arrays[k][name])[
-                ranges(first.start[at], counts)]
+            rows = np.flatnonzero(ranks == k)
+            starts, sizes = first.start[rows + lo], counts[rows]
+            entries = np.asarray(arrays[k][name])
+            if (starts[1:] == starts[:-1] + sizes[:-1]).all():  # consecutive in the shard
+                src = entries[starts[0]:starts[-1] + sizes[-1]]
+            else:
+                src = entries[ranges(starts, sizes)]
+            if width:
+                out.reshape(-1, width)[rows] = src.reshape(-1, width)
+            else:
+                out[ranges(first.indptr[rows + lo] - base, sizes)] = src
         yield out
 
 
