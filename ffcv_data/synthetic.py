@@ -14,6 +14,12 @@ Layout (identical to COCO, so the same loaders serve both)::
 
 Everything is deterministic in ``seed``: every image gets its own random stream keyed by
 (seed, split role, index), so its pixels do not depend on generation order or on the other split.
+
+``num_classes`` above the 20 drawn categories adds tag classes, a label space as sparse as large
+sets have (Open Images: ~20k classes, a few per image): each image also carries 1 + Poisson(0.5)
+tags drawn from a long tail (weight ~ 1 / rank) over the other ``num_classes - 20`` classes, from a
+stream of its own, so the pixels and the drawn categories are those of the 20-class set. Tags are
+not drawn in the image: they exercise the label path at scale, not a model.
 """
 
 from __future__ import annotations
@@ -108,6 +114,8 @@ _PLACEMENT_TRIES = 12
 _MIN_PIXELS = 12  # a shape smaller than this is not recognisable; re-sample it
 
 _SPLIT_ROLES = {"train": 0, "test": 1}  # stream keys by role, so renaming a split keeps pixels
+_TAG_STREAM = 7  # the tags' random stream: (seed, role, index, _TAG_STREAM)
+_TAGS_EXTRA = 0.5  # tags per image: 1 + Poisson(0.5)
 _JPEG_QUALITY = 95
 
 
@@ -347,13 +355,28 @@ def _make_image(seed: int, role: int, index: int, size: int) -> tuple[Image.Imag
 # ----------------------------------------------------------------------------- COCO files
 
 
-def _categories_json() -> list[dict]:
-    return [{"id": i + 1, "name": CATEGORIES[i], "supercategory": shape}
-            for i, (shape, _, _) in enumerate(_CATEGORY_TABLE)]
+def _categories_json(num_classes: int) -> list[dict]:
+    drawn = [{"id": i + 1, "name": CATEGORIES[i], "supercategory": shape}
+             for i, (shape, _, _) in enumerate(_CATEGORY_TABLE)]
+    return drawn + [{"id": c, "name": f"tag {c}", "supercategory": "tag"}
+                    for c in range(len(CATEGORIES) + 1, num_classes + 1)]
+
+
+def _tags(seed: int, role: int, index: int, num_classes: int, size: int) -> list[dict]:
+    """The tag annotations of one image (none in the 20-class set), each over the whole image."""
+    tags = num_classes - len(CATEGORIES)
+    if tags <= 0:
+        return []
+    rng = np.random.default_rng([seed, role, index, _TAG_STREAM])
+    weights = 1.0 / np.arange(1, tags + 1)
+    drawn = rng.choice(tags, size=min(tags, 1 + rng.poisson(_TAGS_EXTRA)), replace=False,
+                       p=weights / weights.sum())
+    return [{"category_id": len(CATEGORIES) + 1 + int(t), "bbox": [0.0, 0.0, float(size), float(size)],
+             "area": float(size * size), "iscrowd": 0} for t in sorted(drawn)]
 
 
 def _write_split(root: Path, split: str, role: int, seed: int, n: int, size: int,
-                 first_image_id: int, first_ann_id: int) -> dict:
+                 first_image_id: int, first_ann_id: int, num_classes: int) -> dict:
     """Write one split's JPEGs and return its COCO dict (without 'info')."""
     (root / split).mkdir()
     images, annotations = [], []
@@ -362,13 +385,14 @@ def _write_split(root: Path, split: str, role: int, seed: int, n: int, size: int
         image_id = first_image_id + index
         file_name = f"{image_id:012d}.jpg"
         img, anns = _make_image(seed, role, index, size)
+        anns += _tags(seed, role, index, num_classes, size)
         img.save(root / split / file_name, format="JPEG", quality=_JPEG_QUALITY)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
         for ann in anns:
             annotations.append({"id": ann_id, "image_id": image_id, **ann})
             ann_id += 1
     return {"licenses": [], "images": images, "annotations": annotations,
-            "categories": _categories_json()}
+            "categories": _categories_json(num_classes)}
 
 
 def _info(split: str, seed: int, size: int) -> dict:
@@ -406,7 +430,10 @@ def summarize(out: str | Path, split: str) -> dict:
 
 
 def _check_args(n_train: int, n_test: int, image_size: int, train_split: str,
-                test_split: str) -> None:
+                test_split: str, num_classes: int) -> None:
+    if num_classes < len(CATEGORIES):
+        raise ValueError(f"num_classes must be >= {len(CATEGORIES)} (the drawn categories), "
+                         f"got {num_classes}")
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train and n_test must be >= 1, got {n_train}, {n_test}")
     if image_size < 32:
@@ -420,7 +447,7 @@ def _check_args(n_train: int, n_test: int, image_size: int, train_split: str,
 
 def make_synthetic(out: str | Path, seed: int = 0, n_train: int = 2000, n_test: int = 500,
                    image_size: int = 64, train_split: str = "train",
-                   test_split: str = "test") -> dict:
+                   test_split: str = "test", num_classes: int = len(CATEGORIES)) -> dict:
     """Generate the synthetic data set at `out` and return a summary per split.
 
     Built in a hidden sibling folder and renamed into place at the end, so an interrupted run
@@ -429,7 +456,7 @@ def make_synthetic(out: str | Path, seed: int = 0, n_train: int = 2000, n_test: 
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"refusing to overwrite existing data set folder: {out}")
-    _check_args(n_train, n_test, image_size, train_split, test_split)
+    _check_args(n_train, n_test, image_size, train_split, test_split, num_classes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():  # left by an earlier, killed run of a process with the same pid
@@ -440,7 +467,8 @@ def make_synthetic(out: str | Path, seed: int = 0, n_train: int = 2000, n_test: 
         next_image, next_ann = 1, 1
         for split, role, n in ((train_split, _SPLIT_ROLES["train"], n_train),
                                (test_split, _SPLIT_ROLES["test"], n_test)):
-            coco = _write_split(tmp, split, role, seed, n, image_size, next_image, next_ann)
+            coco = _write_split(tmp, split, role, seed, n, image_size, next_image, next_ann,
+                                num_classes)
             next_image += n
             next_ann += len(coco["annotations"])
             _write_json(tmp / "annotations" / f"instances_{split}.json",

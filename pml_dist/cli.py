@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=_at_least(1), default=2000, help="training images")
     p.add_argument("--test", type=_at_least(1), default=500, help="test images")
     p.add_argument("--size", type=_at_least(32), default=64, help="image side in pixels (>= 32)")
+    p.add_argument("--classes", type=_at_least(20), default=20,
+                   help="classes: the 20 drawn ones, and sparse tag classes above them")
 
     _add_config_args(sub.add_parser("prepare", help="encode train/val/test .beton files"))
     p = sub.add_parser("labels", help="a prepared split as CSV on stdout: row,file,observed,labels")
@@ -107,7 +109,7 @@ def cmd_make_synthetic(args) -> int:
     if args.out.exists():
         raise PmlError(f"{args.out} already exists; choose a new folder (nothing was changed)")
     summary = make_synthetic(args.out, seed=args.seed, n_train=args.train, n_test=args.test,
-                             image_size=args.size)
+                             image_size=args.size, num_classes=args.classes)
     log.info("wrote %s: %s", args.out, summary)
     return 0
 

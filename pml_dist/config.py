@@ -126,6 +126,7 @@ class DataSection:
     synthetic_seed: int = 0
     synthetic_train: int = 2000
     synthetic_test: int = 500
+    synthetic_classes: int = 20  # above 20: sparse tag classes beside the drawn ones (synthetic.py)
 
     def problems(self) -> list[str]:
         return _failed([
@@ -148,6 +149,7 @@ class DataSection:
             (self.loader_workers >= 0, "data.loader_workers", "must be >= 0 (0 = cores per local rank)"),
             (self.synthetic_train > 0 and self.synthetic_test > 0, "data.synthetic_train/test",
              "must be > 0"),
+            (self.synthetic_classes >= 20, "data.synthetic_classes", "must be >= 20 (the drawn categories)"),
             (self.train_split != self.test_split, "data.test_split", "must differ from data.train_split"),
         ])
 

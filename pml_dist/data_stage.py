@@ -40,4 +40,5 @@ def _generate(cfg: Config) -> None:
     d = cfg.data
     log.info("data.root %s does not exist: generating the built-in data set there", d.root)
     make_synthetic(d.root, seed=d.synthetic_seed, n_train=d.synthetic_train, n_test=d.synthetic_test,
-                   image_size=d.max_resolution, train_split=d.train_split, test_split=d.test_split)
+                   image_size=d.max_resolution, train_split=d.train_split, test_split=d.test_split,
+                   num_classes=d.synthetic_classes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
@@ -155,3 +156,28 @@ def test_label_statistics(tmp_path):
     assert list(counts) == CATEGORIES
     assert min(counts.values()) > 0
     assert max(counts.values()) >= 5 * min(counts.values())
+
+
+def test_tag_classes_make_a_sparse_label_space_over_the_same_pixels(tmp_path, small_set):
+    """num_classes 300: 280 tag classes beside the 20 drawn ones, 1 + Poisson(0.5) tags per image
+    from a long tail, each image's pixels and drawn categories unchanged."""
+    make_synthetic(tmp_path / "tags", seed=0, num_classes=300, **SMALL)
+    a, b = _tree_bytes(small_set), _tree_bytes(tmp_path / "tags")
+    jpegs = [k for k in a if k.endswith(".jpg")]
+    assert jpegs and all(a[k] == b[k] for k in jpegs) and b.keys() == a.keys()
+    for split in SPLITS:
+        old = json.loads(a[f"annotations/instances_{split}.json"])
+        new = json.loads(b[f"annotations/instances_{split}.json"])
+        assert [c["id"] for c in new["categories"]] == list(range(1, 301))
+        assert new["categories"][:20] == old["categories"]
+        drawn = [(x["image_id"], x["category_id"]) for x in new["annotations"] if x["category_id"] <= 20]
+        assert drawn == [(x["image_id"], x["category_id"]) for x in old["annotations"]]
+        tags = {}
+        for x in new["annotations"]:
+            if x["category_id"] > 20:
+                tags.setdefault(x["image_id"], []).append(x["category_id"])
+        assert set(tags) == {img["id"] for img in new["images"]}  # every image has a tag
+        per_image = [len(t) for t in tags.values()]
+        assert all(len(set(t)) == len(t) for t in tags.values()) and 1.2 < np.mean(per_image) < 1.9
+    with pytest.raises(ValueError, match="num_classes must be >= 20"):
+        make_synthetic(tmp_path / "few", seed=0, num_classes=19, **SMALL)
