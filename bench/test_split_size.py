@@ -43,6 +43,7 @@ def main() -> int:
     comparisons = json.loads(report.read_text())["comparisons"]
     cfg = load_config(args.run / "config.yaml")
     labels, probs = test_scores(seed_runs(cfg))
+    labels = labels.dense()  # subsets of images index its rows
     pairs = [(c["a"], c["b"]) for c in comparisons if c["a"] in probs and c["b"] in probs]
     total = labels.shape[0]
     rng = np.random.default_rng(0)

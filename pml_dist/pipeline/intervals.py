@@ -25,8 +25,14 @@ thresholds that hold a positive, so what a resample needs, per class and per suc
 weighted count of drawn images with score >= t and the weighted count of drawn positives with score >= t:
 differences of one cumulative sum of w gathered in the presorted order, read at precomputed positions
 (the ends of the tie groups). That runs on a block of resamples at once (a resamples x images array), for
-all classes together, in integer arithmetic (exact counts). A model's resampled mAPs are memoised, so a
-model compared with several others is computed once.
+a block of classes together, in integer arithmetic (exact counts). A model's resampled mAPs are memoised,
+so a model compared with several others is computed once.
+
+Memory: one block of classes at a time (_CLASS_BLOCK_BYTES of float64 scores), so the scores may be a
+memory-mapped float16 file (a test set x 20k classes) and the labels sparse rows (ffcv_data.sparse's
+LabelRows); the per-class APs of a resample are summed block by block. Cost per model: one sort of
+each class's scores, then per resample a pass over every class's sorted prefix down to its lowest
+positive (about N x L x 1000 integer additions at most; the report measures it, `pipeline/report.py`).
 """
 
 from __future__ import annotations
@@ -36,13 +42,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pml_dist.training.metrics import mean_average_precision
+from ffcv_data.sparse import LabelRows
+from pml_dist.training.metrics import average_precision
 
 # Resamples are drawn in chunks of this many; fixed so that the draws depend only on (N, resamples, seed)
 # and not on how many resamples the memory budget lets a block compute at once.
 _DRAW_CHUNK = 100
 # The working arrays of one block of resamples stay under about this many bytes (peak well under 1 GB).
 _BLOCK_BYTES = 32 * 2**20
+# The float64 scores of one block of classes stay under about this many bytes.
+_CLASS_BLOCK_BYTES = 64 * 2**20
 # resampled_map's memo: a row is `resamples` floats (8 kB for 1000); the oldest entries go first.
 _MEMO: dict[tuple, np.ndarray] = {}
 _MEMO_ENTRIES = 512
@@ -65,14 +74,15 @@ def paired_difference(a, b, labels, *, resamples: int = 1000, level: float = 0.9
     Returns {"diff", "low", "high", "level", "resamples", "images", "seeds", "verdict"}; diff is the
     mean over seeds of the per-seed differences on the full test set.
     """
-    a, b, labels = _stacked(a, labels, "a"), _stacked(b, labels, "b"), np.asarray(labels)
+    a, b = _stacked(a, labels, "a"), _stacked(b, labels, "b")
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got a {a.shape} and b {b.shape}")
     _check_options(resamples, level)
     seeds, images = a.shape[0], a.shape[1]
     diff = float(np.mean([_full_map(a[s], labels) - _full_map(b[s], labels) for s in range(seeds)]))
-    # one computation for both models: the same image draws, and one pass over every class and seed
-    maps = resampled_map(np.concatenate([a, b]), labels, resamples=resamples, seed=seed)
+    # the same image draws for both models (and every seed)
+    maps = np.concatenate([resampled_map(a, labels, resamples=resamples, seed=seed),
+                           resampled_map(b, labels, resamples=resamples, seed=seed)])
     low, high = _percentile_interval(maps[:seeds] - maps[seeds:], seeds, resamples, level, seed)
     return {"diff": diff, "low": low, "high": high, "level": level, "resamples": resamples,
             "images": images, "seeds": seeds, "verdict": verdict(low, high)}
@@ -84,7 +94,7 @@ def mean_ap_interval(a, labels, *, resamples: int = 1000, level: float = 0.95, s
     The same resampling as paired_difference (with the same seed, the same image and seed draws).
     Returns {"map", "low", "high", "level", "resamples", "images", "seeds"}.
     """
-    a, labels = _stacked(a, labels, "a"), np.asarray(labels)
+    a = _stacked(a, labels, "a")
     _check_options(resamples, level)
     seeds, images = a.shape[0], a.shape[1]
     value = float(np.mean([_full_map(a[s], labels) for s in range(seeds)]))
@@ -99,9 +109,10 @@ def resampled_map(scores, labels, *, resamples: int = 1000, seed: int = 0) -> np
 
     The image draws depend only on (N, resamples, seed), so calls with the same seed are paired. The
     rows are memoised by content: the report compares each model with several others, and a model's
-    row is computed once. NaN in a resample where no class has a positive.
+    row is computed once. NaN in a resample where no class has a positive. labels: (N, L) 0/1 or
+    LabelRows; scores may be memory-mapped (read a block of classes at a time).
     """
-    scores, labels = _stacked(scores, labels, "scores"), np.asarray(labels)
+    scores = _stacked(scores, labels, "scores")
     if resamples < 1:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
     weights = None
@@ -112,7 +123,13 @@ def resampled_map(scores, labels, *, resamples: int = 1000, seed: int = 0) -> np
         if row is None:
             if weights is None:
                 weights = _image_draws(x.shape[0], resamples, seed)
-            row = _weighted_map(_weighted_ap(_Layout.of(x, labels), weights))
+            total, scored = np.zeros(resamples), np.zeros(resamples, dtype=np.int64)
+            for block, y in _class_blocks(x, labels):  # per-class APs summed block by block
+                ap = _weighted_ap(_Layout.of(block, y), weights)
+                total += np.where(np.isnan(ap), 0.0, ap).sum(axis=1)
+                scored += (~np.isnan(ap)).sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                row = 100.0 * total / np.where(scored > 0, scored, np.nan)
             row.flags.writeable = False
             _MEMO[key] = row
             while len(_MEMO) > _MEMO_ENTRIES:
@@ -121,13 +138,33 @@ def resampled_map(scores, labels, *, resamples: int = 1000, seed: int = 0) -> np
     return np.stack(rows)
 
 
+def _class_blocks(x: np.ndarray, labels):
+    """(float64 scores (N, B), 0/1 labels (N, B)) of consecutive blocks of classes."""
+    n, num_classes = x.shape
+    width = max(1, _CLASS_BLOCK_BYTES // (8 * max(1, n)))
+    for c0 in range(0, num_classes, width):
+        c1 = min(num_classes, c0 + width)
+        yield np.asarray(x[:, c0:c1], dtype=np.float64), _label_block(labels, c0, c1)
+
+
+def _label_block(labels, c0: int, c1: int) -> np.ndarray:
+    """Columns c0..c1-1 of the labels as a dense uint8 (N, c1 - c0) block."""
+    if not isinstance(labels, LabelRows):
+        return np.asarray(labels[:, c0:c1])
+    classes = np.asarray(labels.classes)
+    inside = (classes >= c0) & (classes < c1)
+    out = np.zeros((len(labels), c1 - c0), dtype=np.uint8)
+    out[labels.row_of_each_class()[inside], classes[inside] - c0] = 1
+    return out
+
+
 def weighted_average_precision(scores, labels, weights) -> np.ndarray:
     """AP per class of `scores` (N, L) when image i counts weights[i] times (weights (N,) or (R, N) of
     non-negative integers): (L,) or (R, L), NaN for a class without a positive of nonzero weight.
 
     Equal to metrics.average_precision on the images repeated by their weights (np.repeat).
     """
-    scores, labels = _stacked(scores, labels, "scores"), np.asarray(labels)
+    scores, labels = _stacked(scores, labels, "scores"), _label_block(labels, 0, _shape(labels)[1])
     if scores.shape[0] != 1:
         raise ValueError(f"scores must be (N, L), got shape {scores.shape}")
     w = np.asarray(weights)
@@ -135,7 +172,7 @@ def weighted_average_precision(scores, labels, weights) -> np.ndarray:
         raise ValueError(f"weights must be (N,) or (R, N) with N = {scores.shape[1]}, got shape {w.shape}")
     if (w < 0).any() or (w != np.round(w)).any():
         raise ValueError("weights must be non-negative integers (how often each image was drawn)")
-    layout = _Layout.of(scores[0], labels)
+    layout = _Layout.of(np.asarray(scores[0], dtype=np.float64), labels)
     ap = np.full((1 if w.ndim == 1 else w.shape[0], scores.shape[2]), np.nan)
     ap[:, layout.classes] = _weighted_ap(layout, np.atleast_2d(w).astype(np.int64))
     return ap[0] if w.ndim == 1 else ap
@@ -263,18 +300,12 @@ class _PrefixSums:
         return [np.take(self.running, p[:r], mode="clip") for p in self.positions]
 
 
-def _weighted_map(ap: np.ndarray) -> np.ndarray:
-    """mAP in percent (R,) from AP (R, C): over the classes with a positive in each resample (NaN: none)."""
-    scored = ~np.isnan(ap)
-    n = scored.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return 100.0 * np.where(scored, ap, 0.0).sum(axis=1) / np.where(n > 0, n, np.nan)
-
-
-def _key(x: np.ndarray, labels: np.ndarray, resamples: int, seed: int) -> tuple:
+def _key(x: np.ndarray, labels, resamples: int, seed: int) -> tuple:
     """A memo key for one score matrix: its content (float64 bytes), the labels', and the draw."""
-    digest = hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16)
-    digest.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+    digest = hashlib.blake2b(digest_size=16)
+    for block, y in _class_blocks(x, labels):
+        digest.update(np.ascontiguousarray(block).tobytes())
+        digest.update(np.ascontiguousarray(y, dtype=np.uint8).tobytes())
     return x.shape, digest.hexdigest(), resamples, seed
 
 
@@ -313,28 +344,38 @@ def _percentile_interval(per_seed: np.ndarray, seeds: int, resamples: int, level
     return float(low), float(high)
 
 
-def _full_map(scores: np.ndarray, labels: np.ndarray) -> float:
-    value = mean_average_precision(scores, labels)["map"]
-    if value is None:
+def _full_map(scores: np.ndarray, labels) -> float:
+    """metrics.mean_average_precision's mAP, a block of classes at a time."""
+    ap = np.concatenate([average_precision(block, y) for block, y in _class_blocks(scores, labels)])
+    if np.isnan(ap).all():
         raise ValueError("labels have no positive: mAP is undefined")
-    return value
+    return float(100.0 * np.nanmean(ap))
+
+
+def _shape(labels) -> tuple:
+    return (len(labels), labels.num_classes) if isinstance(labels, LabelRows) else np.shape(labels)
 
 
 def _stacked(scores, labels, name: str) -> np.ndarray:
-    """scores as float64 (S, N, L) (float16 inputs: their ties stay ties), checked against labels (N, L)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    labels_shape = np.shape(labels)
+    """scores as (S, N, L), as given (a memory map stays one; float16 ties stay ties when the blocks
+    become float64), checked against labels (N, L), block by block of classes."""
+    scores = np.asarray(scores)
+    labels_shape = _shape(labels)
     if scores.ndim not in (2, 3):
         raise ValueError(f"{name} must be (N, L) or (S, N, L), got shape {scores.shape}")
-    if len(labels_shape) != 2 or scores.shape[-2:] != labels_shape:
-        raise ValueError(f"labels shape {labels_shape} must be the (N, L) of {name} shape {scores.shape}")
+    if len(labels_shape) != 2 or scores.shape[-2:] != tuple(labels_shape):
+        raise ValueError(f"labels shape {tuple(labels_shape)} must be the (N, L) of {name} shape "
+                         f"{scores.shape}")
     if scores.shape[-2] == 0:
         raise ValueError(f"{name} has no images: shape {scores.shape}")
-    if np.isnan(scores).any():
-        raise ValueError(f"{name} contains NaN")
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError("labels must be 0 or 1")
-    return scores[None] if scores.ndim == 2 else scores
+    scores = scores[None] if scores.ndim == 2 else scores
+    for x in scores:
+        for block, y in _class_blocks(x, labels):
+            if np.isnan(block).any():
+                raise ValueError(f"{name} contains NaN")
+            if not np.isin(y, (0, 1)).all():
+                raise ValueError("labels must be 0 or 1")
+    return scores
 
 
 def _check_options(resamples: int, level: float) -> None:

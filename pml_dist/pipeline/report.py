@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.atomic import write_json, write_text
+from ffcv_data.sparse import LabelRows
 from pml_dist.config import Config, git_revision
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout, StageResult
@@ -155,11 +156,13 @@ def summarize(reports: list[dict]) -> dict:
 # ------------------------------------------------------------------------ intervals and verdicts
 
 
-def test_scores(runs: list[Config]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The test labels and, per row id, the stage's test logits stacked over the seeds' runs
-    (S, N, L); a stage missing in any seed (not finished, or trained before they were kept) is
-    left out. AP needs only the order of the scores, so logits serve as the probabilities would."""
-    labels = RunLayout.of(runs[0]).data.labels("test").labels.dense()
+def test_scores(runs: list[Config]) -> tuple[LabelRows, dict[str, np.ndarray]]:
+    """The test labels (sparse) and, per row id, the stage's test logits stacked over the seeds'
+    runs (S, N, L), memory-mapped where there is one seed (intervals.py reads a block of classes at
+    a time); a stage missing in any seed (not finished, or trained before they were kept) is left
+    out. AP needs only the order of the scores, so logits serve as the probabilities would."""
+    labels = RunLayout.of(runs[0]).data.labels("test").labels
+    shape = (len(labels), labels.num_classes)
     paths: dict[str, list[Path]] = {}
     for run in runs:
         for entry in experiment(run, run):
@@ -169,10 +172,11 @@ def test_scores(runs: list[Config]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     scores = {}
     for name, files in paths.items():
         if len(files) == len(runs) and all(f.is_file() for f in files):
-            stacked = np.stack([np.load(f) for f in files])
-            if stacked.shape[1:] != labels.shape:
+            mapped = [np.load(f, mmap_mode="r") for f in files]
+            stacked = mapped[0][None] if len(mapped) == 1 else np.stack(mapped)
+            if stacked.shape[1:] != shape:
                 raise PmlError(f"{files[0]}: shape {stacked.shape[1:]} is not the test split's "
-                               f"{labels.shape}: retrain that stage")
+                               f"{shape}: retrain that stage")
             scores[name] = stacked
     return labels, scores
 
@@ -193,7 +197,7 @@ def own_teacher(rows: list[dict], student: dict) -> dict | None:
                  and r["round"] == student["round"]), None)
 
 
-def add_intervals(r: dict, labels: np.ndarray, scores: dict[str, np.ndarray]) -> None:
+def add_intervals(r: dict, labels: LabelRows, scores: dict[str, np.ndarray]) -> None:
     """Each row's test mAP interval, and `comparisons`: every student against its own teacher and
     each reference; a round's teacher against the teacher before it."""
     for row in r["rows"]:
@@ -223,7 +227,7 @@ def add_intervals(r: dict, labels: np.ndarray, scores: dict[str, np.ndarray]) ->
             if before is not None:
                 compare(row, before, "previous round")
     r["comparisons"] = comparisons
-    r["interval"] = {"level": 0.95, "resamples": RESAMPLES, "images": int(labels.shape[0]),
+    r["interval"] = {"level": 0.95, "resamples": RESAMPLES, "images": len(labels),
                      "seeds": len(r["seeds"])}
 
 

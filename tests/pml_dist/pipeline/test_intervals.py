@@ -273,3 +273,26 @@ def test_verdict():
     assert verdict(0.1, 2.0) == "yes"
     assert verdict(-2.0, -0.1) == "no"
     assert verdict(-0.1, 0.1) == verdict(0.0, 1.0) == verdict(-1.0, 0.0) == "not resolved"
+
+
+def test_class_blocks_from_a_memory_map_and_sparse_labels_give_the_same_intervals(tmp_path, monkeypatch):
+    """The report's path at scale: float16 logits memory-mapped from test_logits.npy, the labels as
+    sparse rows, read three classes at a time: the same intervals as the whole dense matrices."""
+    from ffcv_data.sparse import LabelRows
+
+    rng = np.random.default_rng(5)
+    a, labels = random_case(rng, 300, 11, "float16")
+    b = np.clip(a.astype(np.float32) + rng.normal(0, 0.05, a.shape), 0, 1).astype(np.float16)
+    whole = (paired_difference(a, b, labels, resamples=200), mean_ap_interval(a, labels, resamples=200))
+    intervals._MEMO.clear()
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    monkeypatch.setattr(intervals, "_CLASS_BLOCK_BYTES", 3 * 8 * 300)
+    mapped_a, mapped_b = (np.load(tmp_path / f, mmap_mode="r") for f in ("a.npy", "b.npy"))
+    sparse = LabelRows.from_dense(labels)
+    blocked = (paired_difference(mapped_a, mapped_b, sparse, resamples=200),
+               mean_ap_interval(mapped_a, sparse, resamples=200))
+    for got, want in zip(blocked, whole, strict=True):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, abs=1e-9) if isinstance(value, float) else value), key
