@@ -65,8 +65,9 @@ def pseudo_lookup(stored: StoredProbs, target: Target, device=None) -> TargetsOf
 
 @dataclass(frozen=True)
 class Target:
-    """One target's rule. `values` applies it to kept probabilities; a probability that was not kept
-    gives 0 (below every tau; what a soft or class-prior target loses when store_min_prob > 0)."""
+    """One target's rule (pml_dist/pseudo/labels.py makes them; pseudo/stats.json keeps them).
+    `on(device)` applies it to kept probabilities; a probability that was not kept gives 0 (below
+    every tau; what a soft or class-prior target loses when store_min_prob > 0)."""
 
     name: str
     mode: str  # hard | soft | class_prior
