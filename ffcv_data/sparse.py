@@ -72,9 +72,7 @@ class LabelRows:
             keep[rows] = True
             classes = self.classes[np.repeat(keep, counts)]
         else:
-            positions = (np.repeat(self.indptr[rows] - indptr[:-1], counts[rows])
-                         + np.arange(indptr[-1], dtype=np.int64))
-            classes = self.classes[positions]
+            classes = self.classes[ranges(self.indptr[rows], counts[rows])]
         return LabelRows(indptr, np.asarray(classes, dtype=np.int32), self.num_classes)
 
     def dense(self, rows: np.ndarray | None = None) -> np.ndarray:
@@ -88,6 +86,15 @@ class LabelRows:
     def equals(self, other: LabelRows) -> bool:
         return (self.num_classes == other.num_classes and np.array_equal(self.indptr, other.indptr)
                 and np.array_equal(self.classes, other.classes))
+
+
+def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """starts[0], starts[0] + 1, ..., starts[0] + counts[0] - 1, starts[1], ...: vectorised (the
+    positions of CSR rows' entries, one row after another)."""
+    counts = np.asarray(counts, np.int64)
+    ends = np.cumsum(counts)
+    return np.repeat(np.asarray(starts, np.int64) - (ends - counts), counts) + np.arange(
+        ends[-1] if len(ends) else 0, dtype=np.int64)
 
 
 class DeviceRows:

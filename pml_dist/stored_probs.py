@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.prepared import mapped_npz
-from ffcv_data.sparse import LabelRows
+from ffcv_data.sparse import LabelRows, ranges
 from pml_dist.errors import PmlError
 
 HIST_BINS = 100  # per-class histogram of p: bin floor(p * 100), 0.01 wide (p = 1 in the last); 800 bytes
@@ -96,14 +96,6 @@ def entry_positions(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
     starts = indptr[rows]
     counts = indptr[np.asarray(rows) + 1] - starts
     return ranges(starts, counts)
-
-
-def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """starts[0], starts[0] + 1, ..., starts[0] + counts[0] - 1, starts[1], ...: vectorised."""
-    counts = np.asarray(counts, np.int64)
-    ends = np.cumsum(counts)
-    return np.repeat(np.asarray(starts, np.int64) - (ends - counts), counts) + np.arange(
-        ends[-1] if len(ends) else 0, dtype=np.int64)
 
 
 def float16_bins(values) -> np.ndarray:

@@ -81,8 +81,7 @@ def paired_difference(a, b, labels, *, resamples: int = 1000, level: float = 0.9
     seeds, images = a.shape[0], a.shape[1]
     diff = float(np.mean([_full_map(a[s], labels) - _full_map(b[s], labels) for s in range(seeds)]))
     # the same image draws for both models (and every seed)
-    maps = np.concatenate([resampled_map(a, labels, resamples=resamples, seed=seed),
-                           resampled_map(b, labels, resamples=resamples, seed=seed)])
+    maps = np.concatenate([_resampled(a, labels, resamples, seed), _resampled(b, labels, resamples, seed)])
     low, high = _percentile_interval(maps[:seeds] - maps[seeds:], seeds, resamples, level, seed)
     return {"diff": diff, "low": low, "high": high, "level": level, "resamples": resamples,
             "images": images, "seeds": seeds, "verdict": verdict(low, high)}
@@ -98,7 +97,7 @@ def mean_ap_interval(a, labels, *, resamples: int = 1000, level: float = 0.95, s
     _check_options(resamples, level)
     seeds, images = a.shape[0], a.shape[1]
     value = float(np.mean([_full_map(a[s], labels) for s in range(seeds)]))
-    maps = resampled_map(a, labels, resamples=resamples, seed=seed)
+    maps = _resampled(a, labels, resamples, seed)
     low, high = _percentile_interval(maps, seeds, resamples, level, seed)
     return {"map": value, "low": low, "high": high, "level": level, "resamples": resamples,
             "images": images, "seeds": seeds}
@@ -115,6 +114,11 @@ def resampled_map(scores, labels, *, resamples: int = 1000, seed: int = 0) -> np
     scores = _stacked(scores, labels, "scores")
     if resamples < 1:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
+    return _resampled(scores, labels, resamples, seed)
+
+
+def _resampled(scores: np.ndarray, labels, resamples: int, seed: int) -> np.ndarray:
+    """resampled_map of scores already checked by _stacked (S, N, L)."""
     weights = None
     rows = []
     for x in scores:

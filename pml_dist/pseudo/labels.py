@@ -72,7 +72,7 @@ def class_prior_target(stored: StoredProbs, observed: np.ndarray, k: float) -> T
         kept += np.bincount(cls, minlength=num_classes)
         above += np.bincount(cls[bins > edge_bin[cls]], minlength=num_classes)
         edge = bins == edge_bin[cls]
-        rows.append(np.repeat(np.arange(lo, hi), np.diff(stored.rows.indptr[lo:hi + 1]))[edge])
+        rows.append(_block_rows(stored.rows.indptr, lo, hi)[edge])
         classes.append(cls[edge])
         values.append(val[edge])
     rows, classes, values = (np.concatenate(x) for x in (rows, classes, values))
@@ -139,7 +139,7 @@ class _Block:
                  full: LabelRows | None, negatives: LabelRows | None):
         num_classes = stored.num_classes
         a, b = stored.rows.indptr[lo], stored.rows.indptr[hi]
-        self.rows = np.repeat(np.arange(lo, hi), np.diff(stored.rows.indptr[lo:hi + 1]))
+        self.rows = _block_rows(stored.rows.indptr, lo, hi)
         self.classes = np.asarray(stored.rows.classes[a:b])
         self.values = np.asarray(stored.values[a:b])
         keys = self.rows * num_classes + self.classes  # ascending: rows in order, classes sorted
@@ -165,9 +165,13 @@ class _Block:
 
 def _keys(rows: LabelRows, lo: int, hi: int) -> np.ndarray:
     """row * L + class of rows lo..hi-1 of a CSR (ascending)."""
-    indptr = rows.indptr[lo:hi + 1]
-    row = np.repeat(np.arange(lo, hi), np.diff(indptr))
-    return row * rows.num_classes + np.asarray(rows.classes[indptr[0]:indptr[-1]])
+    a, b = rows.indptr[lo], rows.indptr[hi]
+    return _block_rows(rows.indptr, lo, hi) * rows.num_classes + np.asarray(rows.classes[a:b])
+
+
+def _block_rows(indptr: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The row of each entry of rows lo..hi-1 of a CSR (int64)."""
+    return np.repeat(np.arange(lo, hi), np.diff(indptr[lo:hi + 1]))
 
 
 def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:

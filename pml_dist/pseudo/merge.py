@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.atomic import save_with
+from ffcv_data.sparse import ranges
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout
 from pml_dist.pseudo.shards import npz_of, read_manifests, read_shard
-from pml_dist.stored_probs import HIST_BINS, StoreRule, entry_blocks, ranges
+from pml_dist.stored_probs import HIST_BINS, StoreRule, entry_blocks
 
 Shards = list[tuple[Path, dict]]  # (manifest path, manifest), by rank
 COMPARE_ROWS = 1024  # repeated rows compared per dense block

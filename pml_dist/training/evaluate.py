@@ -125,7 +125,7 @@ def write_rows(path, rows: np.ndarray, num_samples: int) -> None:
     rank, world = _rank_world()
     part_of = [path.with_name(f".{path.stem}.rank-{r}-of-{world}.npy") for r in range(world)]
     save_with(part_of[rank], lambda tmp: np.save(tmp, np.asarray(rows, np.float16)))
-    _barrier()
+    barrier()
     if rank == 0:
         parts = [_mapped(part) for part in part_of]
         width = rows.shape[1]
@@ -144,7 +144,7 @@ def write_rows(path, rows: np.ndarray, num_samples: int) -> None:
         save_with(path, write)
         for part in part_of:
             part.unlink()
-    _barrier()
+    barrier()
 
 
 def _mapped(path) -> np.ndarray:
@@ -184,7 +184,8 @@ def _all_reduce_sum(counts: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
     import torch.distributed as tdist
 
     if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:

@@ -38,7 +38,7 @@ from pml_dist.log import setup_logging
 from pml_dist.stages import Stage
 from pml_dist.training import checkpoint, engine
 from pml_dist.training.checkpoint import Checkpointer
-from pml_dist.training.evaluate import evaluate, gather, predict, split_loader, write_rows
+from pml_dist.training.evaluate import barrier, evaluate, gather, predict, split_loader, write_rows
 from pml_dist.training.losses import LossParams, build_loss, dense_state_problem, param_groups_lr_mult
 from pml_dist.training.models import build_model, on_device, param_groups
 from pml_dist.training.stop import StopFlag, Stopped
@@ -298,7 +298,7 @@ class Trainer:
     def _end_linear_init(self) -> None:
         """As Cole et al. fine-tune: from the best head-only epoch's weights, with a fresh optimizer,
         choosing the best epoch among the end-to-end ones only."""
-        _barrier()  # rank 0's best.pt is complete
+        barrier()  # rank 0's best.pt is complete
         self.net.load_state_dict(torch.load(self.files.best_weights, map_location=self.device,
                                             weights_only=True))
         optimizer = self.engine.optimizer
@@ -319,7 +319,7 @@ class Trainer:
             best = self.state.best
             log.info("%s done: best epoch %d, val mAP %.2f, test mAP %.2f", self.files.dir,
                      best["epoch"], best["val_map"], test["map"])
-        _barrier()
+        barrier()
         return result
 
     def _rank_digests(self) -> list[str]:
@@ -335,7 +335,7 @@ class Trainer:
         return digests
 
     def _test_best(self) -> dict:
-        _barrier()  # best.pt from rank 0 is complete
+        barrier()  # best.pt from rank 0 is complete
         self.net.load_state_dict(torch.load(self.files.best_weights, map_location=self.device,
                                             weights_only=True))
         loader = split_loader(self.cfg, "test", self.info, self.device, ("labels",))
@@ -394,7 +394,7 @@ class Trainer:
             for path in (self.files.result, self.files.best_weights, self.files.best_record,
                          self.files.metrics, self.files.derived, self.files.test_logits):
                 path.unlink(missing_ok=True)
-        _barrier()
+        barrier()
 
     def _resume(self) -> TrainState:
         state = TrainState()
@@ -503,13 +503,6 @@ def _backend() -> str:
     import torch.distributed as tdist
 
     return str(tdist.get_backend()) if tdist.is_initialized() else "none (one process)"
-
-
-def _barrier() -> None:
-    import torch.distributed as tdist
-
-    if tdist.is_initialized():
-        tdist.barrier()
 
 
 def _mean_over_ranks(value: float, device) -> float:
