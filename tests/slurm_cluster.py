@@ -165,6 +165,12 @@ class SlurmCluster:
         out = self.run("sbatch", "--parsable", *args, cwd=cwd).stdout.strip()
         return out.split(";")[0]
 
+    def job_ids(self) -> set[str]:
+        """Every job slurmctld knows, in any state (ended ones for MinJobAge=600 s): a command that
+        must submit nothing leaves this set as it found it. (Not "the queue is empty": a job an
+        earlier test cancelled can stay COMPLETING for a while.)"""
+        return set(self.run("squeue", "-h", "-t", "all", "-o", "%i").stdout.split())
+
     def squeue_states(self, job_id: str) -> list[str]:
         """States squeue knows for JOB_ID (one per array element); [] once purged (MinJobAge=600)."""
         res = self.run("squeue", "-h", "-t", "all", "-j", str(job_id), "-o", "%T", check=False)

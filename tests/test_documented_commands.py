@@ -78,10 +78,11 @@ def test_a_documented_run_plans_its_pipeline_on_the_test_cluster(where, argv, sl
     args = build_parser().parse_args(argv)
     seeds = ["--seeds", str(args.seeds)] if args.seeds else []
     config = args.config or "configs/demo.yaml"
+    known = slurm_cluster.job_ids()
     assert main(["run", "--executor", "slurm", "--dry-run", *seeds, "--config", config, *args.overrides,
                  *TEST_SITE, f"run.dir={tmp_path / 'run'}"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     jobs = [line.removeprefix("# ---- ") for line in out.splitlines() if line.startswith("# ---- ")]
     assert {"data", "teacher", "teacher/probs", "pseudo", "report"} <= set(jobs), jobs
     assert out.count("#!/bin/bash") == len(jobs)  # one checked script per job
-    assert slurm_cluster.run("squeue", "-h").stdout.strip() == ""  # nothing submitted
+    assert slurm_cluster.job_ids() == known  # nothing submitted

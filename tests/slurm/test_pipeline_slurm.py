@@ -204,10 +204,10 @@ def test_interrupted_training_requeues_and_matches_an_uninterrupted_run(slurm_cl
     from pml_dist.stages import Teacher
     from pml_dist.training.checkpoint import complete_steps
 
-    # 5 epochs of 3 steps of a wider model at 48 px: after the first checkpoint (step 2) the job
+    # 10 epochs of 3 steps of a wider model at 48 px: after the first checkpoint (step 2) the job
     # trains for many more seconds, so the signal lands inside training, not after its last step
     # (a stop request during the final evaluation is rightly ignored: the job is finishing anyway).
-    common = [f"data.root={synthetic_root}", *SMALL[:-7], "train.epochs=5", "train.ckpt_every=2",
+    common = [f"data.root={synthetic_root}", *SMALL[:-7], "train.epochs=10", "train.ckpt_every=2",
               "train.log_every=1", "model.width=32", "data.image_size=48"]
     slow = tmp_path / "slow-teardown"  # a rank whose exit takes 12 s (KillWait is 5 s)
     slow.mkdir()

@@ -89,6 +89,7 @@ def test_dry_run_prints_every_script_checked_by_slurm_and_submits_nothing(slurm_
     run = tmp_path / "run"
     overrides = [f"run.dir={run}", "pseudo.taus=[0.5, 0.7]", "pseudo.modes=[hard]", "report.references=[]",
                  "pseudo.teachers=[]", "slurm.env=[NCCL_DEBUG=WARN]"]
+    known = slurm_cluster.job_ids()
     assert main(["run", "--executor", "slurm", "--dry-run", *overrides]) == 0
     out = capsys.readouterr().out
     names = [line.removeprefix("# ---- ") for line in out.splitlines() if line.startswith("# ---- ")]
@@ -96,7 +97,7 @@ def test_dry_run_prints_every_script_checked_by_slurm_and_submits_nothing(slurm_
     assert out.count("#!/bin/bash") == 6 and out.count("export NCCL_DEBUG=WARN") == 6
     assert "#SBATCH --dependency='afterok:<teacher>'" in out and "#SBATCH --array=0-1%2" in out
     assert not run.exists()  # not even the run directory's config: nothing was submitted
-    assert slurm_cluster.run("squeue", "-h").stdout.strip() == ""
+    assert slurm_cluster.job_ids() == known
 
 
 def test_cancel_cancels_every_queued_job_of_the_run(slurm_cluster, tmp_path, capsys):
@@ -122,10 +123,11 @@ def test_cancel_cancels_every_queued_job_of_the_run(slurm_cluster, tmp_path, cap
 def test_a_job_the_site_refuses_is_one_line_naming_the_stage_and_nothing_is_queued(
         slurm_cluster, tmp_path, capsys, overrides, stage, reason):
     run = tmp_path / "run"
+    known = slurm_cluster.job_ids()
     assert main(["run", "--executor", "slurm", f"run.dir={run}", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"pml-dist run: error: {stage}: Slurm refuses the job: ") and reason in err
-    assert not (run / "jobs.json").exists() and slurm_cluster.run("squeue", "-h").stdout.strip() == ""
+    assert not (run / "jobs.json").exists() and slurm_cluster.job_ids() == known
 
 
 def test_a_limit_reached_while_submitting_names_the_stage_and_what_is_queued(slurm_cluster, tmp_path, capsys):
