@@ -92,25 +92,62 @@ def evaluate(model, loader, device, num_classes: int, targets: str = "labels",
     """mAP (percent) of `model` over the whole split behind the per-rank `loader`; every rank
     returns the same result, equal to metrics.mean_average_precision of the gathered scores.
     targets: 'labels' (full) or 'observed'. autocast: as predict's. keep_logits: also return this
-    rank's logits (samples r, r + W, ...) under "logits" (`write_rows` puts every rank's in one file)."""
+    rank's logits (samples r, r + W, ...) as float16 under "logits" (`write_rows` puts every rank's
+    in one file)."""
     from pml_dist.training import metrics
 
-    indices, arrays = predict(model, loader, device, num_classes, autocast=autocast, keep_logits=keep_logits)
+    indices, probs, cells, logits = _scored_shard(model, loader, device, num_classes, targets, autocast,
+                                                  keep_logits)
     rank, world = _rank_world()
-    probs, labels = arrays["probs"], arrays[targets]
-    classes, values = metrics.local_positives(probs, labels)
-    parts = _all_gather((len(indices), classes, values))
+    parts = _all_gather((len(indices), cells[1], probs[cells]))
     n = sum(p[0] for p in parts)
     if not np.array_equal(indices, np.arange(rank, n, world)):
         raise RuntimeError(f"rank {rank} scored other samples than {rank}, {rank} + {world}, ... of the "
                            f"{n}: the ranks' shards do not cover the split")
     classes, values = (np.concatenate([p[i] for p in parts]) for i in (1, 2))
-    negatives = _all_reduce_sum(metrics.negatives_at_or_above(probs, labels, classes, values))
+    negatives = _all_reduce_sum(metrics.negatives_at_or_above(probs, cells, classes, values))
     result = metrics.summary(metrics.average_precision_from_counts(classes, values, negatives, num_classes))
     result["targets"], result["num_samples"] = targets, n
     if keep_logits:
-        result["logits"] = arrays["logits"]
+        result["logits"] = logits
     return result
+
+
+@torch.no_grad()
+def _scored_shard(model, loader, device, num_classes: int, targets: str, autocast, keep_logits: bool):
+    """(indices, probabilities (n, L) float32, (rows, classes) of the positive cells of `targets`,
+    float16 logits or None) of this rank's shard, on the host.
+
+    Memory: the shard's probabilities are the one n x L array on the host (4 bytes a cell, 2 more
+    with the logits); the labels are never n x L there, only their positive cells. The batches stay
+    on the device until the shard ends (no host sync per batch), then move one by one into arrays
+    allocated once (on CPU the batches are freed as they are copied, so they are not held twice)."""
+    idx, probs, labels, logits = [], [], [], []
+    for batch, scored in scored_batches(model, loader, device, autocast=autocast):
+        idx.append(batch["index"].clone())  # a clone: FFCV reuses its batch buffers
+        probs.append(scored.sigmoid())
+        labels.append(batch[targets].to(torch.uint8))
+        if keep_logits:
+            logits.append(scored.half())
+    n = sum(len(i) for i in idx)
+    out_probs = np.empty((n, num_classes), np.float32)
+    out_logits = np.empty((n, num_classes), np.float16) if keep_logits else None
+    rows, classes = [], []
+    lo = 0
+    for b in range(len(idx)):
+        hi = lo + len(idx[b])
+        out_probs[lo:hi] = probs[b].cpu().numpy()
+        if keep_logits:
+            out_logits[lo:hi] = logits[b].cpu().numpy()
+            logits[b] = None
+        r, c = torch.nonzero(labels[b]).cpu().numpy().T.astype(np.int64)
+        rows.append(r + lo)
+        classes.append(c)
+        probs[b] = labels[b] = None
+        lo = hi
+    indices = torch.cat(idx).cpu().numpy() if idx else np.zeros(0, np.int64)
+    cells = (np.concatenate(rows), np.concatenate(classes)) if rows else (np.zeros(0, np.int64),) * 2
+    return indices, out_probs, cells, out_logits
 
 
 def write_rows(path, rows: np.ndarray, num_samples: int) -> None:

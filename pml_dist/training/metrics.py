@@ -71,27 +71,44 @@ def summary(ap: np.ndarray) -> dict[str, Any]:
 # rank then computes the same AP as `average_precision` on the gathered matrix.
 
 
-def local_positives(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(class, score) of every positive of this shard's (n, L) scores and 0/1 labels."""
+Cells = tuple[np.ndarray, np.ndarray]  # (rows, classes) of some cells of an (n, L) array
+
+
+def local_positives(scores: np.ndarray, labels: np.ndarray) -> tuple[Cells, np.ndarray]:
+    """((rows, classes), scores) of every positive of this shard's (n, L) scores and 0/1 labels."""
     rows, classes = np.nonzero(np.asarray(labels))
-    return classes.astype(np.int64), np.asarray(scores)[rows, classes]
+    return (rows, classes.astype(np.int64)), np.asarray(scores)[rows, classes]
 
 
-def negatives_at_or_above(scores: np.ndarray, labels: np.ndarray, classes: np.ndarray,
-                          values: np.ndarray) -> np.ndarray:
+def negatives_at_or_above(scores: np.ndarray, positives: Cells, classes: np.ndarray,
+                          values: np.ndarray, block_bytes: int = 64 * 2**20) -> np.ndarray:
     """For each (class, score) query: how many of this shard's negatives of that class score >= it
-    (int64). One sort of the shard's scores per class, positives pushed below every score."""
+    (int64). positives: (rows, classes) of this shard's positive cells. Each class's scores are
+    sorted once, the positives pushed below every score, a block of classes (about `block_bytes`)
+    at a time: memory beyond the scores is one block."""
     scores = np.asarray(scores)
+    n, num_classes = scores.shape
     counts = np.zeros(len(classes), dtype=np.int64)
-    if not len(scores) or not len(classes):
+    if not n or not len(classes):
         return counts
-    negatives = np.where(np.asarray(labels) > 0, -np.inf, scores).T.astype(scores.dtype)  # (L, n)
-    negatives.sort(axis=1)
+    pos_rows, pos_classes = (np.asarray(a, np.int64) for a in positives)
     order = np.argsort(classes, kind="stable")
-    bounds = np.searchsorted(classes[order], np.arange(scores.shape[1] + 1))
-    for c in np.flatnonzero(np.diff(bounds)):
-        at = order[bounds[c]:bounds[c + 1]]
-        counts[at] = scores.shape[0] - np.searchsorted(negatives[c], values[at].astype(scores.dtype), "left")
+    bounds = np.searchsorted(classes[order], np.arange(num_classes + 1))
+    pos_order = np.argsort(pos_classes, kind="stable")
+    pos_bounds = np.searchsorted(pos_classes[pos_order], np.arange(num_classes + 1))
+    width = max(1, block_bytes // (scores.itemsize * n))
+    for c0 in range(0, num_classes, width):
+        c1 = min(num_classes, c0 + width)
+        if bounds[c0] == bounds[c1]:
+            continue  # no query in these classes
+        block = np.ascontiguousarray(scores[:, c0:c1].T)  # (B, n): a class's scores in one row
+        mine = pos_order[pos_bounds[c0]:pos_bounds[c1]]
+        block[pos_classes[mine] - c0, pos_rows[mine]] = -np.inf
+        block.sort(axis=1)
+        for c in range(c0, c1):
+            at = order[bounds[c]:bounds[c + 1]]
+            if len(at):
+                counts[at] = n - np.searchsorted(block[c - c0], values[at].astype(scores.dtype), "left")
     return counts
 
 

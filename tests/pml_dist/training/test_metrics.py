@@ -118,11 +118,12 @@ def test_bad_inputs_raise(scores, labels, match):
         average_precision(scores, labels)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 7])
-def test_ap_from_every_rank_s_counts_equals_ap_of_the_gathered_scores(world):
+@pytest.mark.parametrize("world, block_bytes", [(1, 1), (2, 64 << 20), (3, 40), (7, 64 << 20)])
+def test_ap_from_every_rank_s_counts_equals_ap_of_the_gathered_scores(world, block_bytes):
     """evaluate.py's path: each rank's own rows (r, r + W, ...), the positives' scores exchanged, the
-    negatives at or above each counted per rank and summed. Ties (float16-like levels), a class
-    without positives, and shards with no rows (more ranks than samples) included."""
+    negatives at or above each counted per rank (a block of classes at a time: one class per block,
+    a few, all) and summed. Ties (float16-like levels), a class without positives, and shards with no
+    rows (more ranks than samples) included."""
     rng = np.random.default_rng(world)
     for trial in range(15):
         n, num_classes = int(rng.integers(1, 80)), int(rng.integers(1, 9))
@@ -133,9 +134,10 @@ def test_ap_from_every_rank_s_counts_equals_ap_of_the_gathered_scores(world):
         labels[:, 0] = 0
         parts = [np.arange(rank, n, world) for rank in range(world)]
         positives = [local_positives(scores[rows], labels[rows]) for rows in parts]
-        classes = np.concatenate([p[0] for p in positives])
-        values = np.concatenate([p[1] for p in positives])
-        negatives = sum(negatives_at_or_above(scores[rows], labels[rows], classes, values) for rows in parts)
+        classes = np.concatenate([cells[1] for cells, _ in positives])
+        values = np.concatenate([v for _, v in positives])
+        negatives = sum(negatives_at_or_above(scores[rows], cells, classes, values, block_bytes)
+                        for rows, (cells, _) in zip(parts, positives, strict=True))
         got = average_precision_from_counts(classes, values, negatives, num_classes)
         want = average_precision(scores, labels)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=f"trial {trial}")
