@@ -360,10 +360,33 @@ def _shape(labels) -> tuple:
     return (len(labels), labels.num_classes) if isinstance(labels, LabelRows) else np.shape(labels)
 
 
-def _stacked(scores, labels, name: str) -> np.ndarray:
-    """scores as (S, N, L), as given (a memory map stays one; float16 ties stay ties when the blocks
-    become float64), checked against labels (N, L), block by block of classes."""
-    scores = np.asarray(scores)
+class Seeds:
+    """S seeds' (N, L) scores used as one (S, N, L) array without stacking them (each may be a memory
+    map, read a block of classes at a time): what the report passes for a model trained with S seeds."""
+
+    def __init__(self, arrays):
+        self.arrays = list(arrays)
+        shapes = {np.shape(a) for a in self.arrays}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"seeds must be (N, L) arrays of one shape, got shapes {sorted(shapes)}")
+        self.shape = (len(self.arrays), *shapes.pop())
+        self.ndim = 3
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, s: int) -> np.ndarray:
+        return self.arrays[s]
+
+    def __iter__(self):
+        return iter(self.arrays)
+
+
+def _stacked(scores, labels, name: str):
+    """scores as (S, N, L) (an array, or Seeds), as given (a memory map stays one; float16 ties stay
+    ties when the blocks become float64), checked against labels (N, L), block by block of classes."""
+    if not isinstance(scores, Seeds):
+        scores = np.asarray(scores)
     labels_shape = _shape(labels)
     if scores.ndim not in (2, 3):
         raise ValueError(f"{name} must be (N, L) or (S, N, L), got shape {scores.shape}")

@@ -26,7 +26,7 @@ from pml_dist.config import Config, git_revision
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout, StageResult
 from pml_dist.pipeline.figures import figures
-from pml_dist.pipeline.intervals import mean_ap_interval, paired_difference
+from pml_dist.pipeline.intervals import Seeds, mean_ap_interval, paired_difference
 from pml_dist.pipeline.names import DATA_SET_LABELS, loss_label, published_record
 from pml_dist.pipeline.stage_list import Entry, experiment, report_inputs
 from pml_dist.pipeline.subruns import seed_runs
@@ -158,7 +158,7 @@ def summarize(reports: list[dict]) -> dict:
 
 def test_scores(runs: list[Config]) -> tuple[LabelRows, dict[str, np.ndarray]]:
     """The test labels (sparse) and, per row id, the stage's test logits stacked over the seeds'
-    runs (S, N, L), memory-mapped where there is one seed (intervals.py reads a block of classes at
+    runs (S, N, L), each seed's memory-mapped, not stacked (intervals.py reads a block of classes at
     a time); a stage missing in any seed (not finished, or trained before they were kept) is left
     out. AP needs only the order of the scores, so logits serve as the probabilities would."""
     labels = RunLayout.of(runs[0]).data.labels("test").labels
@@ -172,8 +172,7 @@ def test_scores(runs: list[Config]) -> tuple[LabelRows, dict[str, np.ndarray]]:
     scores = {}
     for name, files in paths.items():
         if len(files) == len(runs) and all(f.is_file() for f in files):
-            mapped = [np.load(f, mmap_mode="r") for f in files]
-            stacked = mapped[0][None] if len(mapped) == 1 else np.stack(mapped)
+            stacked = Seeds(np.load(f, mmap_mode="r") for f in files)
             if stacked.shape[1:] != shape:
                 raise PmlError(f"{files[0]}: shape {stacked.shape[1:]} is not the test split's "
                                f"{shape}: retrain that stage")

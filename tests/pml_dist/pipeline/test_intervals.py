@@ -296,3 +296,27 @@ def test_class_blocks_from_a_memory_map_and_sparse_labels_give_the_same_interval
         assert got.keys() == want.keys()
         for key, value in want.items():
             assert got[key] == (pytest.approx(value, abs=1e-9) if isinstance(value, float) else value), key
+
+
+def test_seeds_memory_mapped_one_by_one_give_the_intervals_of_the_stacked_array(tmp_path):
+    """The report's S seeds: each seed's test logits a memory map of its own, passed as Seeds (never
+    stacked into one S x N x L array): the same intervals as the stacked array; mismatched seeds are
+    refused with their shapes."""
+    rng = np.random.default_rng(6)
+    a, labels = random_case(rng, 200, 7, "float16")
+    seeds_a = [a, np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1).astype(np.float16)]
+    seeds_b = [np.clip(s + rng.normal(0, 0.1, a.shape), 0, 1).astype(np.float16) for s in seeds_a]
+    whole = (paired_difference(np.stack(seeds_a), np.stack(seeds_b), labels, resamples=100),
+             mean_ap_interval(np.stack(seeds_a), labels, resamples=100))
+    intervals._MEMO.clear()
+    mapped = {}
+    for name, arrays in (("a", seeds_a), ("b", seeds_b)):
+        for s, x in enumerate(arrays):
+            np.save(tmp_path / f"{name}{s}.npy", x)
+        mapped[name] = intervals.Seeds(np.load(tmp_path / f"{name}{s}.npy", mmap_mode="r") for s in range(2))
+    assert mapped["a"].shape == (2, 200, 7)
+    lazy = (paired_difference(mapped["a"], mapped["b"], labels, resamples=100),
+            mean_ap_interval(mapped["a"], labels, resamples=100))
+    assert lazy == whole
+    with pytest.raises(ValueError, match=r"one shape, got shapes \[\(200, 6\), \(200, 7\)\]"):
+        intervals.Seeds([a, a[:, :6]])
