@@ -2,20 +2,27 @@
 
 COCO's category ids are not contiguous (1..90 with gaps); they are mapped to 0..L-1 in id order.
 Images without annotations are dropped and counted, as Cole et al. 2021 do. Problems a user can fix
-(malformed JSON, an id that is not a JSON integer, two records with the same id (or two images with the
-same file), unknown category, annotation of a missing image, missing image file, empty split) raise
-`DataError` naming the file and record(s), before anything is written.
+(malformed JSON, an id that is not a JSON integer or does not fit in 64 bits, two records with the same
+id (or two images with the same file), unknown category, annotation of a missing image, missing image
+file, empty split) raise `DataError` naming the file and record(s), before anything is written.
+
+The file is read as a stream (json_stream.py), so that a COCO-format file at OpenImages size (9M images)
+fits: of each record only its ids (int64 columns) and an image's file name (UTF-8 bytes) are kept, the
+rest (polygons, boxes) is dropped as it is read. The checks then run on the columns, vectorised. Of a
+file's several problems the one reported is the one a reader of the whole file, checking in this order,
+meets first: the records of categories, images, annotations (wherever the file lists them), file name
+types, repeated ids, then references.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
+from array import array
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from ffcv_data import json_stream
 from ffcv_data.errors import DataError
 from ffcv_data.source import SourceSplit, check_images_exist
 from ffcv_data.sparse import LabelRows
@@ -31,115 +38,228 @@ def read_split(root: str | Path, split: str, images: Path | None = None) -> Sour
     the ids sorted as strings, and number the classes in the order the file lists them."""
     root = Path(root)
     ann_file = annotation_path(root, split)
-    dataset = _load_json(ann_file)
-    coco = _index(dataset, ann_file)
+    cats, imgs, anns = _read(ann_file)
+    _check_records(cats, imgs, anns, ann_file)
 
-    category_ids = sorted(coco.getCatIds())
-    if not category_ids:
+    category_ids = np.sort(cats.column("id"))
+    image_order = np.argsort(imgs.column("id"), kind="stable")
+    image_ids = imgs.column("id")[image_order]
+    column = _positions(category_ids, anns.column("category_id"))  # -1: not in 'categories'
+    rank = _positions(image_ids, anns.column("image_id"))  # position in image_ids, -1: not in 'images'
+    _check_references(anns, column, rank, ann_file)
+    if not len(category_ids):
         raise DataError(f"{ann_file}: 'categories' is empty")
-    column = {cat_id: i for i, cat_id in enumerate(category_ids)}
-    names = [coco.cats[c]["name"] for c in category_ids]
 
-    image_ids = sorted(coco.getImgIds())
-    kept_ids, files, label_sets = [], [], []
-    dropped = {"no_annotations": 0}
-    for image_id in image_ids:
-        anns = coco.imgToAnns.get(image_id, [])
-        if not anns:
-            dropped["no_annotations"] += 1
-            continue
-        kept_ids.append(image_id)
-        files.append(root / split / coco.imgs[image_id]["file_name"])
-        label_sets.append([column[ann["category_id"]] for ann in anns])
-
-    if not kept_ids:
+    annotated = np.zeros(len(image_ids), dtype=bool)
+    annotated[rank] = True
+    kept = np.flatnonzero(annotated)
+    if not len(kept):
         raise DataError(
             f"{ann_file}: split '{split}' is empty ({len(image_ids)} images read, none with annotations)"
         )
-    keys = np.asarray(kept_ids, dtype=np.int64)
+    row = np.cumsum(annotated) - 1  # position in image_ids -> row
+    num_classes = len(category_ids)
+    # a class labelled twice in one image is one label: np.unique keeps one key of the pair
+    labels = LabelRows.from_keys(np.unique(row[rank] * num_classes + column), len(kept), num_classes)
+    name_of = {rec["id"]: rec["name"] for rec in cats.records}
+    keys = image_ids[kept]
     out = SourceSplit(
-        name=split, source_file=ann_file, label_files=[ann_file], image_root=root / split, files=files,
-        keys=keys, labels=LabelRows.from_sets(label_sets, len(names)), class_names=names,
-        class_ids=category_ids,
+        name=split, source_file=ann_file, label_files=[ann_file], image_root=root / split,
+        files=[root / split / imgs.file_name(i) for i in image_order[kept].tolist()],
+        keys=keys, labels=labels, class_names=[name_of[c] for c in category_ids.tolist()],
+        class_ids=category_ids.tolist(),
         reference_order=np.argsort(keys.astype(str), kind="stable"),  # "100" before "25"
-        reference_classes=np.asarray([column[c["id"]] for c in dataset["categories"]], dtype=np.int64),
-        images_read=len(image_ids), dropped=dropped,
+        reference_classes=np.searchsorted(category_ids, cats.column("id")).astype(np.int64),
+        images_read=len(image_ids), dropped={"no_annotations": len(image_ids) - len(kept)},
     )
     check_images_exist(out)
     return out
 
 
-def _load_json(path: Path) -> dict:
+class _Records:
+    """One of the file's lists, taken record by record: its id fields (id, *_id) as int64 columns,
+    and the first record that lacks a field or has an id that is not a JSON integer. That problem is
+    raised once the whole file is read (a malformed file, or a problem of a list checked before this
+    one, is reported first); after it, nothing more is kept."""
+
+    def __init__(self, key: str, fields: tuple[str, ...]):
+        self.key, self.fields, self._field_set = key, fields, set(fields)
+        self.id_fields = tuple(f for f in fields if f == "id" or f.endswith("_id"))
+        self._columns = {f: array("q") for f in self.id_fields}
+        self._appends = [(f, self._columns[f].append) for f in self.id_fields]
+        self.count = 0
+        self.problem: str | None = None
+
+    def add(self, rec) -> None:
+        if self.problem is None:
+            self.problem = self._take(rec, self.count)
+        self.count += 1
+
+    def column(self, field: str) -> np.ndarray:
+        return np.frombuffer(self._columns[field], dtype=np.int64)
+
+    def _take(self, rec, i: int) -> str | None:
+        """Keep records[i]'s ids; else what is wrong with it. json gives exact types: `type(v) is int`
+        refuses bool (a subclass of int), as the whole-file reader did."""
+        if type(rec) is not dict or not self._field_set <= rec.keys():
+            return f"{self.key}[{i}] lacks {' or '.join(repr(f) for f in self.fields)}"
+        for f, append in self._appends:
+            value = rec[f]
+            if type(value) is not int:
+                return (f"{self.key}[{i}]{self._which(rec, f)} has {f} {value!r} of type "
+                        f"{type(value).__name__}; ids must be JSON integers")
+            try:
+                append(value)
+            except OverflowError:
+                return f"{self.key}[{i}]{self._which(rec, f)} has {f} {value!r}; ids must fit in 64 bits"
+        return None
+
+    @staticmethod
+    def _which(rec: dict, field: str) -> str:
+        return f" (id {rec['id']!r})" if field != "id" else ""
+
+
+class _Images(_Records):
+    """The images, with their file names as one UTF-8 buffer and end offsets (a 9M-image split: about
+    30 bytes an image, not the ~70 of a str), and a hash of each for the duplicate check."""
+
+    def __init__(self):
+        super().__init__("images", ("id", "file_name"))
+        self._names, self._ends, self._hashes = bytearray(), array("q"), array("q")
+        self.name_problem: str | None = None  # a file_name that is not a string (checked after ids)
+
+    def _take(self, rec, i: int) -> str | None:
+        problem = super()._take(rec, i)
+        if problem is None:
+            name = rec["file_name"]
+            if type(name) is str:
+                # surrogatepass: JSON can spell a lone surrogate ("\ud800"), which strict UTF-8 refuses
+                self._names += name.encode("utf-8", "surrogatepass")
+                self._ends.append(len(self._names))
+                self._hashes.append(hash(name))
+            elif self.name_problem is None:
+                self.name_problem = (f"images[{i}] (id {rec['id']}) has file_name {name!r} of type "
+                                     f"{type(name).__name__}, not a string")
+        return problem
+
+    def file_name(self, i: int) -> str:
+        start = self._ends[i - 1] if i else 0
+        return self._names[start:self._ends[i]].decode("utf-8", "surrogatepass")
+
+    def name_hashes(self) -> np.ndarray:
+        return np.frombuffer(self._hashes, dtype=np.int64)
+
+
+class _Categories(_Records):
+    """The categories, whole records too (a few hundred): their names, and the order the file lists them."""
+
+    def __init__(self):
+        super().__init__("categories", ("id", "name"))
+        self.records: list[dict] = []
+
+    def _take(self, rec, i: int) -> str | None:
+        problem = super()._take(rec, i)
+        if problem is None:
+            self.records.append(rec)
+        return problem
+
+
+_LISTS: dict[str, Callable[[], _Records]] = {
+    "images": _Images,
+    "annotations": lambda: _Records("annotations", ("id", "image_id", "category_id")),
+    "categories": _Categories,
+}
+
+
+def _read(path: Path) -> tuple[_Categories, _Images, _Records]:
+    """Categories, images and annotations of `path`, read as a stream. A key listed twice counts
+    once, the later one, as json.load keeps it."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        stream = json_stream.members(path)
     except FileNotFoundError:
         raise DataError(f"annotation file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno} column {exc.colno}"
-        raise DataError(f"{path}: malformed JSON at {where}: {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object with images, annotations and categories")
+    found: dict[str, _Records | None] = {}  # None: the key's value is not a list
+    try:
+        for key, value in stream:
+            if key not in _LISTS:
+                continue  # info, licenses: read (and checked as JSON) by the stream, not kept
+            found[key] = None
+            if isinstance(value, Iterator):  # an array
+                records = _LISTS[key]()
+                for rec in value:
+                    records.add(rec)
+                found[key] = records
+    except json_stream.NotAnObject:
+        raise DataError(f"{path}: expected a JSON object with images, annotations and categories") from None
     for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
+        if found.get(key) is None:
             raise DataError(f"{path}: missing or non-list '{key}'")
-    return data
+    return found["categories"], found["images"], found["annotations"]
 
 
-def _index(dataset: dict, path: Path):
-    """Check record-level consistency (pycocotools does not), then build the pycocotools index."""
-    from pycocotools.coco import COCO
-
-    cats = _records(dataset, "categories", ("id", "name"), path)
-    imgs = _records(dataset, "images", ("id", "file_name"), path)
-    anns = _records(dataset, "annotations", ("id", "image_id", "category_id"), path)
-    for i, img in enumerate(imgs):
-        if not isinstance(img["file_name"], str):
-            raise DataError(f"{path}: images[{i}] (id {img['id']}) has file_name {img['file_name']!r} of "
-                            f"type {type(img['file_name']).__name__}, not a string")
-    cat_ids = _unique(cats, "categories", "id", path, lambda c: f"name {c['name']!r}")
-    img_ids = _unique(imgs, "images", "id", path, lambda img: f"file_name {img['file_name']!r}")
-    _unique(imgs, "images", "file_name", path, lambda img: f"id {img['id']}")
-    _unique(anns, "annotations", "id", path, lambda a: f"image_id {a['image_id']}")
-    for i, ann in enumerate(anns):
-        if ann["category_id"] not in cat_ids:
-            raise DataError(
-                f"{path}: annotations[{i}] (id {ann['id']}) has category_id {ann['category_id']}, "
-                "which is not in 'categories'"
-            )
-        if ann["image_id"] not in img_ids:
-            raise DataError(
-                f"{path}: annotations[{i}] (id {ann['id']}) refers to image_id {ann['image_id']}, "
-                "which is not in 'images'"
-            )
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
-        coco.createIndex()
-    return coco
+def _check_records(cats: _Categories, imgs: _Images, anns: _Records, path: Path) -> None:
+    """The record checks, in the order the whole-file reader made them: fields and id types of each
+    list, file name types, then ids (and file names) that two records share."""
+    for records in (cats, imgs, anns):
+        if records.problem is not None:
+            raise DataError(f"{path}: {records.problem}")
+    if imgs.name_problem is not None:
+        raise DataError(f"{path}: {imgs.name_problem}")
+    cat_ids, img_ids, ann_ids = cats.column("id"), imgs.column("id"), anns.column("id")
+    _refuse_repeats(cats, "id", cat_ids, path, lambda j: f"name {cats.records[j]['name']!r}")
+    _refuse_repeats(imgs, "id", img_ids, path, lambda j: f"file_name {imgs.file_name(j)!r}")
+    _refuse_repeats(imgs, "file_name", imgs.name_hashes(), path, lambda j: f"id {img_ids[j]}",
+                    show=imgs.file_name, same=lambda j, i: imgs.file_name(j) == imgs.file_name(i))
+    image_ids = anns.column("image_id")
+    _refuse_repeats(anns, "id", ann_ids, path, lambda j: f"image_id {image_ids[j]}")
 
 
-def _records(dataset: dict, key: str, fields: tuple[str, ...], path: Path) -> list[dict]:
-    """dataset[key], each a dict with `fields`, whose id fields (id, *_id) are JSON integers."""
-    records = dataset[key]
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict) or any(f not in rec for f in fields):
-            raise DataError(f"{path}: {key}[{i}] lacks {' or '.join(repr(f) for f in fields)}")
-        for f in fields:
-            value = rec[f]
-            if (f == "id" or f.endswith("_id")) and (not isinstance(value, int) or isinstance(value, bool)):
-                which = f" (id {rec['id']!r})" if f != "id" else ""
-                raise DataError(f"{path}: {key}[{i}]{which} has {f} {value!r} of type "
-                                f"{type(value).__name__}; ids must be JSON integers")
-    return records
+def _refuse_repeats(records: _Records, field: str, values: np.ndarray, path: Path, describe, show=None,
+                    same=None) -> None:
+    """No two records share `field`, whose values (or hashes) are `values`; else an error naming records
+    j and i, `describe`d, and the value (`show(i)`; default: values[i])."""
+    pair = _first_repeat(values, same)
+    if pair is not None:
+        j, i = pair
+        shown = show(i) if show else int(values[i])
+        raise DataError(f"{path}: {records.key}[{j}] ({describe(j)}) and {records.key}[{i}] "
+                        f"({describe(i)}) have the same {field} {shown!r}")
 
 
-def _unique(records: list[dict], key: str, field: str, path: Path, describe) -> set:
-    """The set of `field` over `records`; a value that two records share is an error naming both."""
-    first: dict = {}
-    for i, rec in enumerate(records):
-        j = first.setdefault(rec[field], i)
-        if j != i:
-            raise DataError(f"{path}: {key}[{j}] ({describe(records[j])}) and {key}[{i}] "
-                            f"({describe(rec)}) have the same {field} {rec[field]!r}")
-    return set(first)
+def _first_repeat(values: np.ndarray, same=None) -> tuple[int, int] | None:
+    """(j, i): i the first record whose value an earlier record has, j the first record with it, as a
+    dict of values filled in file order finds them; None if the values are unique. `same(j, i)` tells
+    two records with one value from two values with one hash."""
+    sorted_values = np.sort(values)
+    if not (sorted_values[1:] == sorted_values[:-1]).any():
+        return None
+    order = np.argsort(values, kind="stable")  # each value's records in file order
+    repeated = order[1:][values[order[1:]] == values[order[:-1]]]  # records an earlier one matches
+    for i in np.sort(repeated).tolist():
+        for j in np.flatnonzero(values[:i] == values[i]).tolist():
+            if same is None or same(j, i):
+                return j, i
+    return None
+
+
+def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The position of each of `ids` in `sorted_ids` (ascending, unique), -1 where it is not there."""
+    if not len(sorted_ids):
+        return np.full(len(ids), -1, dtype=np.int64)
+    at = np.searchsorted(sorted_ids, ids)
+    return np.where(sorted_ids[np.minimum(at, len(sorted_ids) - 1)] == ids, at, -1)
+
+
+def _check_references(anns: _Records, column: np.ndarray, rank: np.ndarray, path: Path) -> None:
+    """Each annotation's category and image are listed; else an error naming the first that is not
+    (its category first)."""
+    missing = (column < 0) | (rank < 0)
+    if not missing.any():
+        return
+    i = int(np.argmax(missing))
+    ann = f"annotations[{i}] (id {anns.column('id')[i]})"
+    if column[i] < 0:
+        raise DataError(f"{path}: {ann} has category_id {anns.column('category_id')[i]}, "
+                        "which is not in 'categories'")
+    raise DataError(f"{path}: {ann} refers to image_id {anns.column('image_id')[i]}, "
+                    "which is not in 'images'")
