@@ -24,7 +24,7 @@ import numpy as np
 
 from ffcv_data import json_stream
 from ffcv_data.errors import DataError
-from ffcv_data.source import SourceSplit, check_images_exist
+from ffcv_data.source import ImageFiles, SourceSplit, check_images_exist
 from ffcv_data.sparse import LabelRows
 
 
@@ -65,7 +65,7 @@ def read_split(root: str | Path, split: str, images: Path | None = None) -> Sour
     keys = image_ids[kept]
     out = SourceSplit(
         name=split, source_file=ann_file, label_files=[ann_file], image_root=root / split,
-        files=[root / split / imgs.file_name(i) for i in image_order[kept].tolist()],
+        files=imgs.files(root / split).take(image_order[kept]),
         keys=keys, labels=labels, class_names=[name_of[c] for c in category_ids.tolist()],
         class_ids=category_ids.tolist(),
         reference_order=np.argsort(keys.astype(str), kind="stable"),  # "100" before "25"
@@ -145,6 +145,10 @@ class _Images(_Records):
     def file_name(self, i: int) -> str:
         start = self._ends[i - 1] if i else 0
         return self._names[start:self._ends[i]].decode("utf-8", "surrogatepass")
+
+    def files(self, root: Path) -> ImageFiles:
+        """Every image's file under `root`, in file order (the names' buffer handed over as it is)."""
+        return ImageFiles(root, self._names, np.frombuffer(self._ends, dtype=np.int64))
 
     def name_hashes(self) -> np.ndarray:
         return np.frombuffer(self._hashes, dtype=np.int64)

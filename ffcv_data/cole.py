@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.errors import DataError
-from ffcv_data.source import SourceSplit, check_images_exist, string_key
+from ffcv_data.source import ImageFiles, SourceSplit, check_images_exist, string_key
 from ffcv_data.sparse import LabelRows
 
 
@@ -50,7 +50,7 @@ def read_split(root: Path, split: str, images: Path | None = None) -> SourceSpli
     num_classes = labels.shape[1]
     out = SourceSplit(
         name=split, source_file=labels_file, label_files=[paths_file, labels_file], image_root=Path(images),
-        files=[Path(images) / name for name in names],
+        files=ImageFiles.of(images, names),
         keys=np.asarray([string_key(name) for name in names], dtype=np.int64),
         labels=LabelRows.from_dense(labels),
         class_names=[str(k) for k in range(num_classes)], class_ids=list(range(num_classes)),

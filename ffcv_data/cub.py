@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.errors import DataError
-from ffcv_data.source import SourceSplit, check_images_exist
+from ffcv_data.source import ImageFiles, SourceSplit, check_images_exist
 from ffcv_data.sparse import LabelRows
 
 SPLITS = {"train": 1, "test": 0}
@@ -48,7 +48,7 @@ def read_split(root: Path, split: str, images: Path | None = None) -> SourceSpli
         name=split, source_file=labels_file,
         label_files=[cub.parent / "attributes.txt", cub / "images.txt", cub / "train_test_split.txt",
                      labels_file],
-        image_root=cub / "images", files=[cub / "images" / image_rows[r][1] for r in rows],
+        image_root=cub / "images", files=ImageFiles.of(cub / "images", (image_rows[r][1] for r in rows)),
         keys=np.asarray([image_ids[r] for r in rows], dtype=np.int64),
         labels=LabelRows.from_sets((present[r] for r in rows), len(names)), class_names=names,
         class_ids=list(range(1, len(names) + 1)), reference_order=np.arange(len(rows)),

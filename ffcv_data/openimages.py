@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.errors import DataError
-from ffcv_data.source import SourceSplit, check_images_exist, string_key
+from ffcv_data.source import ImageFiles, SourceSplit, check_images_exist, string_key
 from ffcv_data.sparse import LabelRows
 
 LABELS_SUFFIX = "-annotations-human-imagelabels.csv"
@@ -79,7 +79,7 @@ def read_split(root: Path, split: str, images: Path | None = None) -> SourceSpli
     sorted_ids = ids[order].tolist()
     out = SourceSplit(
         name=split, source_file=labels_file, label_files=[cl.source, labels_file, *cl.narrowed_by],
-        image_root=root / split, files=[root / split / f"{i}.jpg" for i in sorted_ids],
+        image_root=root / split, files=ImageFiles.of(root / split, (f"{i}.jpg" for i in sorted_ids)),
         keys=np.fromiter((string_key(i) for i in sorted_ids), dtype=np.int64, count=len(sorted_ids)),
         labels=positives, negatives=negatives, class_names=cl.names, class_ids=list(range(len(cl.names))),
         reference_order=np.arange(len(sorted_ids)), reference_classes=np.arange(len(cl.names)),

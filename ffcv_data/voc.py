@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ffcv_data.errors import DataError
-from ffcv_data.source import SourceSplit, check_images_exist, string_key
+from ffcv_data.source import ImageFiles, SourceSplit, check_images_exist, string_key
 from ffcv_data.sparse import LabelRows
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -57,7 +57,7 @@ def read_split(root: Path, split: str, images: Path | None = None) -> SourceSpli
     ids = [name[: -len(".jpg")] for name in names]
     out = SourceSplit(
         name=split, source_file=lists / f"<class>_{split}.txt", label_files=files,
-        image_root=voc / "JPEGImages", files=[voc / "JPEGImages" / name for name in names],
+        image_root=voc / "JPEGImages", files=ImageFiles.of(voc / "JPEGImages", names),
         keys=np.asarray([string_key(i) for i in ids], dtype=np.int64),
         labels=LabelRows.from_sets((positives[i] for i in ids), len(CLASSES)), class_names=list(CLASSES),
         class_ids=list(range(len(CLASSES))), reference_order=np.arange(len(ids)),

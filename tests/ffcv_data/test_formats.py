@@ -352,3 +352,20 @@ def test_labels_command_lists_a_prepared_split(fmt, request, tmp_path):
                     assert observed == "|".join(names[c] for c in seen)
                 else:
                     assert labels == " ".join(map(str, classes)) and observed == " ".join(map(str, seen))
+
+
+def test_image_files_are_paths_under_the_root_kept_as_one_buffer(tmp_path):
+    """What every reader gives as a split's files: root / name per row (unicode, a lone surrogate,
+    subfolders), taken by rows in any order, equal to the list of Paths it stands for."""
+    from ffcv_data.source import ImageFiles
+
+    names = ["a.jpg", "图/é.jpg", "", "x\ud800y.jpg", "b/c/d.png"]
+    files = ImageFiles.of(tmp_path, names)
+    want = [tmp_path / n for n in names]
+    assert len(files) == 5 and files == want and list(files) == want and files[-1] == want[-1]
+    assert files[1:3] == want[1:3] and files.name(3) == "x\ud800y.jpg"
+    rows = np.array([4, 0, 0, 3])
+    assert files.take(rows) == [want[r] for r in rows]
+    assert files.take(np.zeros(0, np.int64)) == [] and ImageFiles.of(tmp_path, []).take([]) == []
+    with pytest.raises(IndexError):
+        files[5]
