@@ -74,8 +74,9 @@ class StageFiles:
     ckpt/step-N/ DeepSpeed checkpoints + COMPLETE; metrics.jsonl; derived.json; best.pt + best.json
     (the best validation epoch's plain weights); test_logits.npy (its test-set logits, float16, in
     test-index order, for the report's paired intervals: AP needs only the order of the scores, and
-    float16 probabilities tie near 1 where float16 logits do not); result.json (written last);
-    logs/rank-R.log."""
+    float16 probabilities tie near 1 where float16 logits do not); thresholds.json (each class's
+    decision threshold, chosen on the validation split with the best weights); result.json (written
+    last); logs/rank-R.log."""
 
     dir: Path
 
@@ -102,6 +103,10 @@ class StageFiles:
     @property
     def test_logits(self) -> Path:
         return self.dir / "test_logits.npy"
+
+    @property
+    def thresholds(self) -> Path:
+        return self.dir / "thresholds.json"
 
     @property
     def result(self) -> Path:

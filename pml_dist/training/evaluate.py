@@ -88,12 +88,14 @@ def split_loader(cfg, split: str, info, device, label_fields: tuple[str, ...]):
 
 
 def evaluate(model, loader, device, num_classes: int, targets: str = "labels",
-             autocast: torch.dtype | None = None, keep_logits: bool = False) -> dict:
+             autocast: torch.dtype | None = None, keep_logits: bool = False,
+             thresholds: bool = False) -> dict:
     """mAP (percent) of `model` over the whole split behind the per-rank `loader`; every rank
     returns the same result, equal to metrics.mean_average_precision of the gathered scores.
     targets: 'labels' (full) or 'observed'. autocast: as predict's. keep_logits: also return this
     rank's logits (samples r, r + W, ...) as float16 under "logits" (`write_rows` puts every rank's
-    in one file)."""
+    in one file). thresholds: also each class's F1-best decision threshold on this split, under
+    "thresholds" (metrics.decision_thresholds)."""
     from pml_dist.training import metrics
 
     indices, probs, cells, logits = _scored_shard(model, loader, device, num_classes, targets, autocast,
@@ -105,9 +107,14 @@ def evaluate(model, loader, device, num_classes: int, targets: str = "labels",
         raise RuntimeError(f"rank {rank} scored other samples than {rank}, {rank} + {world}, ... of the "
                            f"{n}: the ranks' shards do not cover the split")
     classes, values = (np.concatenate([p[i] for p in parts]) for i in (1, 2))
-    negatives = _all_reduce_sum(metrics.negatives_at_or_above(probs, cells, classes, values))
+    at_queries, at_grid = metrics.negatives_at_or_above(probs, cells, classes, values)
+    counts = _all_reduce_sum(np.concatenate([at_queries, at_grid]))  # one reduction for both
+    negatives, negatives_at_grid = counts[:len(at_queries)], counts[len(at_queries):]
     result = metrics.summary(metrics.average_precision_from_counts(classes, values, negatives, num_classes))
     result["targets"], result["num_samples"] = targets, n
+    if thresholds:
+        result["thresholds"] = metrics.decision_thresholds(classes, values, negatives, negatives_at_grid,
+                                                           num_classes)
     if keep_logits:
         result["logits"] = logits
     return result

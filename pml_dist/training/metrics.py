@@ -80,36 +80,44 @@ def local_positives(scores: np.ndarray, labels: np.ndarray) -> tuple[Cells, np.n
     return (rows, classes.astype(np.int64)), np.asarray(scores)[rows, classes]
 
 
+# The thresholds at which every class's negatives are counted too (for a global decision threshold);
+# float32, as the probabilities are compared with them
+THRESHOLD_GRID = np.linspace(0.0, 1.0, 101).astype(np.float32)
+
+
 def negatives_at_or_above(scores: np.ndarray, positives: Cells, classes: np.ndarray,
-                          values: np.ndarray, block_bytes: int = 64 * 2**20) -> np.ndarray:
-    """For each (class, score) query: how many of this shard's negatives of that class score >= it
-    (int64). positives: (rows, classes) of this shard's positive cells. Each class's scores are
-    sorted once, the positives pushed below every score, a block of classes (about `block_bytes`)
-    at a time: memory beyond the scores is one block."""
+                          values: np.ndarray, block_bytes: int = 64 * 2**20) -> tuple[np.ndarray, np.ndarray]:
+    """(for each (class, score) query: how many of this shard's negatives of that class score >= it;
+    for each threshold of THRESHOLD_GRID: how many of its negatives of any class do), int64.
+    positives: (rows, classes) of this shard's positive cells. Each class's scores are sorted once,
+    the positives pushed below every score, a block of classes (about `block_bytes`) at a time:
+    memory beyond the scores is one block."""
     scores = np.asarray(scores)
     n, num_classes = scores.shape
     counts = np.zeros(len(classes), dtype=np.int64)
-    if not n or not len(classes):
-        return counts
+    at_grid = np.zeros(len(THRESHOLD_GRID), dtype=np.int64)
+    if not n:
+        return counts, at_grid
     pos_rows, pos_classes = (np.asarray(a, np.int64) for a in positives)
     order = np.argsort(classes, kind="stable")
     bounds = np.searchsorted(classes[order], np.arange(num_classes + 1))
     pos_order = np.argsort(pos_classes, kind="stable")
     pos_bounds = np.searchsorted(pos_classes[pos_order], np.arange(num_classes + 1))
     width = max(1, block_bytes // (scores.itemsize * n))
+    grid = THRESHOLD_GRID.astype(scores.dtype)  # float32 probabilities: the same values
     for c0 in range(0, num_classes, width):
         c1 = min(num_classes, c0 + width)
-        if bounds[c0] == bounds[c1]:
-            continue  # no query in these classes
         block = np.ascontiguousarray(scores[:, c0:c1].T)  # (B, n): a class's scores in one row
         mine = pos_order[pos_bounds[c0]:pos_bounds[c1]]
         block[pos_classes[mine] - c0, pos_rows[mine]] = -np.inf
         block.sort(axis=1)
         for c in range(c0, c1):
+            row = block[c - c0]
+            at_grid += n - np.searchsorted(row, grid, "left")
             at = order[bounds[c]:bounds[c + 1]]
             if len(at):
-                counts[at] = n - np.searchsorted(block[c - c0], values[at].astype(scores.dtype), "left")
-    return counts
+                counts[at] = n - np.searchsorted(row, values[at].astype(scores.dtype), "left")
+    return counts, at_grid
 
 
 def average_precision_from_counts(classes: np.ndarray, values: np.ndarray, negatives_above: np.ndarray,
@@ -130,6 +138,51 @@ def average_precision_from_counts(classes: np.ndarray, values: np.ndarray, negat
     with np.errstate(invalid="ignore", divide="ignore"):
         ap = np.bincount(classes, tp / (tp + fp), minlength=num_classes) / num_pos
     return np.where(num_pos > 0, ap, np.nan)
+
+
+def decision_thresholds(classes: np.ndarray, values: np.ndarray, negatives_above: np.ndarray,
+                        negatives_at_grid: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Per-class decision thresholds (predict the class when p >= its threshold) from the same
+    counts as `average_precision_from_counts`: each class's threshold is the score of one of its
+    positives (F1 changes only there), the one of highest F1 (the highest such score on a tie). A class
+    without a positive gets the global threshold: the one of THRESHOLD_GRID with the highest micro F1
+    over every class (`negatives_at_grid`: negatives of any class at or above each grid threshold).
+    Returns {"threshold": [L], "f1", "precision", "recall": [L] (None where the class has no
+    positive), "global": {"threshold", "f1", "precision", "recall"}, "classes_without_positives"}."""
+    values = np.asarray(values, np.float64)
+    order = np.lexsort((-values, classes))
+    classes, values, fp = classes[order], values[order], np.asarray(negatives_above)[order]
+    n = len(classes)
+    last = np.ones(n, dtype=bool)  # as in average_precision_from_counts: ties form one threshold
+    last[:-1] = (classes[:-1] != classes[1:]) | (values[:-1] != values[1:])
+    end = np.minimum.accumulate(np.where(last, np.arange(n), n)[::-1])[::-1]
+    start = np.searchsorted(classes, classes)
+    tp = (end - start + 1).astype(np.float64)
+    num_pos = np.bincount(classes, minlength=num_classes).astype(np.float64)
+    f1 = 2 * tp / (2 * tp + fp + (num_pos[classes] - tp))
+    # per class, the first (highest-score) positive of greatest F1: sort by (class, -F1, -score)
+    best = np.lexsort((-values, -f1, classes))
+    first = best[np.r_[True, classes[best][1:] != classes[best][:-1]]] if n else best
+    # positives at or above each grid threshold, compared as the negatives were (float32 probabilities)
+    grid = THRESHOLD_GRID.astype(np.float64)
+    grid_tp = n - np.searchsorted(np.sort(values), grid, "left").astype(np.float64)
+    grid_f1 = 2 * grid_tp / np.maximum(2 * grid_tp + negatives_at_grid + (n - grid_tp), 1)
+    g = int(np.argmax(grid_f1))
+    grid_fp = float(negatives_at_grid[g])
+    global_ = {"threshold": float(THRESHOLD_GRID[g]), "f1": float(grid_f1[g]),
+               "precision": float(grid_tp[g] / (grid_tp[g] + grid_fp)) if grid_tp[g] + grid_fp else None,
+               "recall": float(grid_tp[g] / n) if n else None}
+    out = {"threshold": [global_["threshold"]] * num_classes, "f1": [None] * num_classes,
+           "precision": [None] * num_classes, "recall": [None] * num_classes}
+    for i in first.tolist():
+        c = int(classes[i])
+        out["threshold"][c] = float(values[i])
+        out["f1"][c] = float(f1[i])
+        out["precision"][c] = float(tp[i] / (tp[i] + fp[i]))
+        out["recall"][c] = float(tp[i] / num_pos[c])
+    out["global"] = global_
+    out["classes_without_positives"] = [int(c) for c in np.flatnonzero(num_pos == 0)]
+    return out
 
 
 def _checked(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -313,8 +313,10 @@ class Trainer:
         """Test mAP of the best epoch's weights, then result.json (the stage's completion marker)."""
         digests = self._rank_digests()
         test = self._test_best()
+        thresholds = self._thresholds()
         result = self._result(test, digests, seconds)
         if self.info.is_main:
+            write_json(self.files.thresholds, thresholds)
             write_json(self.files.result, result)
             best = self.state.best
             log.info("%s done: best epoch %d, val mAP %.2f, test mAP %.2f", self.files.dir,
@@ -347,6 +349,18 @@ class Trainer:
         self.metrics.write({"kind": "test", "step": best["step"], "epoch": best["epoch"], "map": test["map"],
                             "classes_without_positives": test["classes_without_positives"]})
         return test
+
+    def _thresholds(self) -> dict:
+        """thresholds.json: each class's decision threshold chosen on the validation split with the
+        best epoch's weights (loaded by _test_best): the one maximising the class's F1 there, with
+        the F1, precision and recall it gives; a class without a validation positive gets the
+        global threshold (metrics.decision_thresholds). One more pass over the validation split."""
+        val = evaluate(self.net, self.val_loader, self.device, self.num_classes, self.val_targets,
+                       autocast=self.autocast, thresholds=True)
+        best = self.state.best
+        return {"chosen_on": "val", "against": val["targets"], "best_epoch": best["epoch"],
+                "best_step": best["step"], "val_map": val["map"], "rule": "p >= threshold",
+                **val["thresholds"]}
 
     def _result(self, test: dict, digests: list[str], seconds: float) -> dict:
         best, derived, world = self.state.best, self.derived, self.info.world_size
@@ -392,7 +406,8 @@ class Trainer:
             log.info("%s is stale (%s): training it anew", self.files.dir, why)
             shutil.rmtree(self.files.ckpt, ignore_errors=True)
             for path in (self.files.result, self.files.best_weights, self.files.best_record,
-                         self.files.metrics, self.files.derived, self.files.test_logits):
+                         self.files.metrics, self.files.derived, self.files.test_logits,
+                         self.files.thresholds):
                 path.unlink(missing_ok=True)
         barrier()
 

@@ -136,7 +136,7 @@ def test_ap_from_every_rank_s_counts_equals_ap_of_the_gathered_scores(world, blo
         positives = [local_positives(scores[rows], labels[rows]) for rows in parts]
         classes = np.concatenate([cells[1] for cells, _ in positives])
         values = np.concatenate([v for _, v in positives])
-        negatives = sum(negatives_at_or_above(scores[rows], cells, classes, values, block_bytes)
+        negatives = sum(negatives_at_or_above(scores[rows], cells, classes, values, block_bytes)[0]
                         for rows, (cells, _) in zip(parts, positives, strict=True))
         got = average_precision_from_counts(classes, values, negatives, num_classes)
         want = average_precision(scores, labels)
@@ -148,3 +148,58 @@ def test_ap_from_every_rank_s_counts_equals_ap_of_the_gathered_scores(world, blo
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
         assert {k: v for k, v in mine.items() if k not in ("map", "ap")} == \
             {k: v for k, v in whole.items() if k not in ("map", "ap")}
+
+
+def reference_thresholds(scores: np.ndarray, labels: np.ndarray) -> dict:
+    """The rule re-implemented on the whole (N, L) matrix: per class, over the distinct scores of
+    its positives as thresholds (p >= t), the one of highest F1 (the highest on a tie); over the
+    0.00-1.00 grid in steps of 0.01, the one of highest micro F1 over every cell."""
+    per_class = []
+    for c in range(scores.shape[1]):
+        s, y = scores[:, c], labels[:, c].astype(bool)
+        best = None
+        for t in sorted(set(s[y].tolist()), reverse=True):
+            tp, fp = int((y & (s >= t)).sum()), int((~y & (s >= t)).sum())
+            f1 = 2 * tp / (2 * tp + fp + (y.sum() - tp))
+            if best is None or f1 > best[1]:
+                best = (t, f1, tp / (tp + fp), tp / y.sum())
+        per_class.append(best)
+    grid = [np.float32(k / 100) for k in range(101)]
+    micro, positive = [], labels.astype(bool)
+    for t in grid:
+        tp, fp = int((positive & (scores >= t)).sum()), int((~positive & (scores >= t)).sum())
+        micro.append(2 * tp / max(1, 2 * tp + fp + (labels.sum() - tp)))
+    return {"per_class": per_class, "global": float(grid[int(np.argmax(micro))]), "global_f1": max(micro)}
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_decision_thresholds_from_every_rank_s_counts_are_the_f1_best_ones(world):
+    """evaluate.py's thresholds: from the same counts as AP (summed over ranks), each class's
+    F1-best threshold among its positives' scores; a class without positives gets the global one."""
+    from pml_dist.training.metrics import decision_thresholds
+
+    rng = np.random.default_rng(10 + world)
+    for trial in range(10):
+        n, num_classes = int(rng.integers(5, 60)), int(rng.integers(2, 7))
+        scores = (np.round(rng.random((n, num_classes)) * 20) / 20).astype(np.float32)  # ties
+        labels = (rng.random((n, num_classes)) < 0.3).astype(np.uint8)
+        labels[:, 0] = 0
+        scores[labels > 0] = np.minimum(1, scores[labels > 0] + 0.2)
+        parts = [np.arange(rank, n, world) for rank in range(world)]
+        positives = [local_positives(scores[rows], labels[rows]) for rows in parts]
+        classes = np.concatenate([cells[1] for cells, _ in positives])
+        values = np.concatenate([v for _, v in positives])
+        counts = [negatives_at_or_above(scores[rows], cells, classes, values)
+                  for rows, (cells, _) in zip(parts, positives, strict=True)]
+        got = decision_thresholds(classes, values, sum(c[0] for c in counts), sum(c[1] for c in counts),
+                                  num_classes)
+        want = reference_thresholds(scores, labels)
+        assert got["classes_without_positives"] == [c for c in range(num_classes) if not labels[:, c].any()]
+        assert got["global"]["threshold"] == pytest.approx(want["global"])
+        assert got["global"]["f1"] == pytest.approx(want["global_f1"])
+        for c, ref in enumerate(want["per_class"]):
+            if ref is None:
+                assert got["threshold"][c] == got["global"]["threshold"] and got["f1"][c] is None
+            else:
+                assert (got["threshold"][c], got["f1"][c], got["precision"][c], got["recall"][c]) == \
+                    pytest.approx(ref), (trial, c)

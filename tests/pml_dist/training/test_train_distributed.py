@@ -123,6 +123,15 @@ def test_two_ranks_agree_and_a_stopped_run_resumes_exactly(run, whole):
     result = json.loads((whole / "teacher" / "result.json").read_text())
     assert len(result["rank_weight_digests"]) == 2
     assert len(set(result["rank_weight_digests"])) == 1, "ranks ended with different weights"
+    # the decision thresholds, chosen on the validation split with the best epoch's weights: that
+    # pass reproduces the best epoch's validation mAP exactly
+    thresholds = json.loads((whole / "teacher" / "thresholds.json").read_text())
+    assert (thresholds["val_map"], thresholds["best_epoch"]) == (result["val_map"], result["best_epoch"])
+    num_classes = len(result["test_ap"])
+    assert len(thresholds["threshold"]) == len(thresholds["f1"]) == num_classes
+    assert all(0 <= t <= 1 for t in thresholds["threshold"])
+    for c in thresholds["classes_without_positives"]:
+        assert thresholds["threshold"][c] == thresholds["global"]["threshold"] and thresholds["f1"][c] is None
 
     overrides2, parts = run(*RESUMABLE)
     procs = launch(2, overrides2)
@@ -136,6 +145,8 @@ def test_two_ranks_agree_and_a_stopped_run_resumes_exactly(run, whole):
 
     assert wait(launch(2, overrides2)) == [0, 0]
     assert_same_run(whole, parts)
+    assert (parts / "teacher" / "thresholds.json").read_text() == \
+        (whole / "teacher" / "thresholds.json").read_text()
 
 
 @pytest.mark.faults
