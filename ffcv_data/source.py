@@ -53,13 +53,20 @@ class ImageFiles(Sequence):
         start = int(self.ends[i - 1]) if i else 0
         return self.buffer[start:int(self.ends[i])].decode("utf-8", "surrogatepass")
 
-    def take(self, rows: np.ndarray) -> ImageFiles:
-        """The rows `rows`, in that order."""
+    def take(self, rows: np.ndarray, block: int = 1 << 16) -> ImageFiles:
+        """The rows `rows`, in that order; gathered `block` rows at a time (the byte positions of
+        a gather are 8 bytes per byte of name: all at once, 10M names would take ~1.3 GB more)."""
         rows = np.asarray(rows, np.int64)
-        starts = np.concatenate([[0], self.ends[:-1]])[rows] if len(self) else np.zeros(0, np.int64)
-        lengths = self.ends[rows] - starts
-        data = np.frombuffer(self.buffer, np.uint8)[ranges(starts, lengths)]
-        return ImageFiles(self.root, data.tobytes(), np.cumsum(lengths))
+        source = np.frombuffer(self.buffer, np.uint8)
+        parts, lengths = [], []
+        for lo in range(0, len(rows), block):
+            part = rows[lo:lo + block]
+            ends = self.ends[part]
+            starts = np.where(part > 0, self.ends[np.maximum(part - 1, 0)], 0)
+            parts.append(source[ranges(starts, ends - starts)].tobytes())
+            lengths.append(ends - starts)
+        ends = np.cumsum(np.concatenate(lengths)) if lengths else np.zeros(0, np.int64)
+        return ImageFiles(self.root, b"".join(parts), ends)
 
 
 @dataclass

@@ -300,3 +300,17 @@ def test_an_id_beyond_64_bits_is_refused(broken):
     path = _edit(broken, change)
     with pytest.raises(DataError, match=rf"{path}: images\[3\] has id {2**63}; ids must fit in 64 bits"):
         read_split(broken, "train")
+
+
+def test_ids_in_the_order_of_their_decimal_strings_without_making_the_strings():
+    """Cole et al. walk COCO's images with the ids sorted as strings ("100" before "25"); the reader
+    gets that order from the numbers (any number of digits, up to int64's largest)."""
+    from ffcv_data.coco import _decimal_string_order
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        keys = rng.integers(0, 10 ** int(rng.integers(1, 19)), int(rng.integers(0, 200)))
+        keys = rng.permutation(np.unique(np.concatenate([keys, [0, 1, 10, 100, 9, 99, 2**63 - 1]])))
+        assert np.array_equal(_decimal_string_order(keys), np.argsort(keys.astype(str), kind="stable"))
+    keys = np.array([5, -3, 40, -12])  # a negative id: '-' sorts first, as the strings say
+    assert np.array_equal(_decimal_string_order(keys), np.argsort(keys.astype(str), kind="stable"))

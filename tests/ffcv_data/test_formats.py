@@ -365,7 +365,7 @@ def test_image_files_are_paths_under_the_root_kept_as_one_buffer(tmp_path):
     assert len(files) == 5 and files == want and list(files) == want and files[-1] == want[-1]
     assert files[1:3] == want[1:3] and files.name(3) == "x\ud800y.jpg"
     rows = np.array([4, 0, 0, 3])
-    assert files.take(rows) == [want[r] for r in rows]
+    assert files.take(rows) == [want[r] for r in rows] == files.take(rows, block=3)  # in blocks too
     assert files.take(np.zeros(0, np.int64)) == [] and ImageFiles.of(tmp_path, []).take([]) == []
     with pytest.raises(IndexError):
         files[5]
