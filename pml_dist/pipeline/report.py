@@ -202,7 +202,10 @@ def add_intervals(r: dict, labels: LabelRows, scores: dict[str, np.ndarray]) -> 
     for row in r["rows"]:
         if row["id"] in scores:
             ci = mean_ap_interval(scores[row["id"]], labels, resamples=RESAMPLES)
-            row["test_map_low"], row["test_map_high"] = ci["low"], ci["high"]
+            # centred on the mAP of the float16 test logits, which can differ from the printed one
+            # (float32 probabilities) in the second decimal: centred on the printed one instead
+            shift = row["test_map"] - ci["map"]
+            row["test_map_low"], row["test_map_high"] = ci["low"] + shift, ci["high"] + shift
     refs = references(r["rows"])
     comparisons = []
 
