@@ -125,19 +125,28 @@ def average_precision_from_counts(classes: np.ndarray, values: np.ndarray, negat
     """AP per class from every positive (class, score) of the split and the negatives scoring >=
     each (summed over shards); NaN where a class has no positive. Equals `average_precision` (up to
     the order of a float sum: 1e-14 here)."""
-    order = np.lexsort((-np.asarray(values, np.float64), classes))
-    classes, values, fp = classes[order], np.asarray(values, np.float64)[order], negatives_above[order]
+    classes, _, tp, fp, num_pos = _positive_thresholds(classes, values, negatives_above, num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.bincount(classes, tp / (tp + fp), minlength=num_classes) / num_pos
+    return np.where(num_pos > 0, ap, np.nan)
+
+
+def _positive_thresholds(classes: np.ndarray, values: np.ndarray, negatives_above: np.ndarray,
+                         num_classes: int) -> tuple[np.ndarray, ...]:
+    """The positives sorted by (class, score descending), as (classes, float64 scores, TP, FP, each
+    class's positives (L,)): TP and FP of the threshold at each positive's score (its class's
+    positives up to the last one tied with it, and the negatives at or above it)."""
+    values = np.asarray(values, np.float64)
+    order = np.lexsort((-values, classes))
+    classes, values, fp = classes[order], values[order], np.asarray(negatives_above)[order]
     n = len(classes)
-    # TP of a positive's threshold: positives of its class up to the last one tied with it
-    last = np.ones(n, dtype=bool)
+    last = np.ones(n, dtype=bool)  # ties form one threshold
     last[:-1] = (classes[:-1] != classes[1:]) | (values[:-1] != values[1:])
     end = np.minimum.accumulate(np.where(last, np.arange(n), n)[::-1])[::-1]  # index of its run's end
     start = np.searchsorted(classes, classes)  # first positive of its class
     tp = (end - start + 1).astype(np.float64)
     num_pos = np.bincount(classes, minlength=num_classes).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ap = np.bincount(classes, tp / (tp + fp), minlength=num_classes) / num_pos
-    return np.where(num_pos > 0, ap, np.nan)
+    return classes, values, tp, fp, num_pos
 
 
 def decision_thresholds(classes: np.ndarray, values: np.ndarray, negatives_above: np.ndarray,
@@ -149,16 +158,8 @@ def decision_thresholds(classes: np.ndarray, values: np.ndarray, negatives_above
     over every class (`negatives_at_grid`: negatives of any class at or above each grid threshold).
     Returns {"threshold": [L], "f1", "precision", "recall": [L] (None where the class has no
     positive), "global": {"threshold", "f1", "precision", "recall"}, "classes_without_positives"}."""
-    values = np.asarray(values, np.float64)
-    order = np.lexsort((-values, classes))
-    classes, values, fp = classes[order], values[order], np.asarray(negatives_above)[order]
+    classes, values, tp, fp, num_pos = _positive_thresholds(classes, values, negatives_above, num_classes)
     n = len(classes)
-    last = np.ones(n, dtype=bool)  # as in average_precision_from_counts: ties form one threshold
-    last[:-1] = (classes[:-1] != classes[1:]) | (values[:-1] != values[1:])
-    end = np.minimum.accumulate(np.where(last, np.arange(n), n)[::-1])[::-1]
-    start = np.searchsorted(classes, classes)
-    tp = (end - start + 1).astype(np.float64)
-    num_pos = np.bincount(classes, minlength=num_classes).astype(np.float64)
     f1 = 2 * tp / (2 * tp + fp + (num_pos[classes] - tp))
     # per class, the first (highest-score) positive of greatest F1: sort by (class, -F1, -score)
     best = np.lexsort((-values, -f1, classes))
