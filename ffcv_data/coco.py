@@ -39,7 +39,8 @@ def read_split(root: str | Path, split: str, images: Path | None = None) -> Sour
     root = Path(root)
     ann_file = annotation_path(root, split)
     cats, imgs, anns = _read(ann_file)
-    _check_records(cats, imgs, anns, ann_file)
+    files = imgs.files(root / split)
+    _check_records(cats, imgs, files, anns, ann_file)
 
     category_ids = np.sort(cats.column("id"))
     image_order = np.argsort(imgs.column("id"), kind="stable")
@@ -65,7 +66,7 @@ def read_split(root: str | Path, split: str, images: Path | None = None) -> Sour
     keys = image_ids[kept]
     out = SourceSplit(
         name=split, source_file=ann_file, label_files=[ann_file], image_root=root / split,
-        files=imgs.files(root / split).take(image_order[kept]),
+        files=files.take(image_order[kept]),
         keys=keys, labels=labels, class_names=[name_of[c] for c in category_ids.tolist()],
         class_ids=category_ids.tolist(),
         reference_order=_decimal_string_order(keys),  # "100" before "25"
@@ -142,12 +143,9 @@ class _Images(_Records):
                                      f"{type(name).__name__}, not a string")
         return problem
 
-    def file_name(self, i: int) -> str:
-        start = self._ends[i - 1] if i else 0
-        return self._names[start:self._ends[i]].decode("utf-8", "surrogatepass")
-
     def files(self, root: Path) -> ImageFiles:
-        """Every image's file under `root`, in file order (the names' buffer handed over as it is)."""
+        """Every image's file under `root`, in file order (meaningful once the records passed their
+        checks: a record with a problem and the ones after it have no name here)."""
         return ImageFiles(root, self._names, np.frombuffer(self._ends, dtype=np.int64))
 
     def name_hashes(self) -> np.ndarray:
@@ -201,9 +199,9 @@ def _read(path: Path) -> tuple[_Categories, _Images, _Records]:
     return found["categories"], found["images"], found["annotations"]
 
 
-def _check_records(cats: _Categories, imgs: _Images, anns: _Records, path: Path) -> None:
+def _check_records(cats: _Categories, imgs: _Images, files: ImageFiles, anns: _Records, path: Path) -> None:
     """The record checks, in the order the whole-file reader made them: fields and id types of each
-    list, file name types, then ids (and file names) that two records share."""
+    list, file name types, then ids (and file names, `files`) that two records share."""
     for records in (cats, imgs, anns):
         if records.problem is not None:
             raise DataError(f"{path}: {records.problem}")
@@ -211,9 +209,9 @@ def _check_records(cats: _Categories, imgs: _Images, anns: _Records, path: Path)
         raise DataError(f"{path}: {imgs.name_problem}")
     cat_ids, img_ids, ann_ids = cats.column("id"), imgs.column("id"), anns.column("id")
     _refuse_repeats(cats, "id", cat_ids, path, lambda j: f"name {cats.records[j]['name']!r}")
-    _refuse_repeats(imgs, "id", img_ids, path, lambda j: f"file_name {imgs.file_name(j)!r}")
+    _refuse_repeats(imgs, "id", img_ids, path, lambda j: f"file_name {files.name(j)!r}")
     _refuse_repeats(imgs, "file_name", imgs.name_hashes(), path, lambda j: f"id {img_ids[j]}",
-                    show=imgs.file_name, same=lambda j, i: imgs.file_name(j) == imgs.file_name(i))
+                    show=files.name, same=lambda j, i: files.name(j) == files.name(i))
     image_ids = anns.column("image_id")
     _refuse_repeats(anns, "id", ann_ids, path, lambda j: f"image_id {image_ids[j]}")
 

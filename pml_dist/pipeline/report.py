@@ -157,9 +157,9 @@ def summarize(reports: list[dict]) -> dict:
 
 
 def test_scores(runs: list[Config]) -> tuple[LabelRows, dict[str, np.ndarray]]:
-    """The test labels (sparse) and, per row id, the stage's test logits stacked over the seeds'
-    runs (S, N, L), each seed's memory-mapped, not stacked (intervals.py reads a block of classes at
-    a time); a stage missing in any seed (not finished, or trained before they were kept) is left
+    """The test labels (sparse) and, per row id, the stage's test logits of the seeds' runs as one
+    (S, N, L) `Seeds`, each seed's file memory-mapped (intervals.py reads a block of classes at a
+    time); a stage missing in any seed (not finished, or trained before they were kept) is left
     out. AP needs only the order of the scores, so logits serve as the probabilities would."""
     labels = RunLayout.of(runs[0]).data.labels("test").labels
     shape = (len(labels), labels.num_classes)

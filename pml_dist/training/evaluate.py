@@ -107,7 +107,8 @@ def evaluate(model, loader, device, num_classes: int, targets: str = "labels",
         raise RuntimeError(f"rank {rank} scored other samples than {rank}, {rank} + {world}, ... of the "
                            f"{n}: the ranks' shards do not cover the split")
     classes, values = (np.concatenate([p[i] for p in parts]) for i in (1, 2))
-    at_queries, at_grid = metrics.negatives_at_or_above(probs, cells, classes, values)
+    grid = metrics.THRESHOLD_GRID if thresholds else None  # every rank is asked the same
+    at_queries, at_grid = metrics.negatives_at_or_above(probs, cells, classes, values, grid)
     counts = _all_reduce_sum(np.concatenate([at_queries, at_grid]))  # one reduction for both
     negatives, negatives_at_grid = counts[:len(at_queries)], counts[len(at_queries):]
     result = metrics.summary(metrics.average_precision_from_counts(classes, values, negatives, num_classes))

@@ -74,28 +74,24 @@ def summary(ap: np.ndarray) -> dict[str, Any]:
 Cells = tuple[np.ndarray, np.ndarray]  # (rows, classes) of some cells of an (n, L) array
 
 
-def local_positives(scores: np.ndarray, labels: np.ndarray) -> tuple[Cells, np.ndarray]:
-    """((rows, classes), scores) of every positive of this shard's (n, L) scores and 0/1 labels."""
-    rows, classes = np.nonzero(np.asarray(labels))
-    return (rows, classes.astype(np.int64)), np.asarray(scores)[rows, classes]
-
-
 # The thresholds at which every class's negatives are counted too (for a global decision threshold);
 # float32, as the probabilities are compared with them
 THRESHOLD_GRID = np.linspace(0.0, 1.0, 101).astype(np.float32)
 
 
-def negatives_at_or_above(scores: np.ndarray, positives: Cells, classes: np.ndarray,
-                          values: np.ndarray, block_bytes: int = 64 * 2**20) -> tuple[np.ndarray, np.ndarray]:
+def negatives_at_or_above(scores: np.ndarray, positives: Cells, classes: np.ndarray, values: np.ndarray,
+                          grid: np.ndarray | None = None,
+                          block_bytes: int = 64 * 2**20) -> tuple[np.ndarray, np.ndarray]:
     """(for each (class, score) query: how many of this shard's negatives of that class score >= it;
-    for each threshold of THRESHOLD_GRID: how many of its negatives of any class do), int64.
-    positives: (rows, classes) of this shard's positive cells. Each class's scores are sorted once,
-    the positives pushed below every score, a block of classes (about `block_bytes`) at a time:
-    memory beyond the scores is one block."""
+    for each threshold of `grid` (e.g. THRESHOLD_GRID; none when None): how many of its negatives of
+    any class do), int64. positives: (rows, classes) of this shard's positive cells. Each class's
+    scores are sorted once, the positives pushed below every score, a block of classes (about
+    `block_bytes`) at a time: memory beyond the scores is one block. Without a grid, classes that no
+    query asks about are not sorted."""
     scores = np.asarray(scores)
     n, num_classes = scores.shape
     counts = np.zeros(len(classes), dtype=np.int64)
-    at_grid = np.zeros(len(THRESHOLD_GRID), dtype=np.int64)
+    at_grid = np.zeros(0 if grid is None else len(grid), dtype=np.int64)
     if not n:
         return counts, at_grid
     pos_rows, pos_classes = (np.asarray(a, np.int64) for a in positives)
@@ -104,16 +100,20 @@ def negatives_at_or_above(scores: np.ndarray, positives: Cells, classes: np.ndar
     pos_order = np.argsort(pos_classes, kind="stable")
     pos_bounds = np.searchsorted(pos_classes[pos_order], np.arange(num_classes + 1))
     width = max(1, block_bytes // (scores.itemsize * n))
-    grid = THRESHOLD_GRID.astype(scores.dtype)  # float32 probabilities: the same values
+    if grid is not None:
+        grid = np.asarray(grid).astype(scores.dtype)  # THRESHOLD_GRID, float32 probabilities: same values
     for c0 in range(0, num_classes, width):
         c1 = min(num_classes, c0 + width)
+        if grid is None and bounds[c0] == bounds[c1]:
+            continue  # no query in these classes
         block = np.ascontiguousarray(scores[:, c0:c1].T)  # (B, n): a class's scores in one row
         mine = pos_order[pos_bounds[c0]:pos_bounds[c1]]
         block[pos_classes[mine] - c0, pos_rows[mine]] = -np.inf
         block.sort(axis=1)
         for c in range(c0, c1):
             row = block[c - c0]
-            at_grid += n - np.searchsorted(row, grid, "left")
+            if grid is not None:
+                at_grid += n - np.searchsorted(row, grid, "left")
             at = order[bounds[c]:bounds[c + 1]]
             if len(at):
                 counts[at] = n - np.searchsorted(row, values[at].astype(scores.dtype), "left")

@@ -8,7 +8,6 @@ import pytest
 from pml_dist.training.metrics import (
     average_precision,
     average_precision_from_counts,
-    local_positives,
     mean_average_precision,
     negatives_at_or_above,
     summary,
@@ -118,6 +117,13 @@ def test_bad_inputs_raise(scores, labels, match):
         average_precision(scores, labels)
 
 
+def local_positives(scores: np.ndarray, labels: np.ndarray):
+    """((rows, classes), scores) of the positive cells of a shard's (n, L) scores and 0/1 labels: what
+    evaluate.py's scoring loop keeps of the labels."""
+    rows, classes = np.nonzero(labels)
+    return (rows, classes.astype(np.int64)), scores[rows, classes]
+
+
 @pytest.mark.parametrize("world, block_bytes", [(1, 1), (2, 64 << 20), (3, 40), (7, 64 << 20)])
 def test_ap_from_every_rank_s_counts_equals_ap_of_the_gathered_scores(world, block_bytes):
     """evaluate.py's path: each rank's own rows (r, r + W, ...), the positives' scores exchanged, the
@@ -136,8 +142,9 @@ def test_ap_from_every_rank_s_counts_equals_ap_of_the_gathered_scores(world, blo
         positives = [local_positives(scores[rows], labels[rows]) for rows in parts]
         classes = np.concatenate([cells[1] for cells, _ in positives])
         values = np.concatenate([v for _, v in positives])
-        negatives = sum(negatives_at_or_above(scores[rows], cells, classes, values, block_bytes)[0]
-                        for rows, (cells, _) in zip(parts, positives, strict=True))
+        negatives = sum(
+            negatives_at_or_above(scores[rows], cells, classes, values, block_bytes=block_bytes)[0]
+            for rows, (cells, _) in zip(parts, positives, strict=True))
         got = average_precision_from_counts(classes, values, negatives, num_classes)
         want = average_precision(scores, labels)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=f"trial {trial}")
@@ -176,7 +183,7 @@ def reference_thresholds(scores: np.ndarray, labels: np.ndarray) -> dict:
 def test_decision_thresholds_from_every_rank_s_counts_are_the_f1_best_ones(world):
     """evaluate.py's thresholds: from the same counts as AP (summed over ranks), each class's
     F1-best threshold among its positives' scores; a class without positives gets the global one."""
-    from pml_dist.training.metrics import decision_thresholds
+    from pml_dist.training.metrics import THRESHOLD_GRID, decision_thresholds
 
     rng = np.random.default_rng(10 + world)
     for trial in range(10):
@@ -189,7 +196,7 @@ def test_decision_thresholds_from_every_rank_s_counts_are_the_f1_best_ones(world
         positives = [local_positives(scores[rows], labels[rows]) for rows in parts]
         classes = np.concatenate([cells[1] for cells, _ in positives])
         values = np.concatenate([v for _, v in positives])
-        counts = [negatives_at_or_above(scores[rows], cells, classes, values)
+        counts = [negatives_at_or_above(scores[rows], cells, classes, values, THRESHOLD_GRID)
                   for rows, (cells, _) in zip(parts, positives, strict=True)]
         got = decision_thresholds(classes, values, sum(c[0] for c in counts), sum(c[1] for c in counts),
                                   num_classes)
