@@ -1,6 +1,6 @@
 """`data.format` -> the reader of that layout: one module per format, each with
-`read_split(root, split, images=None) -> SourceSplit` (source.py). A fifth format is one new module
-and one line here."""
+`read_split(root, split, images=None) -> SourceSplit` (source.py); csv's also takes `classes` (its
+class list: csv_lists.py). Another format is one new module and one line here."""
 
 from __future__ import annotations
 
@@ -18,11 +18,19 @@ FORMATS = {
     "cole": ("ffcv_data.cole", "formatted_<split>_images.npy and formatted_<split>_labels.npy"),
     "openimages": ("ffcv_data.openimages", "*<split>-annotations-human-imagelabels.csv, *class-descriptions"
                                            ".csv [, *classes-trainable.txt] and <split>/*.jpg"),
+    "csv": ("ffcv_data.csv_lists", "<split>.csv (file,label or file,labels) and the images it names"),
 }
 
 
-def read_split(fmt: str, root: str | Path, split: str, images: str | Path | None = None) -> SourceSplit:
+def read_split(fmt: str, root: str | Path, split: str, images: str | Path | None = None,
+               classes=None) -> SourceSplit:
+    """`classes` (csv only): a class-list file or the training split's class names."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r} (known: {', '.join(FORMATS)})")
     reader = importlib.import_module(FORMATS[fmt][0])
-    return reader.read_split(Path(root), split, Path(images) if images else None)
+    images = Path(images) if images else None
+    if classes is None:
+        return reader.read_split(Path(root), split, images)
+    if fmt != "csv":
+        raise ValueError(f"a class list is read for data.format csv only, not {fmt!r}")
+    return reader.read_split(Path(root), split, images, classes=classes)

@@ -10,6 +10,9 @@ first. `inputs.json` records digests of the inputs (annotation files, the image 
 the spec fields that change the encoded content) before the first .beton; a rerun whose inputs differ
 from the record is an error naming what changed. `stats.json` is written last and marks the data
 stage as done.
+
+The validation part is a held-out fraction of the training split, or, with `val_split`, a split of
+the data set read whole (csv's fully labelled val.csv beside a single-positive train.csv).
 """
 
 from __future__ import annotations
@@ -51,15 +54,20 @@ class PrepareSpec:
     observed_protocol: str = "keyed"  # protocol.py: cole (Cole et al.'s exact draws) or keyed
     keep_original_jpegs: bool = True  # beton.py: JPEGs FFCV decodes as PIL does are stored as they are
     write_workers: int = 0
-    format: str = "coco"  # formats.py: coco, voc, cub, cole or openimages
-    images: Path | None = None  # cole: the folder its image paths are relative to
+    format: str = "coco"  # formats.py: coco, voc, cub, cole, openimages or csv
+    images: Path | None = None  # cole, csv: the folder its image paths are relative to
+    # a split of the data set read whole as the validation part (its own observed draw, as the test
+    # split's); "" = validation images held out of the training split (val_fraction, val_seed)
+    val_split: str = ""
+    classes: Path | None = None  # csv: the class-list file (csv_lists.read_classes); None = train's classes
 
 
 # The PrepareSpec fields that change what is encoded; root (the data may move) and workers do not.
 CONTENT_KEYS = ("format", "train_split", "test_split", "observed_seed", "observed_protocol", "val_fraction",
-                "val_seed", "max_resolution", "jpeg_quality", "keep_original_jpegs")
+                "val_seed", "max_resolution", "jpeg_quality", "keep_original_jpegs", "val_split")
 # Keys added after folders were prepared without them: a record without the key had this value.
-CONTENT_DEFAULTS = {"format": "coco"}
+# (The classes file is recorded as one of the label files, its digest with the CSV's.)
+CONTENT_DEFAULTS = {"format": "coco", "val_split": ""}
 INPUTS_VERSION = 2  # 2: labels in <split>.labels.npz, sparse; the .beton holds image and index
 SPLITS = ("train", "val", "test")
 
@@ -68,27 +76,35 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
     """Write the three .beton files and stats.json into `out`; returns the stats."""
     t0 = time.perf_counter()
     root = Path(d.root)
-    train_full, test = (_readable(read_split(d.format, root, split, d.images), d.observed_protocol)
-                        for split in (d.train_split, d.test_split))
-    if train_full.class_names != test.class_names:
-        raise DataError(f"{test.source_file}: classes differ from those of {train_full.source_file}")
+    train_full = _read(d, d.train_split, d.classes)
+    # csv: the other splits are read with the training split's class list (data.classes, else the
+    # classes the training CSV shows), so their class indices are the same
+    classes = (d.classes or train_full.class_names) if d.format == "csv" else None
+    test = _read(d, d.test_split, classes)
+    val_full = _read(d, d.val_split, classes) if d.val_split else None
+    for other in (test, val_full):
+        if other is not None and other.class_names != train_full.class_names:
+            raise DataError(f"{other.source_file}: classes differ from those of {train_full.source_file}")
     # Each source split gets its own draw over all of it (Cole et al. draw train2014 and val2014).
     observed_full, observed_test = (_draw(s, d) for s in (train_full, test))
-    try:
-        train_rows, val_rows = split_train_val(train_full.keys, d.val_fraction, d.val_seed,
-                                               d.observed_protocol, train_full.reference_order)
-    except ValueError as exc:
-        raise DataError(f"{train_full.source_file}: {exc}") from None
-    parts = {
-        "train": (train_full, train_rows, observed_full[train_rows]),
-        "val": (train_full, val_rows, observed_full[val_rows]),
-        "test": (test, np.arange(len(test)), observed_test),
-    }
+    parts = {"test": (test, np.arange(len(test)), observed_test)}
+    if val_full is not None:  # the validation split as it is; the training split whole
+        parts = {"train": (train_full, np.arange(len(train_full)), observed_full),
+                 "val": (val_full, np.arange(len(val_full)), _draw(val_full, d)), **parts}
+    else:
+        try:
+            train_rows, val_rows = split_train_val(train_full.keys, d.val_fraction, d.val_seed,
+                                                   d.observed_protocol, train_full.reference_order)
+        except ValueError as exc:
+            raise DataError(f"{train_full.source_file}: {exc}") from None
+        parts = {"train": (train_full, train_rows, observed_full[train_rows]),
+                 "val": (train_full, val_rows, observed_full[val_rows]), **parts}
+    sources = {"train": train_full, "test": test, **({"val": val_full} if val_full is not None else {})}
 
     folder = Path(out.folder)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_files(out)
-    inputs = _inputs(d, train_full, test)
+    inputs = _inputs(d, sources)
     record = _check_inputs(out, inputs)
 
     todo = [name for name in parts if not out.beton(name).exists()]
@@ -137,11 +153,12 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
         "keep_original_jpegs": d.keep_original_jpegs,
         "val_fraction": d.val_fraction,
         "val_seed": d.val_seed,
-        "sources": {
-            "train": _source_stats(train_full),
-            "test": _source_stats(test),
-        },
+        "val_split": d.val_split,
+        "sources": {role: _source_stats(split) for role, split in sources.items()},
         "splits": {name: _label_stats(src, rows, observed) for name, (src, rows, observed) in parts.items()},
+        # whether each split's label sets hold every class of its images: False for one read from
+        # a single-positive CSV (its validation mAP cannot select a model), True for the others
+        "complete_labels": {name: src.complete_labels for name, (src, _, _) in parts.items()},
         "seconds": time.perf_counter() - t0,  # wall time of this call (files already there are skipped)
         "image_check_seconds": check_seconds,  # of which decoding every image still to encode first
     }
@@ -191,13 +208,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _inputs(d: PrepareSpec, train: SourceSplit, test: SourceSplit) -> dict:
-    """What the folder's content depends on, as digests (inputs.json)."""
+def _inputs(d: PrepareSpec, sources: dict[str, SourceSplit]) -> dict:
+    """What the folder's content depends on, as digests (inputs.json); `sources`: role -> split read."""
     spec = asdict(d)
     root = Path(d.root)
     record: dict = {"version": INPUTS_VERSION, "root": str(root),
                     "spec": {k: spec[k] for k in CONTENT_KEYS}, "annotations": {}, "images": {}}
-    for role, split in (("train", train), ("test", test)):
+    for role, split in sources.items():
         # one file's digest as it is; several (VOC's class lists) digested in order
         digests = [_sha256_file(f) for f in split.label_files]
         combined = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
@@ -262,6 +279,11 @@ def _changes(old: dict, new: dict) -> list[str]:
                     if before.get("count") != images["count"] else "file names or sizes differ")
             changes.append(f"the {role} image list changed ({what})")
     return changes
+
+
+def _read(d: PrepareSpec, split: str, classes) -> SourceSplit:
+    """One split of the data set, its rows without a positive handled as the protocol wants."""
+    return _readable(read_split(d.format, d.root, split, d.images, classes), d.observed_protocol)
 
 
 def _draw(split: SourceSplit, d: PrepareSpec) -> np.ndarray:

@@ -44,6 +44,12 @@ class DataStats:
     def labels_per_image(self, split: str) -> float:
         return self.raw["splits"][split]["labels_per_image"]["mean"]
 
+    def complete_labels(self, split: str) -> bool:
+        """Whether `split`'s label sets hold every class present (False: a single-positive CSV's one
+        label per image, so precision and recall against them mean nothing). Folders prepared before
+        the record existed came from complete annotations."""
+        return self.raw.get("complete_labels", {}).get(split, True)
+
     @property
     def seconds(self) -> float | None:
         return self.raw.get("seconds")

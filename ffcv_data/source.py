@@ -1,10 +1,10 @@
 """What every data-set reader gives `prepare`: one split as rows of (image file, label set), sparse.
 
-A reader (coco.py, voc.py, cub.py, cole.py; `formats.py` picks one by `data.format`) checks its own
-files and raises `DataError` naming the file and line or record of the first problem, before
-anything is written. Rows come in the reader's own order; `reference_order` says in which order
-Cole et al.'s scripts walk them (their observed-label draw and validation split depend on it), and
-`reference_classes` which of our classes is their class k.
+A reader (coco.py, voc.py, cub.py, cole.py, openimages.py, csv_lists.py; `formats.py` picks one by
+`data.format`) checks its own files and raises `DataError` naming the file and line or record of the
+first problem, before anything is written. Rows come in the reader's own order; `reference_order`
+says in which order Cole et al.'s scripts walk them (their observed-label draw and validation split
+depend on it), and `reference_classes` which of our classes is their class k.
 """
 
 from __future__ import annotations
@@ -86,6 +86,9 @@ class SourceSplit:
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count of images left out
     negatives: LabelRows | None = None  # per row, its verified negatives (openimages), else unknown
     labels_left_out: dict[str, int] = field(default_factory=dict)  # reason -> count of labels left out
+    # whether each row holds every class of its image (False: a single-positive list, csv_lists.py,
+    # whose rows show one positive each and so cannot score a model on its validation part)
+    complete_labels: bool = True
 
     @property
     def num_classes(self) -> int:

@@ -1,4 +1,4 @@
-"""Built-in synthetic multi-label data set, written in the real COCO layout.
+"""Built-in synthetic multi-label data set, written in the real COCO layout (or as CSV lists).
 
 Scenes hold 1-5 objects from 20 categories; each category is a unique (shape, colour) pair, and
 every shape and every colour is shared by at least two categories, so a classifier has to look at
@@ -12,6 +12,15 @@ Layout (identical to COCO, so the same loaders serve both)::
     out/annotations/instances_<split>.json
     out/<split>/<file_name>          # 000000000001.jpg, ...
 
+``layout="csv"`` writes the same images and labels in the csv format's layout (csv_lists.py), what
+a user's own single-positive data looks like::
+
+    out/images/<file_name>           # both splits' images, ids unique across them
+    out/train.csv                    # file,label: each image's one observed positive (keyed draw)
+    out/val.csv                      # file,labels: a fifth of the generated training images, all labels
+    out/test.csv                     # file,labels
+    out/classes.txt                  # every class name, in id order (data.classes)
+
 Everything is deterministic in ``seed``: every image gets its own random stream keyed by
 (seed, split role, index), so its pixels do not depend on generation order or on the other split.
 
@@ -24,6 +33,7 @@ not drawn in the image: they exercise the label path at scale, not a model.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -34,6 +44,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ffcv_data.protocol import draw_observed, split_train_val
+from ffcv_data.source import string_key
+from ffcv_data.sparse import LabelRows
 
 # RGB fill colours. Saturated and far apart (each pair differs by >= ~85 in some channel) so that
 # JPEG and colour jitter never make two of them confusable, and all sit away from the desaturated,
@@ -117,6 +131,8 @@ _SPLIT_ROLES = {"train": 0, "test": 1}  # stream keys by role, so renaming a spl
 _TAG_STREAM = 7  # the tags' random stream: (seed, role, index, _TAG_STREAM)
 _TAGS_EXTRA = 0.5  # tags per image: 1 + Poisson(0.5)
 _JPEG_QUALITY = 95
+LAYOUTS = ("coco", "csv")
+CSV_VAL_FRACTION = 0.2  # layout csv: the training images held out into val.csv
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -376,9 +392,11 @@ def _tags(seed: int, role: int, index: int, num_classes: int, size: int) -> list
 
 
 def _write_split(root: Path, split: str, role: int, seed: int, n: int, size: int,
-                 first_image_id: int, first_ann_id: int, num_classes: int) -> dict:
-    """Write one split's JPEGs and return its COCO dict (without 'info')."""
-    (root / split).mkdir()
+                 first_image_id: int, first_ann_id: int, num_classes: int, folder: str = "") -> dict:
+    """Write one split's JPEGs into `root / folder` (default: the split's name) and return its COCO
+    dict (without 'info')."""
+    folder = folder or split
+    (root / folder).mkdir(exist_ok=True)
     images, annotations = [], []
     ann_id = first_ann_id
     for index in range(n):
@@ -386,7 +404,7 @@ def _write_split(root: Path, split: str, role: int, seed: int, n: int, size: int
         file_name = f"{image_id:012d}.jpg"
         img, anns = _make_image(seed, role, index, size)
         anns += _tags(seed, role, index, num_classes, size)
-        img.save(root / split / file_name, format="JPEG", quality=_JPEG_QUALITY)
+        img.save(root / folder / file_name, format="JPEG", quality=_JPEG_QUALITY)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
         for ann in anns:
             annotations.append({"id": ann_id, "image_id": image_id, **ann})
@@ -423,6 +441,45 @@ def split_stats(coco: dict) -> dict:
     }
 
 
+def _write_csv_layout(out: Path, cocos: dict[str, dict], seed: int, train_split: str, val_split: str,
+                      test_split: str) -> dict:
+    """The generated splits as the csv format's files, written from their COCO dicts (module
+    docstring); returns the rows per CSV. train.csv holds what a single-positive data set gives: one
+    positive per image, drawn from its labels as prepare's keyed draw would (keyed by the CSV's file
+    name, seeded by `seed`); val.csv, held out of the same images, keeps every label, so validation
+    mAP can select a model."""
+    names = [c["name"] for c in cocos[train_split]["categories"]]  # ids 1..L in order
+    (out / "classes.txt").write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    files, sets = _label_sets(cocos[train_split])
+    keys = np.array([string_key(f) for f in files], dtype=np.int64)
+    train_rows, val_rows = split_train_val(keys, CSV_VAL_FRACTION, seed)
+    # an image none of whose objects could be placed has no label, so no single positive to show
+    labelled = np.array([r for r in train_rows if sets[r]], dtype=np.int64)
+    observed = draw_observed(LabelRows.from_sets([sets[r] for r in labelled], len(names)), keys[labelled],
+                             seed)
+    rows = {
+        train_split: ("label", [(files[r], names[c]) for r, c in zip(labelled, observed, strict=True)]),
+        val_split: ("labels", [(files[r], "|".join(names[c] for c in sets[r])) for r in val_rows]),
+        test_split: ("labels", [(f, "|".join(names[c] for c in cs))
+                                for f, cs in zip(*_label_sets(cocos[test_split]), strict=True)]),
+    }
+    for split, (column, lines) in rows.items():
+        with open(out / f"{split}.csv", "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(("file", column))
+            writer.writerows(lines)
+    return {split: len(lines) for split, (_, lines) in rows.items()}
+
+
+def _label_sets(coco: dict) -> tuple[list[str], list[list[int]]]:
+    """Each image's file under out/ (images/<file_name>) and its class indices (category id - 1)."""
+    sets: dict[int, set[int]] = {img["id"]: set() for img in coco["images"]}
+    for ann in coco["annotations"]:
+        sets[ann["image_id"]].add(ann["category_id"] - 1)
+    return ([f"images/{img['file_name']}" for img in coco["images"]],
+            [sorted(sets[img["id"]]) for img in coco["images"]])
+
+
 def summarize(out: str | Path, split: str) -> dict:
     """split_stats() of an existing data set's `split`."""
     path = Path(out) / "annotations" / f"instances_{split}.json"
@@ -430,7 +487,15 @@ def summarize(out: str | Path, split: str) -> dict:
 
 
 def _check_args(n_train: int, n_test: int, image_size: int, train_split: str,
-                test_split: str, num_classes: int) -> None:
+                test_split: str, num_classes: int, layout: str = "coco", val_split: str = "val") -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    if layout == "csv":
+        if n_train < 3:  # a fifth, rounded, must leave both parts non-empty
+            raise ValueError(f"layout csv holds out a fifth of the training images for val.csv: n_train "
+                             f"must be >= 3, got {n_train}")
+        if val_split in (train_split, test_split, "") or "/" in val_split:
+            raise ValueError(f"bad validation split name {val_split!r} (it must differ from the others)")
     if num_classes < len(CATEGORIES):
         raise ValueError(f"num_classes must be >= {len(CATEGORIES)} (the drawn categories), "
                          f"got {num_classes}")
@@ -447,8 +512,10 @@ def _check_args(n_train: int, n_test: int, image_size: int, train_split: str,
 
 def make_synthetic(out: str | Path, seed: int = 0, n_train: int = 2000, n_test: int = 500,
                    image_size: int = 64, train_split: str = "train",
-                   test_split: str = "test", num_classes: int = len(CATEGORIES)) -> dict:
-    """Generate the synthetic data set at `out` and return a summary per split.
+                   test_split: str = "test", num_classes: int = len(CATEGORIES), layout: str = "coco",
+                   val_split: str = "val") -> dict:
+    """Generate the synthetic data set at `out` and return a summary per split. `layout`: "coco", or
+    "csv" (the module docstring; `val_split` names its val.csv).
 
     Built in a hidden sibling folder and renamed into place at the end, so an interrupted run
     never leaves a partial data set at `out` (which would later be mistaken for a complete one).
@@ -456,28 +523,33 @@ def make_synthetic(out: str | Path, seed: int = 0, n_train: int = 2000, n_test: 
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"refusing to overwrite existing data set folder: {out}")
-    _check_args(n_train, n_test, image_size, train_split, test_split, num_classes)
+    _check_args(n_train, n_test, image_size, train_split, test_split, num_classes, layout, val_split)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():  # left by an earlier, killed run of a process with the same pid
         shutil.rmtree(tmp)
     try:
-        (tmp / "annotations").mkdir(parents=True)
-        splits = {}
+        (tmp / "annotations" if layout == "coco" else tmp).mkdir(parents=True)
+        splits, cocos = {}, {}
         next_image, next_ann = 1, 1
         for split, role, n in ((train_split, _SPLIT_ROLES["train"], n_train),
                                (test_split, _SPLIT_ROLES["test"], n_test)):
             coco = _write_split(tmp, split, role, seed, n, image_size, next_image, next_ann,
-                                num_classes)
+                                num_classes, folder="images" if layout == "csv" else split)
             next_image += n
             next_ann += len(coco["annotations"])
-            _write_json(tmp / "annotations" / f"instances_{split}.json",
-                        {"info": _info(split, seed, image_size), **coco})
+            if layout == "coco":
+                _write_json(tmp / "annotations" / f"instances_{split}.json",
+                            {"info": _info(split, seed, image_size), **coco})
             splits[split] = split_stats(coco)
+            cocos[split] = coco
+        csv_rows = (_write_csv_layout(tmp, cocos, seed, train_split, val_split, test_split)
+                    if layout == "csv" else None)
         if out.exists():  # someone else created it while we were generating
             raise FileExistsError(f"refusing to overwrite existing data set folder: {out}")
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "seed": seed, "image_size": image_size, "splits": splits}
+    summary = {"out": str(out), "seed": seed, "image_size": image_size, "splits": splits}
+    return summary if csv_rows is None else {**summary, "layout": "csv", "csv_rows": csv_rows}

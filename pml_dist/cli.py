@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,9 +40,9 @@ def _at_least(low: int):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pml-dist", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("make-synthetic", help="write the built-in COCO-format data set")
+    p = sub.add_parser("make-synthetic", help="write the built-in data set (COCO layout, or --layout csv)")
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=_at_least(1), default=2000, help="training images")
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_at_least(32), default=64, help="image side in pixels (>= 32)")
     p.add_argument("--classes", type=_at_least(20), default=20,
                    help="classes: the 20 drawn ones, and sparse tag classes above them")
+    p.add_argument("--layout", choices=("coco", "csv"), default="coco",
+                   help="csv: train.csv (one positive per image), val.csv, test.csv, classes.txt, images/")
 
     _add_config_args(sub.add_parser("prepare", help="encode train/val/test .beton files"))
     p = sub.add_parser("labels", help="a prepared split as CSV on stdout: row,file,observed,labels")
@@ -84,7 +87,66 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sub.add_parser("status", help="each stage's state: done, running, failed + log"),
                      seeds=True)
     _add_config_args(sub.add_parser("report", help="report.md/json and the Figure 1 plots"), seeds=True)
+    p = sub.add_parser("predict", intermixed=True,
+                       help="score image files with a trained stage (JSON Lines or a labels CSV)")
+    _add_use_stage_args(p)
+    p.add_argument("--out", type=Path, default=None, help="write here (atomically) instead of stdout")
+    p.add_argument("--top-k", type=_at_least(0), default=5, help="scores of the K likeliest classes (0: all)")
+    p.add_argument("--format", choices=("jsonl", "labels"), default="jsonl",
+                   help="labels: CSV file,labels (names joined by |), which data.format csv reads")
+    p.add_argument("--batch-size", type=_at_least(1), default=64)
+    p.add_argument("--config", default=None, help="YAML preset (default: configs/demo.yaml)")
+    p.add_argument("paths", nargs="+", action=_PathsAndOverrides, metavar="PATH",
+                   help="image files, folders (searched recursively) or .txt lists of image paths; "
+                        "section.key=value config overrides may stand among them")
+    p = sub.add_parser("export", intermixed=True,
+                       help="a trained stage as a folder needing torch only (TorchScript model.pt, classes, "
+                            "thresholds, state dict)")
+    _add_use_stage_args(p)
+    p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder")
+    _add_config_args(p)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """A command's parser. intermixed=True lets its positionals sit on both sides of options
+    (`predict run.dir=x --stage teacher images/`): argparse otherwise takes one run of them only."""
+
+    def __init__(self, *args, intermixed: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.intermixed, self._inside = intermixed, False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.intermixed or self._inside:
+            return super().parse_known_args(args, namespace)
+        self._inside = True  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
+class _PathsAndOverrides(argparse.Action):
+    """predict's positionals: config overrides (section.key=value, not an existing file) and PATHs,
+    in any order (two variable-length positionals cannot be told apart by argparse)."""
+
+    OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_][\w.]*=")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        overrides = [v for v in values if self.OVERRIDE.match(v) and not os.path.exists(v)]
+        namespace.overrides = overrides
+        namespace.paths = [v for v in values if v not in overrides]
+        if not namespace.paths:
+            parser.error("no PATH: name image files, folders or .txt lists")
+
+
+def _add_use_stage_args(p: argparse.ArgumentParser) -> None:
+    """predict's and export's stage: as `train` names it, a student by --tau or its target's name."""
+    p.add_argument("--stage", choices=("teacher", "student", "reference"), required=True)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--tau", type=float, default=None, help="(student) the one trained on p > tau")
+    which.add_argument("--target", default=None, help="(student) its target's name: tau-T, soft, class_prior")
+    which.add_argument("--loss", default=None, help="(reference) its loss, e.g. bce or em")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +171,7 @@ def cmd_make_synthetic(args) -> int:
     if args.out.exists():
         raise PmlError(f"{args.out} already exists; choose a new folder (nothing was changed)")
     summary = make_synthetic(args.out, seed=args.seed, n_train=args.train, n_test=args.test,
-                             image_size=args.size, num_classes=args.classes)
+                             image_size=args.size, num_classes=args.classes, layout=args.layout)
     log.info("wrote %s: %s", args.out, summary)
     return 0
 
@@ -177,12 +239,20 @@ def _stage(args, cfg):
     raise PmlError("--stage student needs --tau T or --pseudo soft|class_prior")
 
 
+def _warn_without_model_selection(cfg) -> None:
+    from pml_dist.training.selection import NO_SELECTION_WARNING
+
+    if not cfg.data.full_validation:
+        log.warning("%s", NO_SELECTION_WARNING)
+
+
 def cmd_train(args) -> int:
     from ffcv_data.atomic import write_text
     from pml_dist.training.stop import EXIT_STOPPED, STOPPED_FILE_ENV, StopFlag, Stopped
     from pml_dist.training.trainer import train
 
     cfg = _config(args)
+    _warn_without_model_selection(cfg)
     stage = _stage(args, cfg)
     stop = StopFlag()
     stop.install()
@@ -222,8 +292,11 @@ def cmd_run(args) -> int:
     from pml_dist.pipeline.slurm import default_executor
 
     cfg = _config(args, write=not args.dry_run)
+    _warn_without_model_selection(cfg)
     run = RunLayout.of(cfg)
     kind = args.executor or default_executor()
+    if not args.dry_run:  # every stage's event files, sub-runs' too, are under the run directory
+        print(f"TensorBoard: tensorboard --logdir {run.root}", flush=True)
     t0 = time.perf_counter()
     record = run_pipeline(cfg, kind, args.wait, dry_run=args.dry_run)
     if args.dry_run:
@@ -283,6 +356,50 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _use_stage(args, cfg):
+    """predict's and export's stage: --target names a student by its target (pseudo.taus/modes);
+    everything else resolves as `train`'s flags do."""
+    from pml_dist.pseudo.labels import target_names
+    from pml_dist.stages import Student
+
+    if args.target is None:
+        if args.stage == "student" and args.tau is None:
+            raise PmlError("--stage student needs --tau T or --target NAME")
+        return _stage(argparse.Namespace(stage=args.stage, tau=args.tau, loss=args.loss, pseudo=None,
+                                          index=None), cfg)
+    if args.stage != "student":
+        raise PmlError(f"--target applies to --stage student only, not {args.stage}")
+    targets = target_names(cfg.pseudo.taus, cfg.pseudo.modes)
+    if args.target not in targets:
+        raise PmlError(f"--target {args.target} is not one of the run's targets ({', '.join(targets)})")
+    return Student(args.target)
+
+
+def cmd_predict(args) -> int:
+    from pml_dist.use.predict import predict
+
+    cfg = _config(args, write=False)  # reads a run, writes nothing into it
+    try:
+        summary = predict(cfg, _use_stage(args, cfg), args.paths, out=args.out, top_k=args.top_k,
+                          fmt=args.format, batch_size=args.batch_size)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted; no traceback at exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if summary.failed:
+        print(f"pml-dist predict: {summary.failed} of {summary.images} images could not be read",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pml_dist.use.export import export
+
+    cfg = _config(args, write=False)
+    print(export(cfg, _use_stage(args, cfg), args.out))
+    return 0
+
+
 COMMANDS = {
     "make-synthetic": cmd_make_synthetic,
     "prepare": cmd_prepare,
@@ -295,4 +412,6 @@ COMMANDS = {
     "job-env": cmd_job_env,
     "status": cmd_status,
     "report": cmd_report,
+    "predict": cmd_predict,
+    "export": cmd_export,
 }

@@ -41,7 +41,7 @@ DEVICES = ("auto", "cuda", "cpu")
 DEVICE_ENV = "PML_DIST_DEVICE"  # the default of train.device (presets and overrides still win)
 PSEUDO_MODES = ("hard", "soft", "class_prior")
 # data.format: the layout of data.root (ffcv_data/formats.py)
-DATA_FORMATS = ("coco", "voc", "cub", "cole", "openimages")
+DATA_FORMATS = ("coco", "voc", "cub", "cole", "openimages", "csv")
 PUBLISHED_DATA_SETS = ("voc", "coco", "nuswide", "cub")  # report.published (pipeline/names.py: PUBLISHED)
 
 
@@ -93,9 +93,15 @@ class DataSection:
     #         [, *classes-trainable.txt], <split>/<ImageID>.jpg (splits train, validation | val, test)
     root: str = "data/synthetic"
     format: str = "coco"  # one of DATA_FORMATS
-    images: str = ""  # cole: the folder the formatted lists' image paths are relative to (else unused)
+    # cole: the folder the formatted lists' image paths are relative to; csv: the folder the CSVs'
+    # `file` column is relative to (default data.root); else unused
+    images: str = ""
     train_split: str = "train"
     test_split: str = "test"
+    # a fully labelled validation split read from the data set (csv: <root>/<val_split>.csv, header
+    # file,labels); "" = the validation images are drawn from the training split (val_fraction)
+    val_split: str = ""
+    classes: str = ""  # csv: a text file of the class names, one per line, in output order ("" = those seen)
     observed_seed: int = 1200  # Cole et al. 2021: seed of the single observed positive per image
     # cole: Cole et al.'s exact draws and split for the same annotation files; keyed: draws keyed
     # by image id, the same for any subset or process count (ffcv_data/protocol.py)
@@ -128,6 +134,17 @@ class DataSection:
     synthetic_test: int = 500
     synthetic_classes: int = 20  # above 20: sparse tag classes beside the drawn ones (synthetic.py)
 
+    @property
+    def full_validation(self) -> bool:
+        """Whether the validation split has every label of its images, so that validation mAP can
+        select a model: False only for a single-positive training CSV (header file,label) without a
+        fully labelled data.val_split, whose validation images show one positive each."""
+        if self.format != "csv" or self.val_split:
+            return True
+        from ffcv_data.csv_lists import single_positive
+
+        return not single_positive(Path(self.root) / f"{self.train_split}.csv")
+
     def problems(self) -> list[str]:
         return _failed([
             (self.format in DATA_FORMATS, "data.format", f"must be one of {', '.join(DATA_FORMATS)}"),
@@ -151,6 +168,9 @@ class DataSection:
              "must be > 0"),
             (self.synthetic_classes >= 20, "data.synthetic_classes", "must be >= 20 (the drawn categories)"),
             (self.train_split != self.test_split, "data.test_split", "must differ from data.train_split"),
+            (self.val_split not in (self.train_split, self.test_split), "data.val_split",
+             "must differ from data.train_split and data.test_split"),
+            (not self.classes or self.format == "csv", "data.classes", "is read for data.format: csv only"),
         ])
 
 
@@ -634,6 +654,8 @@ def _make_paths_absolute(cfg: Config) -> None:
     cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     if cfg.data.images:
         cfg.data.images = str(Path(cfg.data.images).expanduser().resolve())
+    if cfg.data.classes:
+        cfg.data.classes = str(Path(cfg.data.classes).expanduser().resolve())
     if cfg.model.pretrained:
         cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
     ds = Path(cfg.dist.deepspeed_config).expanduser()
@@ -672,9 +694,19 @@ def validate(cfg: Config) -> None:
 
 def _cross_section_problems(cfg: Config) -> list[str]:
     """The rules that read two sections."""
+    # What picks a model by validation mAP needs validation images with all their labels.
+    full = cfg.data.full_validation
+    without = ("without a fully labelled validation split (data.val_split; "
+               f"{cfg.data.train_split}.csv lists single positives)")
     return _failed([
         (cfg.loss.name != "em_apl" or apl_schedule_fits(cfg.loss.apl_warmup_epochs, cfg.train.epochs),
          "loss.apl_warmup_epochs", APL_WARMUP_RULE),
+        (full or not cfg.train.early_stop, "train.early_stop",
+         f"must be [] {without}: early stopping compares validation mAPs"),
+        (full or not cfg.sweep.losses, "sweep.losses",
+         f"must be [] {without}: the grid's best point is chosen by validation mAP"),
+        (full or cfg.pseudo.rounds <= 1, "pseudo.rounds",
+         f"must be 1 {without}: each round's teacher is the best student by validation mAP"),
     ])
 
 

@@ -30,7 +30,8 @@ def prepare(cfg: Config) -> dict:
                        max_resolution=d.max_resolution, jpeg_quality=d.jpeg_quality,
                        observed_protocol=d.observed_protocol,
                        keep_original_jpegs=d.keep_original_jpegs, write_workers=d.write_workers,
-                       format=d.format, images=Path(d.images) if d.images else None)
+                       format=d.format, images=Path(d.images) if d.images else None,
+                       val_split=d.val_split, classes=Path(d.classes) if d.classes else None)
     return prepare_data(spec, RunLayout.of(cfg).data)
 
 
@@ -41,4 +42,5 @@ def _generate(cfg: Config) -> None:
     log.info("data.root %s does not exist: generating the built-in data set there", d.root)
     make_synthetic(d.root, seed=d.synthetic_seed, n_train=d.synthetic_train, n_test=d.synthetic_test,
                    image_size=d.max_resolution, train_split=d.train_split, test_split=d.test_split,
-                   num_classes=d.synthetic_classes)
+                   num_classes=d.synthetic_classes, layout="csv" if d.format == "csv" else "coco",
+                   val_split=d.val_split or "val")

@@ -76,7 +76,8 @@ class StageFiles:
     test-index order, for the report's paired intervals: AP needs only the order of the scores, and
     float16 probabilities tie near 1 where float16 logits do not); thresholds.json (each class's
     decision threshold, chosen on the validation split with the best weights); result.json (written
-    last); logs/rank-R.log."""
+    last); tensorboard/ (TensorBoard event files of the same scalars as metrics.jsonl, which stays
+    the record); logs/rank-R.log."""
 
     dir: Path
 
@@ -87,6 +88,10 @@ class StageFiles:
     @property
     def metrics(self) -> Path:
         return self.dir / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.dir / "tensorboard"
 
     @property
     def derived(self) -> Path:

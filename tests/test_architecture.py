@@ -1,7 +1,9 @@
 """The packages' dependencies point one way (docs/architecture.md):
 
-    ffcv_data  <-  pml_dist core  <-  pml_dist.training  <-  pml_dist.pseudo  <-  pml_dist.pipeline  <-  cli
+    ffcv_data  <-  pml_dist core  <-  pml_dist.training  <-  pml_dist.use
+               <-  pml_dist.pseudo  <-  pml_dist.pipeline  <-  cli
 
+pml_dist.use (predict, export) is a leaf beside the pipeline: only the command line imports it.
 Every import of every module counts, also those inside functions (the heavy ones live there)."""
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LAYERS = ["ffcv_data", "pml_dist", "pml_dist.training", "pml_dist.pseudo", "pml_dist.pipeline",
-          "pml_dist.cli"]
+LAYERS = ["ffcv_data", "pml_dist", "pml_dist.training", "pml_dist.use", "pml_dist.pseudo",
+          "pml_dist.pipeline", "pml_dist.cli"]
 
 
 def _layer(module: str) -> int | None:
@@ -56,6 +58,19 @@ def test_no_package_imports_one_above_it():
             if layer > own:
                 wrong.append(f"{module} imports {imported}")
     assert not wrong, "imports against the layering:\n" + "\n".join(sorted(wrong))
+
+
+def test_only_the_command_line_uses_pml_dist_use():
+    """The layer order lets pseudo and pipeline import pml_dist.use; they must not: it is the user's
+    end of the library, not a part of the experiment."""
+    wrong = []
+    for path in [*REPO.glob("ffcv_data/**/*.py"), *REPO.glob("pml_dist/**/*.py")]:
+        module = _module(path)
+        if _layer(module) in (LAYERS.index("pml_dist.use"), LAYERS.index("pml_dist.cli")):
+            continue
+        wrong += [f"{module} imports {name}" for name in _imports(path)
+                  if name == "pml_dist.use" or name.startswith("pml_dist.use.")]
+    assert not wrong, "\n".join(sorted(wrong))
 
 
 def test_the_check_sees_a_wrong_import(tmp_path):

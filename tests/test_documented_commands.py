@@ -58,6 +58,7 @@ def test_the_documented_commands_are_found():
         assert any(f"configs/{preset}.yaml" in r for r in runs), preset
     assert sum("sweep.losses=" in r for r in runs) >= 3  # the protocol's rows
     assert any(argv[0] == "status" for _, argv in COMMANDS)
+    assert {"predict", "export"} <= {argv[0] for _, argv in COMMANDS}  # the trained stage in use
 
 
 @pytest.mark.parametrize("where, argv", COMMANDS, ids=[w for w, _ in COMMANDS])

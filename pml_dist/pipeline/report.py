@@ -107,8 +107,9 @@ def collect(cfg: Config) -> dict:
         "rows": rows,
         "stages": stages,
         "model_selection": [s for s in selection if s is not None],
+        # a single-positive training CSV (ffcv_data/csv_lists.py) shows one label per image, not its truth
         "true_labels_per_image": data.get("splits", {}).get("train", {}).get("labels_per_image", {})
-        .get("mean"),
+        .get("mean") if data.get("complete_labels", {}).get("train", True) else None,
         "test_images": data.get("splits", {}).get("test", {}).get("images"),
         # classes without a positive in a split are left out of its mAP (metrics.py): the teacher's
         # record says which (every stage of the run reads the same splits)

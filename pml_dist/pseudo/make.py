@@ -58,7 +58,9 @@ def pseudo_inputs(cfg: Config, run: RunLayout) -> dict:
 def _write_targets(cfg: Config, run: RunLayout) -> dict:
     split = run.data.labels("train")
     observed = np.asarray(split.observed, dtype=np.int64)  # each image's observed class, -1: none
-    # Full labels and verified negatives are used only for the statistics.
+    # Full labels and verified negatives are used only for the statistics; a single-positive CSV's
+    # labels are not full, and precision and recall against them would be wrong, so none are given.
+    full = split.labels if run.data.stats().complete_labels("train") else None
     return write_pseudo_stats(read_stored_probs(run.pseudo.probs), observed, run.pseudo.dir,
                               cfg.pseudo.taus, cfg.pseudo.modes, cfg.loss.expected_positives,
-                              full=split.labels, negatives=split.negatives)
+                              full=full, negatives=split.negatives)

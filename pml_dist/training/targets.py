@@ -110,3 +110,13 @@ class Target:
             return ((values > tc) | ((values == tc) & (rows <= last[classes]))).float()
 
         return class_prior
+
+
+def positives_per_image(cfg, run: RunLayout, stage) -> float | None:
+    """A student's mean positives per training image in its targets (observed positive included),
+    as `pml-dist merge` counted them for its target's rule (pseudo/stats.json); None for a stage
+    that trains on the observed positive or the full labels."""
+    if stage.trains_on(cfg) != "pseudo":
+        return None
+    stats = run.pseudo.read_stats() or {}
+    return stats.get("targets", {}).get(stage.target, {}).get("mean_positives_per_image")

@@ -5,7 +5,9 @@ Runs as one process or as one of N ranks (torchrun, the deepspeed launcher, srun
 and config either way. It fills the stage's folder (layout.StageFiles): DeepSpeed checkpoints,
 metrics.jsonl (rank 0, after a reduction over ranks), derived.json (the global batch, scaled LR and
 steps per epoch actually used), best.pt + best.json (the best validation epoch's plain weights),
-result.json (written last: its presence means the stage is done) and one log file per rank.
+result.json (written last: its presence means the stage is done), TensorBoard event files
+(board.py, rank 0) and one log file per rank. Without a fully labelled validation split the last
+epoch is kept instead of the best (selection.py).
 
 Resume: the newest complete checkpoint restores weights, optimizer, scheduler, RNG and `TrainState`
 (step, epoch, position inside the epoch, best), so no data is replayed. A stop request (SIGUSR2 /
@@ -36,13 +38,15 @@ from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout, StageFiles
 from pml_dist.log import setup_logging
 from pml_dist.stages import Stage
-from pml_dist.training import checkpoint, engine
+from pml_dist.training import checkpoint, engine, selection
+from pml_dist.training.board import Board
 from pml_dist.training.checkpoint import Checkpointer
+from pml_dist.training.environment import environment
 from pml_dist.training.evaluate import barrier, evaluate, gather, predict, split_loader, write_rows
 from pml_dist.training.losses import LossParams, build_loss, dense_state_problem, param_groups_lr_mult
 from pml_dist.training.models import build_model, on_device, param_groups
 from pml_dist.training.stop import StopFlag, Stopped
-from pml_dist.training.targets import training_targets
+from pml_dist.training.targets import positives_per_image, training_targets
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,11 @@ class Trainer:
         self.files.dir.mkdir(parents=True, exist_ok=True)
         stats = self.run.data.stats()
         self.num_classes, self.num_train = stats.num_classes, stats.images("train")
+        # TensorBoard's per-class tags (prepared data of older versions may lack the names)
+        self.class_names = stats.raw.get("category_names") or [str(c) for c in range(self.num_classes)]
+        # what the prepared validation split holds decides (config.DataSection.full_validation
+        # refused early stopping, sweeps and rounds before anything ran)
+        self.selection = selection.model_selection(stats.complete_labels("val"))
         self.loss_name = stage.loss(cfg)
         # LinearInit's head-only epochs come first; epoch numbers count both phases.
         self.linear_epochs = cfg.train.linear_init_epochs
@@ -138,9 +147,11 @@ class Trainer:
         self.device = self._start_process_group()
         targets_source, self.targets_of = training_targets(cfg, self.run, stage, self.num_train, self.device)
         self.autocast = engine.autocast_dtype(cfg, self.device)  # of evaluation (DeepSpeed trains)
+        self.environment = environment(info, self.device, self.threads)  # after configure_cuda's flags
         log.info("%s: %s", self.files.dir, dist.rank_summary(
             info, self.device, self.threads, _backend(), [e.split("=")[0] for e in cfg.slurm.env]))
         log.info("targets: %s", targets_source)
+        log.info("model selection: %s", self.selection)
         log.info("derived: %s", self.derived.to_dict())
 
         self.model, self.loss = self._build_model(), self._build_loss()
@@ -154,6 +165,9 @@ class Trainer:
                                          inputs=self.inputs, device=self.device)
         self.state = self._resume()
         self.metrics = _MetricsFile(self.files.metrics, info.is_main, self.state.step)
+        self.board = Board(self.files.tensorboard, info.is_main, self.state.step)
+        if self.state.step == 0:  # once: a resumed run's board already holds it
+            self.board.scalar("targets/positives_per_image", positives_per_image(cfg, self.run, stage), 0)
         if info.is_main:
             write_json(self.files.derived, self.derived.to_dict())
         self.loader = self._train_loader()
@@ -164,6 +178,12 @@ class Trainer:
 
     def train(self) -> dict:
         """Every epoch left, then the test of the best one; returns result.json's content."""
+        try:
+            return self._train()
+        finally:  # done, stopped or failed: what the board holds reaches its file
+            self.board.close()
+
+    def _train(self) -> dict:
         start = time.perf_counter()
         while self.state.epoch < self.epochs and self.state.stopped_early is None:
             self._train_epoch()
@@ -179,6 +199,7 @@ class Trainer:
             if self.state.epoch == self.linear_epochs > 0:
                 self._end_linear_init()
             self._save()
+            self.board.flush()
             if self.state.epoch < self.epochs and self.state.stopped_early is None:
                 # a request since the last log step: stop at this epoch's checkpoint
                 self._stop_if_requested()
@@ -238,9 +259,14 @@ class Trainer:
         record = {"kind": "train", "step": self.state.step, "epoch": self.state.epoch,
                   "loss": _mean_over_ranks(loss, self.device),
                   "lr": self.engine.get_lr()[0], "samples_per_s": rate}
-        self.metrics.write(record)
+        self._record(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         window.reset()
+
+    def _record(self, record: dict) -> None:
+        """One metrics.jsonl record, and its scalars on the TensorBoard."""
+        self.metrics.write(record)
+        self.board.record(record)
 
     def _save(self) -> None:
         best = self.state.best
@@ -262,8 +288,8 @@ class Trainer:
                        autocast=self.autocast)
         epoch, step = self.state.epoch, self.state.step
         left_out = val["classes_without_positives"]
-        self.metrics.write({"kind": "val", "step": step, "epoch": epoch, "map": val["map"],
-                            "targets": val["targets"], "classes_without_positives": left_out})
+        self._record({"kind": "val", "step": step, "epoch": epoch, "map": val["map"],
+                      "targets": val["targets"], "classes_without_positives": left_out})
         log.info("epoch %d step %d: val mAP %.2f (against %s%s)", epoch, step, val["map"],
                  "full labels" if val["targets"] == "labels" else "observed labels",
                  f"; {len(left_out)} of {self.num_classes} classes have no positive there and are left out: "
@@ -271,12 +297,13 @@ class Trainer:
         return val
 
     def _keep_if_best(self, val: dict) -> bool:
-        """A new best validation epoch: remember it, and rank 0 exports its weights (best.pt)."""
-        best = self.state.best
-        if best is not None and val["map"] <= best["val_map"]:
+        """A new best validation epoch (or, without model selection, the latest one): remember it,
+        and rank 0 exports its weights (best.pt)."""
+        if not selection.keeps(self.selection, val["map"], self.state.best):
             return False
         self.state.best = {"epoch": self.state.epoch, "step": self.state.step, "val_map": val["map"],
-                           "val_classes_without_positives": val["classes_without_positives"]}
+                           "val_classes_without_positives": val["classes_without_positives"],
+                           "val_ap": val.get("ap")}
         if self.info.is_main:
             _export(self.net, self.files, self.state.best)
         return True
@@ -346,8 +373,10 @@ class Trainer:
         # the report's paired intervals compare models on these (layout.py); every rank writes its rows
         write_rows(self.files.test_logits, test.pop("logits"), test["num_samples"])
         best = self.state.best
-        self.metrics.write({"kind": "test", "step": best["step"], "epoch": best["epoch"], "map": test["map"],
-                            "classes_without_positives": test["classes_without_positives"]})
+        self._record({"kind": "test", "step": best["step"], "epoch": best["epoch"], "map": test["map"],
+                      "classes_without_positives": test["classes_without_positives"]})
+        if best.get("val_ap"):  # absent from checkpoints of older versions
+            self.board.class_ap("val_ap", self.class_names, best["val_ap"], best["step"])
         return test
 
     def _thresholds(self) -> dict:
@@ -369,6 +398,7 @@ class Trainer:
         return {
             "stage": self.stage.kind, "target": self.stage.target, "loss": self.loss_name,
             "best_epoch": best["epoch"], "best_step": best["step"], "val_map": best["val_map"],
+            "model_selection": self.selection, "val_ap": best.get("val_ap"),
             "epochs_trained": self.state.epoch, "stopped_early_after_epoch": self.state.stopped_early,
             "linear_init_epochs": self.linear_epochs,
             "test_map": test["map"], "test_ap": test["ap"],
@@ -378,6 +408,7 @@ class Trainer:
             "rank_weight_digests": digests,
             "train_seconds": seconds, "train_samples_per_s": samples_per_s,
             "inputs": self.inputs,
+            "environment": self.environment,
         }
 
     # ------------------------------------------------------------------------------ building
@@ -405,6 +436,7 @@ class Trainer:
         if why is not None and self.info.is_main:
             log.info("%s is stale (%s): training it anew", self.files.dir, why)
             shutil.rmtree(self.files.ckpt, ignore_errors=True)
+            shutil.rmtree(self.files.tensorboard, ignore_errors=True)
             for path in (self.files.result, self.files.best_weights, self.files.best_record,
                          self.files.metrics, self.files.derived, self.files.test_logits,
                          self.files.thresholds):

@@ -108,7 +108,7 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["data.format=yolo"], "config key 'data.format' must be one of coco, voc, cub, cole, openimages"),
+    (["data.format=yolo"], "config key 'data.format' must be one of coco, voc, cub, cole, openimages, csv"),
     (["data.format=cole"], "config key 'data.images' must name the folder the formatted lists' image paths "
                            "are relative to (data.format: cole)"),
     (["report.published=imagenet"],

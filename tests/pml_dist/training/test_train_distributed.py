@@ -147,6 +147,18 @@ def test_two_ranks_agree_and_a_stopped_run_resumes_exactly(run, whole):
     assert_same_run(whole, parts)
     assert (parts / "teacher" / "thresholds.json").read_text() == \
         (whole / "teacher" / "thresholds.json").read_text()
+    # the resumed run's TensorBoard (two event files, the first purged after the checkpoint) shows
+    # what the uninterrupted one does; throughput aside
+    assert _board(parts) == _board(whole)
+
+
+def _board(run_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "teacher" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if tag != "train/samples_per_s"}
 
 
 @pytest.mark.faults
