@@ -32,10 +32,11 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from llvmlite import binding
 from numba import njit, prange, types
 
+from ffcv_data.decode_scale import MAX_DENOMINATOR
+from ffcv_data.decode_scale import scale_denominator as _scale_rule
 from ffcv_data.transforms import MEAN, STD, flip_mask
 
 JPEG_MODE = 0  # ffcv.fields.rgb_image.IMAGE_MODES['jpg']; other records are raw HxWx3 pixels
-MAX_DENOMINATOR = 8  # libjpeg-turbo's smallest scale: 1/8
 
 
 def _bind_libffcv():
@@ -56,14 +57,8 @@ _imdecode = types.ExternalFunction("imdecode", types.int32(
 _resize = types.ExternalFunction("resize", types.void(*[types.int64] * 11))
 
 
-@njit(nogil=True, cache=True)
-def scale_denominator(height, width, out_h, out_w, max_denominator):
-    """The largest d in (8, 4, 2, 1), at most max_denominator, with ceil(h / d) x ceil(w / d)
-    still at least the output size."""
-    d = max_denominator
-    while d > 1 and ((height + d - 1) // d < out_h or (width + d - 1) // d < out_w):
-        d //= 2
-    return d
+# the rule itself is plain Python in decode_scale.py, which predict imports without numba
+scale_denominator = njit(nogil=True, cache=True)(_scale_rule)
 
 
 # inlined: as a cached function of its own, its first compilation from inside FFCV's compiled stage

@@ -135,15 +135,21 @@ class DataSection:
     synthetic_classes: int = 20  # above 20: sparse tag classes beside the drawn ones (synthetic.py)
 
     @property
-    def full_validation(self) -> bool:
-        """Whether the validation split has every label of its images, so that validation mAP can
-        select a model: False only for a single-positive training CSV (header file,label) without a
-        fully labelled data.val_split, whose validation images show one positive each."""
-        if self.format != "csv" or self.val_split:
+    def full_training_labels(self) -> bool:
+        """Whether the training split's label sets hold every class of their images: False only for
+        a single-positive training CSV (header file,label), which shows one per image."""
+        if self.format != "csv":
             return True
         from ffcv_data.csv_lists import single_positive
 
         return not single_positive(Path(self.root) / f"{self.train_split}.csv")
+
+    @property
+    def full_validation(self) -> bool:
+        """Whether the validation split has every label of its images, so that validation mAP can
+        select a model: False only for a single-positive training CSV without a fully labelled
+        data.val_split (its validation images, drawn from it, show one positive each)."""
+        return bool(self.val_split) or self.full_training_labels
 
     def problems(self) -> list[str]:
         return _failed([
@@ -696,6 +702,9 @@ def _cross_section_problems(cfg: Config) -> list[str]:
     """The rules that read two sections."""
     # What picks a model by validation mAP needs validation images with all their labels.
     full = cfg.data.full_validation
+    named = (("loss.name", [cfg.loss.name]), ("pseudo.teachers", cfg.pseudo.teachers),
+             ("report.references", cfg.report.references))
+    bce_keys = [key for key, losses in named if "bce" in losses]
     without = ("without a fully labelled validation split (data.val_split; "
                f"{cfg.data.train_split}.csv lists single positives)")
     return _failed([
@@ -707,6 +716,10 @@ def _cross_section_problems(cfg: Config) -> list[str]:
          f"must be [] {without}: the grid's best point is chosen by validation mAP"),
         (full or cfg.pseudo.rounds <= 1, "pseudo.rounds",
          f"must be 1 {without}: each round's teacher is the best student by validation mAP"),
+        # full-label BCE trains on every label of the training images: one per image is not that
+        (cfg.data.full_training_labels or not bce_keys, ", ".join(bce_keys),
+         f"must not name bce, the full-label upper bound: {cfg.data.train_split}.csv lists one "
+         "positive per image, not every label"),
     ])
 
 

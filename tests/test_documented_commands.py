@@ -4,8 +4,9 @@ validates (its keys and values are right); each `pml-dist run` plans its whole p
 `--dry-run` on the real Slurm test cluster (every sbatch script checked by `sbatch --test-only`).
 
 Synopsis lines (placeholders such as CFG, N, `[--tau T]`, `teacher|student`) are not commands and are
-left out. `my.yaml`, the docs' name for the reader's own preset, is the demo preset here; a shell
-variable set in the same file (`C="..."`) is expanded. The data and weights a command names need
+left out. `my.yaml`, the docs' name for the reader's own preset, and a run's resolved config
+(`runs/<dir>/config.yaml`, which predict and export read, written by the run) are the demo preset
+here; a shell variable set in the same file (`C="..."`) is expanded. The data and weights a command names need
 not exist: planning reads neither; the site keys (GPUs, memory, CPUs) are set to what the test
 cluster has."""
 
@@ -26,6 +27,7 @@ SOURCES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")),
 SPAN = re.compile(r"`(pml-dist [^`]+)`")
 LINE = re.compile(r"^[#\s]*(pml-dist [a-z].*)$", re.M)
 PLACEHOLDER = re.compile(r"^(?:[A-Z]{1,4}|\.\.\.|\[.*|.*\|.*|\$[A-Z]+.*|.*<[^>]*>.*)$")
+RUN_CONFIG = re.compile(r"^runs/[^ ]+/config\.yaml$")
 TEST_SITE = ["slurm.gpus_per_node=0", "slurm.gres=", "slurm.mem_gb=0", "slurm.cpus_per_task=1"]
 
 
@@ -42,7 +44,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
             argv = shlex.split(command)[1:]
             if len(argv) < 2 or any(PLACEHOLDER.match(token) for token in argv):
                 continue  # a synopsis, or the command's name in a sentence
-            argv = ["configs/demo.yaml" if a == "my.yaml" else a for a in argv]
+            argv = ["configs/demo.yaml" if a == "my.yaml" or RUN_CONFIG.match(a) else a for a in argv]
             lineno = text.count("\n", 0, match.start()) + 1
             found.append((f"{path.relative_to(REPO_ROOT)}:{lineno}", argv))
     return [(w, list(a)) for w, a in sorted({(w, tuple(a)) for w, a in found})]

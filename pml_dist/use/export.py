@@ -77,7 +77,16 @@ def describe(cfg, trained: TrainedStage) -> dict:
         "mean": list(MEAN_01),
         "std": list(STD_01),
         "input": "float (N, 3, H, W) RGB in [0, 1], any H and W (decoded without EXIF rotation); "
-                 "model.pt resizes and normalises",
+                 "model.pt resizes and normalises. pml-dist predict decodes with PIL: "
+                 "img = Image.open(f); "
+                 + ("a JPEG (img.format == 'JPEG') at the reduced scale the evaluation loader decodes it at: "
+                    "d = the largest of 8, 4, 2, 1 with ceil(H / d) >= image_size and "
+                    "ceil(W / d) >= image_size (W, H = img.size), and where d > 1 "
+                    "img.draft('RGB', (W // d, H // d)) first (libjpeg's DCT scaling; PIL then decodes "
+                    "ceil(W / d) x ceil(H / d)); other images at full size; "
+                    if cfg.data.eval_transform != "center_crop" else
+                    "every image at full size (the center_crop loader decodes JPEGs at full size); ")
+                 + "then np.asarray(img.convert('RGB')) / 255",
         "output": "float32 (N, num_classes) sigmoid probabilities, in classes.json order",
         "decision": "class c is present when p[c] >= thresholds.json's threshold[c]",
         "state_dict": ("torchvision.models." + cfg.model.name + "(num_classes=num_classes)"

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ffcv_data.decode_scale import MAX_DENOMINATOR, scale_denominator
 from pml_dist.errors import PmlError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -55,12 +56,39 @@ def _listed(listing: Path) -> list[ImageRef]:
     return [ImageRef(listing.parent / name, name) for name in names]
 
 
-def decode(path: Path) -> torch.Tensor:
+def loader_max_denominator(center_crop: bool) -> int:
+    """The smallest JPEG scale (1/d) the evaluation loader decodes at for data.eval_transform: `resize`
+    (ffcv_data/whole_image.py) down to 1/8; `center_crop` (FFCV's CenterCropRGBImageDecoder) always at
+    full size."""
+    return 1 if center_crop else MAX_DENOMINATOR
+
+
+def draft_request(width: int, height: int, d: int) -> tuple[int, int]:
+    """The size to ask PIL's Image.draft for so that it decodes at exactly 1/d (d in 1, 2, 4, 8, at most
+    the shorter side): PIL takes the largest of 8, 4, 2, 1 that is <= min(W // w, H // h), and for
+    w = W // d that quotient W // (W // d) = d + (W mod d) // (W // d) lies in [d, 2d)."""
+    return width // d, height // d
+
+
+def decode(path: Path, out_size: int = 0, max_denominator: int = MAX_DENOMINATOR) -> torch.Tensor:
     """float32 (3, H, W) RGB in [0, 1], as prepare reads an image (PIL, convert("RGB"): grayscale,
     CMYK and palette images too; no EXIF rotation, which prepare does not apply either). Raises
-    whatever PIL raises for a file it cannot read."""
+    whatever PIL raises for a file it cannot read.
+
+    out_size > 0: a JPEG is decoded at the reduced scale the evaluation loader decodes it at for an
+    out_size square (libjpeg's DCT scaling, through PIL's Image.draft): 1/d of its size, rounded up,
+    d = ffcv_data.decode_scale.scale_denominator(H, W, out_size, out_size, max_denominator). Other
+    images are decoded at full size."""
     from PIL import Image
 
     with Image.open(path) as img:
+        if out_size > 0 and img.format == "JPEG":
+            width, height = img.size
+            d = scale_denominator(height, width, out_size, out_size, max_denominator)
+            if d > 1:
+                img.draft("RGB", draft_request(width, height, d))
+                expected = (-(-width // d), -(-height // d))
+                if img.size != expected:  # PIL chose another scale: its rule has changed
+                    raise RuntimeError(f"PIL decoded {width} x {height} at {img.size}, not 1/{d}: {expected}")
         pixels = np.array(img.convert("RGB"))  # a copy: writable, as torch.from_numpy wants
     return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255

@@ -1,9 +1,9 @@
 """`pml-dist predict`: score image files with a trained stage, one record per image.
 
 The pixels go through the very Classifier module `export` scripts (classifier.py): decoded with PIL
-(images.py), resized one by one with Classifier.resize so a batch stacks (its forward's resize is
-then the identity), scored in fp32. Unreadable images are reported by name on stderr and skipped;
-the caller learns how many failed.
+(images.py; a JPEG at the reduced scale the evaluation loader decodes it at), resized one by one
+with Classifier.resize so a batch stacks (its forward's resize is then the identity), scored in
+fp32. Unreadable images are reported by name on stderr and skipped; the caller learns how many failed.
 
     jsonl   {"file", "labels": names with p >= the class's threshold (thresholds.json), in output
             order, "scores": {name: p} of the top-k classes, highest first}
@@ -31,7 +31,7 @@ from ffcv_data.cores import usable_cores
 from pml_dist import dist
 from pml_dist.stages import Stage
 from pml_dist.use.classifier import Classifier, build_classifier
-from pml_dist.use.images import ImageRef, decode, image_refs
+from pml_dist.use.images import ImageRef, decode, image_refs, loader_max_denominator
 from pml_dist.use.trained import TrainedStage, open_stage
 
 FORMATS = ("jsonl", "labels")
@@ -100,10 +100,11 @@ def score(classifier: Classifier, refs: list[ImageRef], device: torch.device, ba
     from tqdm import tqdm
 
     classifier.eval()
+    max_denominator = loader_max_denominator(classifier.center_crop)
 
     def load(ref: ImageRef) -> tuple[torch.Tensor | None, str | None]:
         try:
-            pixels = decode(ref.path)
+            pixels = decode(ref.path, classifier.image_size, max_denominator)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported by name, never fatal
             return None, f"{type(exc).__name__}: {exc}".replace("\n", " ")
         return classifier.resize(pixels[None])[0], None

@@ -199,7 +199,7 @@ def test_prepare_holds_validation_out_of_a_single_positive_train_csv(own, tmp_pa
     assert stats["category_names"] == CLASSES and stats["val_split"] == ""
     # the test image without a positive is dropped under keyed, as for every format
     assert stats["sources"]["test"]["images_dropped"] == {"no_positive": 1} and len(test) == 7
-    cfg = load_config(None, [f"data.root={own['root']}", "data.format=csv"])
+    cfg = load_config(None, [f"data.root={own['root']}", "data.format=csv", "report.references=[em]"])
     assert not cfg.data.full_validation  # validation images showing one positive each select no model
 
 
@@ -207,6 +207,7 @@ def test_prepare_reads_val_split_whole_and_records_it(own, tmp_path):
     """Through the data stage: data.val_split and data.classes reach prepare."""
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", f"data.root={own['root']}", "data.format=csv",
                              "data.val_split=val", f"data.classes={own['root'] / 'classes.txt'}",
+                             "report.references=[em]",
                              "data.max_resolution=32", "data.write_workers=2"])
     stats = prepare_stage(cfg)
     out = RunLayout.of(cfg).data

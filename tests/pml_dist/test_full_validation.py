@@ -29,7 +29,9 @@ def csv_root(tmp_path) -> Path:
 
 
 def _overrides(root: Path, *extra: str) -> list[str]:
-    return [f"run.dir={root / 'run'}", "data.format=csv", f"data.root={root}", *extra]
+    # the demo preset's full-BCE reference is refused on single positives (test below)
+    return [f"run.dir={root / 'run'}", "data.format=csv", f"data.root={root}", "report.references=[em]",
+            *extra]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -50,6 +52,20 @@ def test_what_selects_by_validation_map_is_refused(csv_root, override, message):
 def test_a_fully_labelled_validation_split_allows_it(csv_root, override):
     cfg = load_config(None, _overrides(csv_root, "data.val_split=val", override))
     assert cfg.data.full_validation
+
+
+@pytest.mark.parametrize("override, keys", [
+    ("report.references=[bce,em]", "report.references"), ("loss.name=bce", "loss.name"),
+    ("pseudo.teachers=[an,bce]", "pseudo.teachers")])
+def test_full_label_bce_is_refused_on_single_positives(csv_root, override, keys):
+    """Full BCE is the upper bound because it sees every label: on one per image it is not that,
+    with or without a fully labelled validation split."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, _overrides(csv_root, "data.val_split=val", override))
+    assert str(err.value) == (f"config key '{keys}' must not name bce, the full-label upper bound: "
+                              "train.csv lists one positive per image, not every label")
+    (csv_root / "train.csv").write_text("file,labels\na.jpg,cat|dog\n")  # label sets: allowed
+    assert load_config(None, _overrides(csv_root, override)).data.full_training_labels
 
 
 def test_full_validation_follows_the_csv_header_and_val_split(csv_root, tmp_path_factory):
@@ -110,7 +126,8 @@ def test_a_stage_without_full_validation_keeps_its_last_epoch(synthetic_root, tm
     _csv_data(synthetic_root, tmp_path / "csv")
     overrides = [f"run.dir={tmp_path / 'run'}", "data.format=csv", f"data.root={tmp_path / 'csv'}",
                  "data.image_size=32", "data.max_resolution=32", "data.jit=false", "data.loader_workers=1",
-                 "model.width=8", "train.micro_batch=16", "train.eval_batch=64", "train.epochs=3"]
+                 "model.width=8", "train.micro_batch=16", "train.eval_batch=64", "train.epochs=3",
+                 "report.references=[em]"]
     assert main(["prepare", *overrides]) == 0
     done = subprocess.run([sys.executable, "-m", "pml_dist", "train", "--stage", "teacher", *overrides],
                           capture_output=True, text=True, timeout=500)

@@ -191,11 +191,19 @@ import numpy as np, torch
 from PIL import Image
 model = torch.jit.load(sys.argv[1])
 folder = Path(sys.argv[2])
+size = json.loads((Path(sys.argv[1]).parent / "model.json").read_text())["image_size"]
 files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
 probs = {}
 with torch.no_grad():
     for f in files:
-        x = torch.from_numpy(np.array(Image.open(folder / f).convert("RGB"))).permute(2, 0, 1).float() / 255
+        img = Image.open(folder / f)
+        if img.format == "JPEG":  # model.json's input: the evaluation loader's reduced scale
+            (w, h), d = img.size, 8
+            while d > 1 and (-(-h // d) < size or -(-w // d) < size):
+                d //= 2
+            if d > 1:
+                img.draft("RGB", (w // d, h // d))
+        x = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float() / 255
         probs[f] = model(x[None])[0].tolist()
     two = model(torch.rand(2, 3, 57, 41))  # any size, any batch
 assert two.shape == (2, len(probs[files[0]])) and two.dtype == torch.float32
@@ -204,15 +212,22 @@ print(json.dumps(probs))
 """
 
 
-def test_model_pt_scores_as_predict_in_a_fresh_interpreter_without_the_project(trained, exported, tmp_path,
-                                                                                 capsys):
+def test_model_pt_scores_as_predict_in_a_fresh_interpreter_without_the_project(trained, exported, large_jpegs,
+                                                                                 tmp_path, capsys):
+    """With a large JPEG among the images, which predict decodes at 1/8 of its size (model.json's
+    input says how; the fresh interpreter follows it)."""
+    images = tmp_path / "images"
+    shutil.copytree(trained["images"], images)
+    shutil.copy(large_jpegs[0], images / "large.jpg")
+    info = json.loads((exported / "model.json").read_text())
+    assert "img.draft('RGB', (W // d, H // d))" in info["input"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", FRESH, str(exported / "model.pt"), str(trained["images"])],
+    done = subprocess.run([sys.executable, "-c", FRESH, str(exported / "model.pt"), str(images)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     fresh = json.loads(done.stdout)
     names = json.loads((exported / "classes.json").read_text())
-    code, text, _ = _predict(trained, "--top-k", "0", str(trained["images"]), capsys=capsys)
+    code, text, _ = _predict(trained, "--top-k", "0", str(images), capsys=capsys)
     assert code == 0
     records = _records(text)
     assert sorted(fresh) == [r["file"] for r in records]
@@ -285,3 +300,104 @@ def test_predict_agrees_with_the_ffcv_evaluation_path_within_the_measured_bound(
     print(f"predict vs FFCV evaluation, {diff.size} probabilities: max |dp| {diff.max():.5f}, "
           f"mean {diff.mean():.6f}")
     assert diff.max() < BOUND_MAX and diff.mean() < BOUND_MEAN
+
+
+def photo_like(width: int, height: int, seed: int) -> np.ndarray:
+    """uint8 (height, width, 3) that JPEG-compresses like a photo: smooth colour areas (a bicubic
+    enlargement of a coarse random grid), a finer texture, edges (a few flat rectangles) and noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def enlarged(cells: int, spread: float) -> np.ndarray:
+        grid = rng.uniform(0, 255, (max(2, height // cells), max(2, width // cells), 3)).astype(np.uint8)
+        big = np.asarray(Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+        return (big - 127.5) * spread
+
+    x = 127.5 + enlarged(max(height, width) // 6, 0.9) + enlarged(24, 0.15)
+    for _ in range(6):
+        top, left = rng.integers(0, height * 3 // 4), rng.integers(0, width * 3 // 4)
+        x[top:top + height // 5, left:left + width // 6] = rng.uniform(0, 255, 3)
+    x += rng.normal(0, 4, x.shape)
+    return np.clip(x, 0, 255).round().astype(np.uint8)
+
+
+# A large JPEG at image_size=32 decodes at 1/8 in the loader; 1200 x 900 -> 150 x 113.
+LARGE = ((1200, 900), (900, 1200), (1000, 700))
+
+
+@pytest.fixture(scope="module")
+def large_jpegs(tmp_path_factory) -> list[Path]:
+    """Photo-like JPEGs (quality 90, 4:2:0) far larger than the image size."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("large")
+    paths = []
+    for k, (w, h) in enumerate(LARGE):
+        path = folder / f"large-{k}.jpg"
+        Image.fromarray(photo_like(w, h, seed=k)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def test_a_large_jpeg_is_decoded_at_the_scale_the_loader_picks(large_jpegs, tmp_path):
+    from PIL import Image
+
+    from ffcv_data.decode_scale import scale_denominator
+    from pml_dist.use.images import decode, loader_max_denominator
+
+    assert loader_max_denominator(center_crop=False) == 8 and loader_max_denominator(center_crop=True) == 1
+    assert decode(large_jpegs[0], 32).shape == (3, 113, 150)  # 1/8: ceil(900 / 8), ceil(1200 / 8)
+    assert decode(large_jpegs[0], 200).shape == (3, 225, 300)  # 1/4: 1/8 would be 113 rows < 200
+    assert decode(large_jpegs[0], 0).shape == (3, 900, 1200)  # no output size: full size
+    assert decode(large_jpegs[0], 32, loader_max_denominator(True)).shape == (3, 900, 1200)  # center_crop
+    # odd sizes, where PIL's own choice for the output size would differ from the loader's
+    for (w, h), size in (((449, 301), 224), ((447, 333), 56), ((801, 37), 5), ((97, 41), 5)):
+        path = tmp_path / f"{w}x{h}.jpg"
+        Image.fromarray(photo_like(w, h, seed=w)).save(path, quality=90)
+        d = scale_denominator(h, w, size, size, 8)
+        assert decode(path, size).shape == (3, -(-h // d), -(-w // d)), (w, h, size, d)
+    # not a JPEG: full size, whatever the output size
+    png = tmp_path / "large.png"
+    Image.open(large_jpegs[0]).save(png)
+    assert decode(png, 32).shape == (3, 900, 1200)
+
+
+# Measured (CPU, torch 2.14, Pillow 13, this file's teacher) on LARGE at image_size=32, 60 probabilities:
+# max |dp| 0.00010, mean 0.000029 with the reduced-scale decode (at 1/8 libjpeg's scaled IDCT is the
+# same whatever the IDCT method, so PIL's and FFCV's pixels nearly agree); decoding at full size, as
+# predict did, gave max 0.00070, mean 0.00025, which these bounds reject.
+LARGE_BOUND_MAX, LARGE_BOUND_MEAN = 0.0005, 0.0001
+
+
+def test_predict_on_large_jpegs_agrees_with_the_loader_within_the_measured_bound(trained, large_jpegs,
+                                                                                   tmp_path, capsys):
+    """The large JPEGs stored as they are in a .beton (max_resolution 1200) and scored by the loader's
+    evaluation transform (decoded at 1/8, INTER_AREA to 32 px), and by predict from the files."""
+    from ffcv_data.beton import write_beton
+    from ffcv_data.loaders import eval_loader
+    from pml_dist.training.models import build_model
+    from pml_dist.use.classifier import Classifier
+    from pml_dist.use.images import decode
+
+    names = trained["names"]
+    code, text, _ = _predict(trained, "--top-k", "0", *map(str, large_jpegs), capsys=capsys)
+    assert code == 0
+    ours = np.array([[r["scores"][n] for n in names] for r in _records(text)])
+
+    net = build_model("small_resnet", len(names), width=8)
+    net.load_state_dict(torch.load(trained["run"] / "teacher" / "best.pt", weights_only=True))
+    net.eval()
+    beton = write_beton(tmp_path / "large.beton", large_jpegs, max_resolution=1200, jpeg_quality=90,
+                        workers=1)
+    with torch.no_grad():
+        x = torch.cat([b["image"] for b in eval_loader(beton, 8, 32, transform="resize", jit=False,
+                                                        label_fields=())])
+        theirs = torch.sigmoid(net(x)).numpy()
+        full = Classifier(net, 32)(torch.stack([Classifier(net, 32).resize(decode(p)[None])[0]
+                                                for p in large_jpegs])).numpy()
+    assert theirs.shape == ours.shape == (len(LARGE), len(names))
+    diff, before = np.abs(ours - theirs), np.abs(full - theirs)
+    print(f"predict vs FFCV evaluation on {len(LARGE)} large JPEGs: max |dp| {diff.max():.5f}, mean "
+          f"{diff.mean():.6f} (full-size decode: max {before.max():.5f}, mean {before.mean():.6f})")
+    assert diff.max() < LARGE_BOUND_MAX and diff.mean() < LARGE_BOUND_MEAN
