@@ -96,7 +96,10 @@ def describe(cfg, trained: TrainedStage) -> dict:
         "config_digest": hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16],
         "weights_digest": provenance.file_id(trained.files.best_weights),
         "inputs": result.inputs if result is not None else None,
-        "git_revision": git_revision(),
+        # the code the stage was trained with (result.json's environment; absent from older
+        # results), and the code that exported it
+        "git_revision": (result.raw.get("environment") or {}).get("git") if result is not None else None,
+        "exported_by_git_revision": git_revision(),
         "torch_version": torch.__version__,
         "test_map": result.test_map if result is not None else None,
         "val_map": result.val_map if result is not None else None,
