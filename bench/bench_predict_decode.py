@@ -19,30 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ffcv_data.synthetic import photo_like
+
 SIZES = ((4000, 3000), (1600, 1200))
-
-
-def photo_like(width: int, height: int, seed: int) -> np.ndarray:
-    """uint8 (height, width, 3): smooth colour areas, a finer texture, flat rectangles, noise
-    (as tests/pml_dist/use/test_predict_export.py)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-
-    def enlarged(cells: int, spread: float) -> np.ndarray:
-        grid = rng.uniform(0, 255, (max(2, height // cells), max(2, width // cells), 3)).astype(np.uint8)
-        big = np.asarray(Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC), np.float32)
-        return (big - 127.5) * spread
-
-    x = 127.5 + enlarged(max(height, width) // 6, 0.9) + enlarged(24, 0.15)
-    for _ in range(6):
-        top, left = rng.integers(0, height * 3 // 4), rng.integers(0, width * 3 // 4)
-        x[top:top + height // 5, left:left + width // 6] = rng.uniform(0, 255, 3)
-    x += rng.normal(0, 4, x.shape)
-    return np.clip(x, 0, 255).round().astype(np.uint8)
 
 
 def loader_pixels(files: list[Path], size: int, tmp: Path) -> torch.Tensor:

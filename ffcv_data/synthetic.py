@@ -553,3 +553,22 @@ def make_synthetic(out: str | Path, seed: int = 0, n_train: int = 2000, n_test: 
         raise
     summary = {"out": str(out), "seed": seed, "image_size": image_size, "splits": splits}
     return summary if csv_rows is None else {**summary, "layout": "csv", "csv_rows": csv_rows}
+
+
+def photo_like(width: int, height: int, seed: int) -> np.ndarray:
+    """uint8 (height, width, 3) that JPEG-compresses like a photo (large test images for predict's
+    decoding, tests/pml_dist/use and bench/bench_predict_decode.py): smooth colour areas (a bicubic
+    enlargement of a coarse random grid), a finer texture, edges (a few flat rectangles) and noise."""
+    rng = np.random.default_rng(seed)
+
+    def enlarged(cells: int, spread: float) -> np.ndarray:
+        grid = rng.uniform(0, 255, (max(2, height // cells), max(2, width // cells), 3)).astype(np.uint8)
+        big = np.asarray(Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+        return (big - 127.5) * spread
+
+    x = 127.5 + enlarged(max(height, width) // 6, 0.9) + enlarged(24, 0.15)
+    for _ in range(6):
+        top, left = rng.integers(0, height * 3 // 4), rng.integers(0, width * 3 // 4)
+        x[top:top + height // 5, left:left + width // 6] = rng.uniform(0, 255, 3)
+    x += rng.normal(0, 4, x.shape)
+    return np.clip(x, 0, 255).round().astype(np.uint8)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from ffcv_data.synthetic import photo_like
 from pml_dist.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -300,26 +301,6 @@ def test_predict_agrees_with_the_ffcv_evaluation_path_within_the_measured_bound(
     print(f"predict vs FFCV evaluation, {diff.size} probabilities: max |dp| {diff.max():.5f}, "
           f"mean {diff.mean():.6f}")
     assert diff.max() < BOUND_MAX and diff.mean() < BOUND_MEAN
-
-
-def photo_like(width: int, height: int, seed: int) -> np.ndarray:
-    """uint8 (height, width, 3) that JPEG-compresses like a photo: smooth colour areas (a bicubic
-    enlargement of a coarse random grid), a finer texture, edges (a few flat rectangles) and noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-
-    def enlarged(cells: int, spread: float) -> np.ndarray:
-        grid = rng.uniform(0, 255, (max(2, height // cells), max(2, width // cells), 3)).astype(np.uint8)
-        big = np.asarray(Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC), np.float32)
-        return (big - 127.5) * spread
-
-    x = 127.5 + enlarged(max(height, width) // 6, 0.9) + enlarged(24, 0.15)
-    for _ in range(6):
-        top, left = rng.integers(0, height * 3 // 4), rng.integers(0, width * 3 // 4)
-        x[top:top + height // 5, left:left + width // 6] = rng.uniform(0, 255, 3)
-    x += rng.normal(0, 4, x.shape)
-    return np.clip(x, 0, 255).round().astype(np.uint8)
 
 
 # A large JPEG at image_size=32 decodes at 1/8 in the loader; 1200 x 900 -> 150 x 113.
