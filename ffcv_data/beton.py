@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ffcv_data.atomic import FULL, save_with
+from ffcv_data.atomic import FULL, save_with, side_path
 from ffcv_data.cores import usable_cores
 from ffcv_data.errors import DataError
 
@@ -242,7 +242,7 @@ def write_beton(
     if len(files) == 0:
         raise DataError(f"{path}: refusing to write an empty split")
     path.parent.mkdir(parents=True, exist_ok=True)
-    error_log = path.with_name(f"{path.name}.errors-{os.getpid()}")
+    error_log = side_path(path, "errors")  # NAME.errors-HOST-PID
     error_log.unlink(missing_ok=True)
     image_field = RGBImageField(write_mode="jpg", max_resolution=max_resolution, jpeg_quality=jpeg_quality)
     image_field.encode = _KeepOriginalJpegs(image_field)

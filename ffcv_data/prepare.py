@@ -6,7 +6,8 @@ is written: the label files (the format's reader, formats.py) and every image st
 decoded in full. A split whose
 .beton already exists is skipped (each appears only when complete, its .labels.npz right after it), so
 an interrupted prepare resumes; temporaries left by dead processes (killed, interrupted) are removed
-first. `inputs.json` records digests of the inputs (annotation files, the image list with file sizes,
+first (only this host's: on a shared file system another host's PIDs cannot be
+checked). `inputs.json` records digests of the inputs (annotation files, the image list with file sizes,
 the spec fields that change the encoded content) before the first .beton; a rerun whose inputs differ
 from the record is an error naming what changed. `stats.json` is written last and marks the data
 stage as done.
@@ -21,14 +22,13 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ffcv_data.atomic import write_json
+from ffcv_data.atomic import owned, stale_temporary, write_json
 from ffcv_data.beton import unreadable_images, write_beton
 from ffcv_data.errors import DataError
 from ffcv_data.formats import read_split
@@ -166,24 +166,35 @@ def prepare(d: PrepareSpec, out: PreparedData) -> dict:
     return stats
 
 
-# Temporaries of the files prepare writes: atomic.py's `.NAME.tmp-PID[.suffix]`, beton.py's error logs.
-_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)(\.\w+)?$"
-                        r"|^(?P<log>.+)\.errors-(?P<log_pid>\d+)$")
+# Temporaries of the files prepare writes: atomic.py's `.NAME.tmp-HOST-PID[.suffix]`, beton.py's
+# error logs `NAME.errors-HOST-PID` (names of older versions lack HOST-; atomic.owned reads both).
+_FOREIGN_LOGGED: set[Path] = set()  # other hosts' temporaries already logged by this process
 
 
 def remove_stale_files(out: PreparedData) -> list[Path]:
-    """Delete what an interrupted or killed prepare left in `out`: temporaries of processes that no
-    longer run (a live process's are left alone) and side files without their .beton (older versions
-    wrote the side file first). Returns the deleted paths."""
+    """Delete what an interrupted or killed prepare left in `out`: temporaries of this host's
+    processes that no longer run (a live process's are left alone, and so are another host's, whose
+    PID cannot be checked from here: logged once) and side files without their .beton (older
+    versions wrote the side file first). Returns the deleted paths."""
     folder = Path(out.folder)
     ours = {p.name for s in SPLITS for p in (out.beton(s), out.labels_file(s))}
     ours |= {out.stats_file.name, out.inputs_file.name}
-    removed = []
+    removed, foreign = [], []
     for path in sorted(folder.iterdir()):
-        m = _TEMPORARY.match(path.name)
-        if m and (m["target"] or m["log"]) in ours and not _alive(int(m["pid"] or m["log_pid"])):
+        found = owned(path.name)
+        if found is None or found.target not in ours:
+            continue
+        if found.foreign:
+            if path not in _FOREIGN_LOGGED:
+                _FOREIGN_LOGGED.add(path)
+                foreign.append(f"{path.name} (host {found.host}, pid {found.pid})")
+        elif stale_temporary(found):
             path.unlink(missing_ok=True)
             removed.append(path)
+    if foreign:
+        log.info("left %d temporary file(s) of other hosts alone in %s (whether their processes run "
+                 "is seen only there; a prepare on that host removes them if they are dead): %s",
+                 len(foreign), folder, ", ".join(foreign))
     for s in SPLITS:
         if out.labels_file(s).exists() and not out.beton(s).exists():
             out.labels_file(s).unlink(missing_ok=True)
@@ -192,20 +203,6 @@ def remove_stale_files(out: PreparedData) -> list[Path]:
         log.info("removed %d file(s) left by an interrupted prepare: %s", len(removed),
                  ", ".join(p.name for p in removed))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (PIDs of other hosts sharing the folder are not
-    seen: two prepares of one folder on two hosts at once are not supported)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _inputs(d: PrepareSpec, sources: dict[str, SourceSplit]) -> dict:

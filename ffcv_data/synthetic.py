@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ffcv_data.atomic import temporary_path
 from ffcv_data.protocol import draw_observed, split_train_val
 from ffcv_data.source import string_key
 from ffcv_data.sparse import LabelRows
@@ -525,8 +526,8 @@ def make_synthetic(out: str | Path, seed: int = 0, n_train: int = 2000, n_test: 
         raise FileExistsError(f"refusing to overwrite existing data set folder: {out}")
     _check_args(n_train, n_test, image_size, train_split, test_split, num_classes, layout, val_split)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():  # left by an earlier, killed run of a process with the same pid
+    tmp = temporary_path(out, keep_suffix=False)  # .NAME.tmp-HOST-PID
+    if tmp.exists():  # left by an earlier, killed run of a process with the same host and pid
         shutil.rmtree(tmp)
     try:
         (tmp / "annotations" if layout == "coco" else tmp).mkdir(parents=True)

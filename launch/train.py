@@ -8,9 +8,14 @@ from the environment).
     srun --ntasks-per-node=4 python launch/train.py --config CFG --stage student --tau 0.75
 """
 
+import signal
 import sys
 
-from pml_dist.cli import main
+# Before any import: a stop signal (a preemption's SIGTERM) waits, pending, until `train` has its
+# handlers in place (pml_dist/training/stop.py), instead of killing a rank that is starting up.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR2})
+
+from pml_dist.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]

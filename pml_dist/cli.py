@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole pipeline as one dependency graph of jobs")
     p.add_argument("--executor", choices=("local", "slurm"), default=None,
                    help="default: slurm when a working Slurm is found, else local")
-    p.add_argument("--wait", action="store_true", help="(slurm) wait for every job, showing progress")
+    p.add_argument("--wait", action="store_true",
+                   help="(slurm) wait for every job, showing progress; (both) when another `pml-dist run` "
+                        "owns the run directory, wait for it, showing its stages, instead of stopping "
+                        "with exit status 2")
     p.add_argument("--dry-run", action="store_true",
                    help="(slurm) print the sbatch script of every job that would be submitted, each "
                         "checked with sbatch --test-only; submit nothing")
@@ -291,7 +294,9 @@ def cmd_run(args) -> int:
     from pml_dist.pipeline.graph import run_pipeline
     from pml_dist.pipeline.slurm import default_executor
 
-    cfg = _config(args, write=not args.dry_run)
+    # run_pipeline writes config.yaml (and each sub-run's) under the run directory's lock: a second
+    # `run` with other settings cannot replace it while the first one runs
+    cfg = _config(args, write=False)
     _warn_without_model_selection(cfg)
     run = RunLayout.of(cfg)
     kind = args.executor or default_executor()
@@ -341,7 +346,7 @@ def cmd_status(args) -> int:
     from pml_dist.pipeline.status import status
 
     cfg = _config(args, write=False)
-    for name, state, detail in status(cfg):
+    for name, state, detail in status(cfg):  # with who holds the run's and each stage's lock
         print(f"{name:14s} {state:14s} {detail}")
     return 0
 

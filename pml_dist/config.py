@@ -26,6 +26,7 @@ import yaml
 from ffcv_data.atomic import write_text
 from ffcv_data.protocol import PROTOCOLS
 from ffcv_data.transforms import EVAL_TRANSFORMS, TRAIN_TRANSFORMS
+from pml_dist.dependencies import depended_upon
 from pml_dist.errors import ConfigError
 from pml_dist.layout import lr_name, tau_name
 
@@ -751,41 +752,66 @@ RENAMED_KEYS = {"report.published_coco": ("report.published", lambda on: "coco" 
 
 
 def write_resolved(cfg: Config) -> Path:
-    """Write `<run>/config.yaml`; a later command with a different config is refused once the run
-    directory holds anything a command produced.
+    """Write `<run>/config.yaml`; a later command with a different config is refused when an output
+    the run directory holds depends on a changed setting, else accepted and recorded.
 
     Resubmitting the same experiment must resume it, so an identical config is accepted. A run
-    directory that already holds other settings' artefacts would mix two experiments. One that holds
-    nothing but config files and logs (a first command that failed, say on a typo) is taken over by
-    the corrected command: its settings were never used for anything.
+    directory whose outputs were made with other values of the settings they depend on would mix
+    two experiments: refused, naming the changed keys and the file whose output depends on them
+    (pml_dist/dependencies.py: the one table of what each output depends on, decided by which
+    files the run directory holds). A change no existing output depends on (train.device, the
+    slurm section, report.*, model.width while only data/ exists, ...) is accepted: config.yaml is
+    rewritten with the new values and one line logged. One that holds nothing but config files
+    and logs (a first command that failed, say on a typo) is taken over by the corrected command
+    whatever changed: its settings were never used for anything.
     """
     path = cfg.run_dir / "config.yaml"
     current = cfg.to_dict()
     if path.exists():
-        saved = yaml.safe_load(path.read_text()) or {}
-        saved.pop("meta", None)
-        old, new = _flatten(saved), _flatten(current)
-        for key, (renamed, value) in RENAMED_KEYS.items():  # a run resolved before the rename
-            if key in old:
-                old[renamed] = value(old.pop(key))
+        old, new = saved_settings(path), _flatten(current)
         default = _flatten(defaults().to_dict())
         # A key the saved config lacks (added to the code since) is fine at its default value.
         diffs = {k for k in old.keys() | new.keys() if old.get(k, default.get(k)) != new.get(k)}
         if not diffs:
             return path
-        made = first_artefact(cfg.run_dir)
-        if made is not None:
-            raise ConfigError(
-                f"{path} was written by a run with different settings ({', '.join(sorted(diffs))}) and "
-                f"{cfg.run_dir} already holds its results ({made.relative_to(cfg.run_dir)}); use another "
-                "run.dir or restore those values"
-            )
-        log.info(
-            "%s: taking over %s from an earlier command that produced nothing (%s changed)",
-            cfg.run_dir, path.name, ", ".join(sorted(diffs)))
+        changed = ", ".join(sorted(diffs))
+        if first_artefact(cfg.run_dir) is None:
+            log.info("%s: taking over %s from an earlier command that produced nothing (%s changed)",
+                     cfg.run_dir, path.name, changed)
+        else:
+            found = depended_upon(cfg.run_dir, diffs)
+            if found is not None:
+                made, output, keys = found
+                raise ConfigError(
+                    f"{path} was written by a run with different settings ({changed}) and {cfg.run_dir} "
+                    f"already holds its results ({made.relative_to(cfg.run_dir)}: {output.name}, which "
+                    f"depends on {', '.join(keys)}); use another run.dir or restore those values")
+            log.info("%s: %s changed; no output it holds depends on them: recorded in %s",
+                     cfg.run_dir, changed, path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, yaml.safe_dump({**current, "meta": {"git": git_revision()}}, sort_keys=False))
     return path
+
+
+def default_settings() -> dict[str, Any]:
+    """The dataclass defaults as flat `section.key: value`s (train.device's without the environment)."""
+    return _flatten(Config().to_dict())
+
+
+def saved_settings(path: Path) -> dict[str, Any]:
+    """A resolved config.yaml as flat `section.key: value`s (settings_of)."""
+    return settings_of(yaml.safe_load(Path(path).read_text()) or {})
+
+
+def settings_of(saved: dict) -> dict[str, Any]:
+    """A resolved config's content as flat `section.key: value`s, keys renamed since as they are now
+    (a key added to the code since is absent: its default applies)."""
+    saved = {k: v for k, v in saved.items() if k != "meta"}
+    flat = _flatten(saved)
+    for key, (renamed, value) in RENAMED_KEYS.items():  # a run resolved before the rename
+        if key in flat:
+            flat[renamed] = value(flat.pop(key))
+    return flat
 
 
 def first_artefact(run_dir: Path) -> Path | None:

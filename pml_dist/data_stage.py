@@ -10,21 +10,31 @@ from pathlib import Path
 from pml_dist.config import Config, DataSection
 from pml_dist.errors import ConfigError
 from pml_dist.layout import RunLayout
+from pml_dist.lock import Lock
 
 log = logging.getLogger(__name__)
 
 
 def prepare(cfg: Config) -> dict:
     """Write `<run>/data/` (or run.data_dir); returns its stats.json."""
+    d = cfg.data
+    generate = not Path(d.root).exists()
+    if generate and not (d.synthetic or Path(d.root) == Path(DataSection().root).resolve()):
+        raise ConfigError(f"data.root {d.root} does not exist (to generate the built-in data set "
+                          "there, set data.synthetic=true)")
+    out = RunLayout.of(cfg)
+    # One process prepares a data folder (sub-runs and runs naming one run.data_dir share it)
+    with Lock(out.data_lock, f"data folder {out.data.folder}"):  # pml_dist/lock.py
+        if generate and not Path(d.root).exists():
+            _generate(cfg)
+        return _prepare(cfg, out)
+
+
+def _prepare(cfg: Config, out: RunLayout) -> dict:
     from ffcv_data.prepare import PrepareSpec
     from ffcv_data.prepare import prepare as prepare_data
 
     d = cfg.data
-    if not Path(d.root).exists():
-        if not (d.synthetic or Path(d.root) == Path(DataSection().root).resolve()):
-            raise ConfigError(f"data.root {d.root} does not exist (to generate the built-in data set "
-                              "there, set data.synthetic=true)")
-        _generate(cfg)
     spec = PrepareSpec(root=Path(d.root), train_split=d.train_split, test_split=d.test_split,
                        observed_seed=d.observed_seed, val_fraction=d.val_fraction, val_seed=d.val_seed,
                        max_resolution=d.max_resolution, jpeg_quality=d.jpeg_quality,
@@ -32,7 +42,7 @@ def prepare(cfg: Config) -> dict:
                        keep_original_jpegs=d.keep_original_jpegs, write_workers=d.write_workers,
                        format=d.format, images=Path(d.images) if d.images else None,
                        val_split=d.val_split, classes=Path(d.classes) if d.classes else None)
-    return prepare_data(spec, RunLayout.of(cfg).data)
+    return prepare_data(spec, out.data)
 
 
 def _generate(cfg: Config) -> None:

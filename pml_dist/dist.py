@@ -351,3 +351,82 @@ def _interface(master_addr: str) -> str:
             return local
     except OSError as exc:
         return f"unknown ({exc.strerror or exc})"
+
+
+# ------------------------------------------------------------------ one rank's failure, told to the others
+
+FAILED_FILE = "failed-rank-{rank}.txt"  # in the stage's logs/ folder, beside rank-R.log
+_COLLECTIVE_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out",
+                     "timeout")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """True when `exc` is a collective (or the store) failing because another rank went away:
+    torch's DistError family, or the RuntimeError gloo raises ("Connection closed by peer")."""
+    import torch.distributed as tdist
+
+    if isinstance(exc, getattr(tdist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _COLLECTIVE_WORDS)
+
+
+class PeerFailures:
+    """The one line a rank stopped with, where the other ranks of its run can read it: a rank that
+    stops with a user error writes `logs/failed-rank-R.txt`, then exits; the others, whose next
+    collective then fails, find it and stop with one line naming it instead of a gloo traceback.
+
+    A file, not the process group's store: rank 0 hosts the store, which dies with it. Each rank
+    deletes its own file before it joins the process group, and a rank reads the others' only after
+    a collective failed, which every rank reached only after joining: so a line it finds is this
+    run's, never a stale one of an earlier attempt."""
+
+    def __init__(self, folder, rank: int, world_size: int):
+        from pathlib import Path
+
+        self.folder, self.rank, self.world_size = Path(folder), rank, world_size
+
+    def _file(self, rank: int):
+        return self.folder / FAILED_FILE.format(rank=rank)
+
+    def clear(self) -> None:
+        """Before joining the process group: this rank's line of an earlier attempt goes."""
+        try:
+            self._file(self.rank).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def publish(self, line: str) -> None:
+        """This rank stops with `line` (one line). Best effort: a full disk may refuse even this
+        (a checkpoint save that ran out of space has deleted its half-written folder first)."""
+        path = self._file(self.rank)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(" ".join(line.split()) + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def first(self, wait_s: float = 2.0) -> tuple[int, str] | None:
+        """(rank, line) of the lowest other rank that published a failure, waiting up to `wait_s`
+        for one (a shared file system may show a file a moment after its writer's exit closed the
+        connections); None when no rank did (a crash: its traceback stands)."""
+        import time
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank in range(self.world_size):
+                if rank == self.rank:
+                    continue
+                try:
+                    line = self._file(rank).read_text().strip()
+                except OSError:
+                    continue
+                if line:
+                    return rank, line
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)

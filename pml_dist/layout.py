@@ -3,6 +3,8 @@ the record several modules read (`StageResult`). No other module spells a file n
 
     <run>/config.yaml                  the resolved config (config.write_resolved)
     <run>/jobs.json                    job ids and logs of every submission (pipeline/graph.py)
+    <run>/logs/run.lock                `pml-dist run`'s lock on the run directory (pml_dist/lock.py);
+                                       each stage's own lock is in its folder's logs/ (`*.lock`)
     <run>/logs/submitit/               submitit's job folders
     <run>/logs/slurm/                  the plain sbatch scripts' logs (slurm/*.sbatch)
     <run>/data/                        prepared data (ffcv_data/prepared.py; sub-runs share it)
@@ -123,6 +125,11 @@ class StageFiles:
     def log(self, rank: int, prefix: str = "rank") -> Path:
         return self.dir / "logs" / f"{prefix}-{rank}.log"
 
+    @property
+    def lock(self) -> Path:
+        """The training process's lock on this folder (pml_dist/lock.py), held by rank 0."""
+        return self.dir / "logs" / "stage.lock"
+
 
 @dataclass(frozen=True)
 class PseudoFiles:
@@ -146,6 +153,11 @@ class PseudoFiles:
     def read_record(self) -> dict | None:
         return json.loads(self.record.read_text()) if self.record.is_file() else None
 
+    @property
+    def lock(self) -> Path:
+        """The merge's lock on this folder (pml_dist/lock.py)."""
+        return self.dir / "logs" / "stage.lock"
+
 
 class RunLayout:
     """The run directory `root`; `data_dir` is where its prepared data lives (default `<root>/data`)."""
@@ -168,6 +180,21 @@ class RunLayout:
     @property
     def jobs(self) -> Path:
         return self.root / "jobs.json"
+
+    @property
+    def run_lock(self) -> Path:
+        """`pml-dist run`'s lock on the whole run directory (pml_dist/lock.py)."""
+        return self.root / "logs" / "run.lock"
+
+    @property
+    def data_lock(self) -> Path:
+        """`prepare`'s lock on the prepared data's folder (run.data_dir may be shared)."""
+        return Path(self.data.folder) / "logs" / "prepare.lock"
+
+    @property
+    def infer_lock(self) -> Path:
+        """Inference's lock (rank 0) on teacher/probs/, beside its ranks' logs."""
+        return self.teacher.dir / "logs" / "infer.lock"
 
     @property
     def submitit_logs(self) -> Path:

@@ -3,7 +3,9 @@ completion record and compared with the current inputs, so anything downstream o
 is stale and reruns.
 
     data             the prepared training split: its meta file's digest and the .beton's size
-    config           the run's resolved config.yaml (a run directory holds one experiment)
+    config           the settings of the run's resolved config.yaml that the stage's output
+                     depends on (pml_dist/dependencies.py): `settings-<digest>`; a change of any
+                     other (train.device, slurm.*) makes nothing stale
     teacher          the teacher's best.pt (the merge; a student: the teacher of its labels)
     pseudo_labels    a student's target: the merged probabilities and its rule
     <stage name>     for the report: the digest of each result it read
@@ -20,8 +22,14 @@ import json
 import os
 from pathlib import Path
 
+import yaml
+
+from pml_dist.config import default_settings, settings_of
+from pml_dist.dependencies import STUDENTS, TRAINED, Output
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout
+
+SETTINGS = "settings-"  # the prefix of a settings id (records of older versions: config.yaml's file id)
 
 
 def file_id(path: Path) -> str:
@@ -56,13 +64,31 @@ def teacher_id(run: RunLayout) -> str:
 
 
 def training_inputs(run: RunLayout, stage) -> dict[str, str]:
-    """The inputs of a training stage (pml_dist.stages): data and config; a student's pseudo labels."""
+    """The inputs of a training stage (pml_dist.stages): data and the settings it depends on; a
+    student's pseudo labels."""
     inputs = {"data": data_id(run)}
     if run.config.is_file():  # absent only when the library is called without the CLI or a job
-        inputs["config"] = file_id(run.config)
+        inputs["config"] = settings_id(run.config, STUDENTS if stage.kind == "student" else TRAINED)
     if stage.kind == "student":
         inputs["teacher"], inputs["pseudo_labels"] = pseudo_labels_ids(run, stage.target)
     return inputs
+
+
+def settings_id(config: Path, output: Output) -> str:
+    """Identifies the values in the resolved config `config` of the settings `output` depends on
+    (pml_dist/dependencies.py). Those at their default are left out, so a key added to the code
+    since (at its default) changes no id. Cached by the file's bytes (a rewrite may keep its size
+    and, within the clock's granularity, its mtime)."""
+    return _settings_digest(Path(config).read_bytes(), output)
+
+
+@functools.lru_cache(maxsize=64)
+def _settings_digest(text: bytes, output: Output) -> str:
+    default = default_settings()
+    saved = settings_of(yaml.safe_load(text) or {})
+    chosen = {k: v for k, v in saved.items() if output.depends(k) and v != default.get(k)}
+    digest = hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()
+    return SETTINGS + digest[:16]
 
 
 def pseudo_labels_ids(run: RunLayout, target: str) -> tuple[str, str]:
@@ -88,5 +114,13 @@ def stale(recorded: dict | None, current: dict) -> str | None:
     Records without inputs (written by versions before provenance) are taken as they are."""
     if recorded is None:
         return None
-    changed = [key for key in current if recorded.get(key) != current[key]]
+    changed = [key for key in current
+               if recorded.get(key) != current[key] and not _older_config_id(key, recorded)]
     return f"{', '.join(k.replace('_', ' ') for k in changed)} changed" if changed else None
+
+
+def _older_config_id(key: str, recorded: dict) -> bool:
+    """A record of a version before settings ids holds config.yaml's file id under "config". That
+    version never rewrote config.yaml once anything was produced, and write_resolved since rewrites
+    it only for settings no existing output depends on: the record was made with the current ones."""
+    return key == "config" and key in recorded and not str(recorded[key]).startswith(SETTINGS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import sys
 from dataclasses import dataclass
 
 from pml_dist.config import Config
@@ -118,8 +119,12 @@ def make_executor(cfg: Config, kind: str, name: str, res: Resources, after: list
     """A submitit executor (`kind`: slurm or local) for job `name`, `afterok` on the job ids `after`."""
     import submitit
 
+    from pml_dist.training.stop import deferred_python
+
     s = cfg.slurm
-    requeues = {"slurm_max_num_timeout": s.max_requeues} if kind == "slurm" else {}
+    # a Slurm job's Python starts with the stop signals deferred (training/stop.py, pipeline/jobs.py)
+    requeues = {"slurm_max_num_timeout": s.max_requeues,
+                "slurm_python": deferred_python(shlex.quote(sys.executable))} if kind == "slurm" else {}
     executor = submitit.AutoExecutor(folder=RunLayout.of(cfg).submitit_logs / "%j", cluster=kind, **requeues)
     params = {"name": f"pml-{name.replace('/', '-')}", "timeout_min": res.time_min,
               "tasks_per_node": res.tasks_per_node, "nodes": res.nodes}

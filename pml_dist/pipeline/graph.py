@@ -9,6 +9,12 @@ submitted (its new output cannot be known yet); locally, an entry whose output i
 once its upstream has finished. Jobs Slurm still has queued or running from an earlier submission
 are never submitted twice: their id becomes the dependency. So resubmitting a config retries what
 failed, skips what is done and resumes what is unfinished. Job ids and logs go to `<run>/jobs.json`.
+
+One `pml-dist run` at a time owns a run directory: it holds `<run>/logs/run.lock` (pml_dist/lock.py)
+while it submits (Slurm) or runs (local), and reads and writes jobs.json only under it, so two
+submissions never both submit a stage. A second one stops with one line naming the holder, or with
+--wait waits for it (showing the stages it runs) and then goes on: it finds done what the first did
+and, on Slurm, follows the jobs the first submitted.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from ffcv_data.atomic import write_json
 from pml_dist.config import Config, write_resolved
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout
+from pml_dist.lock import Holder, Lock, LockHeld, holder_of
 from pml_dist.pipeline.executor import make_executor, script_text
-from pml_dist.pipeline.progress import wait_local
+from pml_dist.pipeline.progress import last_progress_line, wait_local
 from pml_dist.pipeline.slurm import SlurmUnreachable, is_active, max_array_size, require_slurm, test_only
 from pml_dist.pipeline.stage_list import Entry, stage_list
 from pml_dist.pipeline.wait import wait_for
@@ -174,26 +181,74 @@ class Graph:
         write_json(RunLayout.of(self.root).jobs, self.record)
 
 
-def run_pipeline(cfg: Config, kind: str, wait: bool, dry_run: bool = False) -> dict:
+def run_pipeline(cfg: Config, kind: str, wait: bool, dry_run: bool = False, poll_s: float = 2.0) -> dict:
     """Submit (slurm) or run (local) every stage that must run; returns the jobs record, or with
     dry_run the sbatch script of every job that would be submitted (`{"scripts": {name: text}}`).
     On Slurm every script passes `sbatch --test-only` before the first job is submitted. The jobs
-    read their run's resolved config, written here for every sub-run."""
+    read their run's resolved config, written here for every sub-run.
+
+    All of it (but a dry run, which writes nothing) under the run directory's lock; when another
+    `pml-dist run` holds it: LockHeld naming it, or with `wait` wait for it (polling every
+    `poll_s`), then go on."""
     if kind == "slurm":
         require_slurm()
     entries = stage_list(cfg)
-    if not dry_run:
-        for run in {e.run.run.dir: e.run for e in entries}.values():  # the run and each sub-run, once
-            write_resolved(run)
-    if kind == "slurm":
+    if dry_run:
+        if kind != "slurm":
+            raise PmlError("--dry-run shows the sbatch scripts of --executor slurm; there is no Slurm here")
         plan = Graph(cfg, kind, dry=True)
         plan.run(entries)
-        if dry_run:
-            return {"scripts": plan.scripts}
-    elif dry_run:
-        raise PmlError("--dry-run shows the sbatch scripts of --executor slurm; there is no Slurm here")
-    graph = Graph(cfg, kind)
-    graph.run(entries)
+        return {"scripts": plan.scripts}
+    lock = Lock(RunLayout.of(cfg).run_lock, f"run directory {cfg.run_dir}")
+    try:
+        lock.acquire(wait=wait, poll_s=poll_s, waiting=_Follow(cfg, entries))
+    except LockHeld as exc:
+        raise LockHeld(f"{exc}; `pml-dist run --wait` waits for it, `pml-dist status` shows its "
+                       f"progress", exc.holder) from None
+    try:
+        for run in {e.run.run.dir: e.run for e in entries}.values():  # the run and each sub-run, once
+            write_resolved(run)
+        if kind == "slurm":
+            Graph(cfg, kind, dry=True).run(entries)
+        graph = Graph(cfg, kind)  # reads jobs.json: under the lock
+        graph.run(entries)
+    finally:
+        lock.release()
     if wait and not graph.local:
         wait_for(cfg, graph.jobs)
     return graph.record
+
+
+class _Follow:
+    """`run --wait` while another `pml-dist run` owns the run directory: who it is, then each stage
+    it starts and ends (from the stages' own locks), with the newest progress line of its log every
+    `every_s` seconds."""
+
+    def __init__(self, cfg: Config, entries: list[Entry], every_s: float = 30.0):
+        self.cfg, self.every_s = cfg, every_s
+        self.entries = [e for e in entries if e.lock is not None]
+        self.owner = ""
+        self.running: dict[str, Holder] = {}
+        self.shown = 0.0
+
+    def __call__(self, owner: Holder) -> None:
+        if owner.token != self.owner:
+            self.owner = owner.token
+            log.info("waiting for %s, which owns %s", owner.describe(), self.cfg.run_dir)
+        running = {}
+        for entry in self.entries:
+            holder = holder_of(entry.lock)
+            if holder is not None and holder.gone() is None:
+                running[entry.name] = holder
+        for name in running.keys() - self.running.keys():
+            log.info("%-24s running: %s", name, running[name].describe())
+        for name in self.running.keys() - running.keys():
+            log.info("%-24s ended", name)
+        self.running = running
+        if running and time.time() - self.shown >= self.every_s:
+            self.shown = time.time()
+            jobs = load_jobs_record(self.cfg).get("jobs", {})
+            for name in running:
+                line = last_progress_line(jobs[name]["stderr"]) if name in jobs else ""
+                if line:
+                    log.info("%-24s %s", name, line)

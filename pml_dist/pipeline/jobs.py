@@ -6,6 +6,12 @@ Every stage is idempotent on its run directory: prepare skips complete .beton fi
 resumes from its newest checkpoint and returns at once when it is done, inference skips complete
 shards. `checkpoint()` therefore only resubmits a fresh instance pointing at the same run
 directory; it saves nothing (the trainer saves at the next step boundary, see training/stop.py).
+
+On Slurm a job's Python starts with SIGTERM and USR2 blocked (executor.py: stop.DEFERRED_START), so
+a preemption before any handler is installed waits instead of killing the task (which Slurm would
+record FAILED, without a requeue). A training job unblocks them once its StopFlag handles them (a
+pending one then stops it at the first step boundary, and submitit requeues it); every other job
+once submitit's handlers are in (`_setup`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ class StageJob:
     def _setup(self) -> None:
         from pml_dist import dist
         from pml_dist.log import enable_crash_traces, setup_logging
+        from pml_dist.training.stop import release_stop_signals
 
+        release_stop_signals()  # submitit's handlers are in place (a TrainJob's StopFlag's too)
         enable_crash_traces()
         info = dist.export_submitit_env()
         setup_logging(info.rank if info else 0)
@@ -60,10 +68,10 @@ class TrainJob(StageJob):
         from pml_dist.training.stop import StopFlag, Stopped
         from pml_dist.training.trainer import train
 
+        stop = StopFlag()
+        stop.install()  # first: a stop signal deferred since the job started is a request to it
         self._setup()
         stage = stage if stage is not None else self.stage
-        stop = StopFlag()
-        stop.install()
         try:
             result = train(self.config(resolved), stage, stop)
         except Stopped:

@@ -13,6 +13,7 @@ import logging
 from pml_dist.config import Config
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout
+from pml_dist.lock import Lock
 from pml_dist.pipeline.sweep import install
 from pml_dist.provenance import file_id
 from pml_dist.stages import Student, Teacher
@@ -47,7 +48,9 @@ def promote(run: Config, previous: Config) -> dict:
         "from": str(layout.root), "chosen": student.target,
         "candidates": [{"target": s.target, "val_map": r.val_map, "test_map": r.test_map}
                        for s, r in candidates]}}
-    out = install(student.files(layout), Teacher().files(RunLayout.of(run)), record)
+    teacher = Teacher().files(RunLayout.of(run))
+    with Lock(teacher.lock, f"stage {teacher.dir}"):  # pml_dist/lock.py: one process fills the folder
+        out = install(student.files(layout), teacher, record)
     log.info("%s: student %s of %s (val mAP %.2f) is the next round's teacher", RunLayout.of(run).teacher.dir,
              student.target, layout.root, result.val_map)
     return out

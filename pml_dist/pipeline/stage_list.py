@@ -62,6 +62,19 @@ class Entry:
         return self.outdated() is None
 
     @property
+    def lock(self) -> Path | None:
+        """The lock its process holds on its folder while it writes (pml_dist/lock.py); None for the
+        report (the run's lock covers it)."""
+        layout = RunLayout.of(self.run)
+        if self.role == "data":
+            return layout.data_lock
+        if self.role == "infer":
+            return layout.infer_lock
+        if self.role == "pseudo":
+            return layout.pseudo.lock
+        return self.stage.files(layout).lock if self.stage is not None else None
+
+    @property
     def task_args(self) -> tuple:
         """What an array task's callable is given: its stage; a sweep point, whose array's tasks
         are each another sub-run, also that run's resolved config."""

@@ -19,6 +19,7 @@ from ffcv_data.atomic import save_with, write_json
 from pml_dist.config import Config
 from pml_dist.errors import PmlError
 from pml_dist.layout import RunLayout, StageFiles
+from pml_dist.lock import Lock
 from pml_dist.pipeline.subruns import sweep_runs
 from pml_dist.provenance import training_inputs
 
@@ -69,8 +70,9 @@ def select(cfg: Config, stage) -> dict:
                        f"{', '.join(missing) or 'none defined'}")
     chosen = best_point(points)
     dst = stage.files(RunLayout.of(cfg))
-    result = install(stage.files(RunLayout.of(runs[chosen])), dst, {
-        "inputs": training_inputs(RunLayout.of(cfg), stage), "sweep": {"grid": points, "chosen": chosen}})
+    with Lock(dst.lock, f"stage {dst.dir}"):  # pml_dist/lock.py: one process fills the folder
+        result = install(stage.files(RunLayout.of(runs[chosen])), dst, {
+            "inputs": training_inputs(RunLayout.of(cfg), stage), "sweep": {"grid": points, "chosen": chosen}})
     p = points[chosen]
     log.info("%s: chose lr %g, micro batch %d (val mAP %.2f) of %d grid points", dst.dir, p["lr"],
              p["micro_batch"], p["val_map"], len(points))

@@ -19,6 +19,7 @@ import numpy as np
 
 from pml_dist.config import Config
 from pml_dist.layout import RunLayout
+from pml_dist.lock import stage_lock
 from pml_dist.provenance import data_id, teacher_id
 from pml_dist.pseudo.shards import shard_is_complete, write_shard
 from pml_dist.stored_probs import ScoreKeeper, store_rule
@@ -27,18 +28,27 @@ log = logging.getLogger(__name__)
 
 
 def infer(cfg: Config) -> Path:
-    """Score this rank's slice of the training split and write its shard; returns the shard path."""
-    import torch
-
-    from ffcv_data.loaders import threads_per_rank
+    """Score this rank's slice of the training split and write its shard; returns the shard path.
+    Rank 0 holds the inference's lock (pml_dist/lock.py) meanwhile: a second inference of the same
+    teacher stops with one line naming the holder."""
     from pml_dist import dist
     from pml_dist.log import setup_logging
-    from pml_dist.training.engine import autocast_dtype, configure_cuda
-    from pml_dist.training.evaluate import scored_batches
 
     info = dist.resolve()
     run = RunLayout.of(cfg)
     setup_logging(info.rank, run.teacher.log(info.rank, prefix="infer-rank"))
+    with stage_lock(run.infer_lock, f"inference {run.probs_dir}", take=info.is_main):
+        return _infer(cfg, run, info)
+
+
+def _infer(cfg: Config, run: RunLayout, info) -> Path:
+    import torch
+
+    from ffcv_data.loaders import threads_per_rank
+    from pml_dist import dist
+    from pml_dist.training.engine import autocast_dtype, configure_cuda
+    from pml_dist.training.evaluate import scored_batches
+
     ids = {"teacher_id": teacher_id(run), "data_id": data_id(run)}
     shard = run.shard(info.rank, info.world_size)
     rule = store_rule(cfg.pseudo)

@@ -12,6 +12,7 @@ import numpy as np
 from ffcv_data.atomic import write_json
 from pml_dist.config import Config
 from pml_dist.layout import RunLayout
+from pml_dist.lock import Lock
 from pml_dist.provenance import data_id, teacher_id
 from pml_dist.pseudo.labels import target_names, write_pseudo_stats
 from pml_dist.pseudo.merge import merge_shards
@@ -23,8 +24,13 @@ log = logging.getLogger(__name__)
 def make_pseudo_labels(cfg: Config) -> dict:
     """Verify and merge the shards, then write every pseudo-label target; returns pseudo/stats.json
     with the merge record (pseudo/merge.json) under "merge"."""
-    t0 = time.perf_counter()
     run = RunLayout.of(cfg)
+    with Lock(run.pseudo.lock, f"stage {run.pseudo.dir}"):  # pml_dist/lock.py: one merge at a time
+        return _make(cfg, run)
+
+
+def _make(cfg: Config, run: RunLayout) -> dict:
+    t0 = time.perf_counter()
     data = run.data.stats()
     n = data.images("train")
     inputs = pseudo_inputs(cfg, run)

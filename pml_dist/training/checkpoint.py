@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ffcv_data.atomic import FULL, write_json
 from ffcv_data.errors import DataError
+from pml_dist.dist import is_collective_failure
 from pml_dist.errors import PmlError
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,10 @@ class Checkpointer:
 def _disk_full(exc: BaseException, folder: Path) -> str | None:
     """"No space left on device (ENOSPC)" when `exc` is a write that ran out of space, else None.
     torch.save reports a full disk as a RuntimeError without an errno ("unexpected pos ...", "file
-    write failed"): that counts when the file system has (next to) nothing left."""
+    write failed"): that counts when the file system has (next to) nothing left. A collective that
+    failed (another rank stopped: its own error says why, trainer.train) is never this rank's disk."""
+    if is_collective_failure(exc):
+        return None
     for err in (exc, exc.__cause__, exc.__context__):
         if isinstance(err, OSError) and err.errno in FULL:
             return f"{err.strerror or 'no space left'} ({errno.errorcode[err.errno]})"

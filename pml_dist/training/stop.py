@@ -2,14 +2,41 @@
 signal handler: the handler only sets a flag, the trainer reads it at optimizer-step boundaries
 (every train.log_every steps and at epoch ends: the agreement waits for the device), all
 ranks save together, and the process exits with `EXIT_STOPPED` so a scheduler can requeue it.
+
+Until the handlers are installed a stop signal is deferred, not fatal: Slurm's jobs start Python as
+`python -c DEFERRED_START ...` (the sbatch scripts, and submitit's jobs through executor.py), which
+blocks SIGTERM and USR2 and then executes the real command; a blocked signal stays pending across
+exec, and `StopFlag.install()` unblocks it once its handler is in place, so a preemption in the
+job's first seconds stops it at the first step boundary (and requeues it) instead of killing it.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 
 EXIT_STOPPED = 3  # stopped at a checkpoint on request; rerunning resumes
 STOPPED_FILE_ENV = "PML_DIST_STOPPED_FILE"  # `pml-dist train` writes this file once all ranks saved
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+# `python -c DEFERRED_START ARGS...` is `python ARGS...` with the stop signals blocked from its first
+# statement on (slurm/*.sbatch carry the same line): a signal sent meanwhile waits for install().
+DEFERRED_START = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, "
+                  "signal.SIGUSR2}); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+log = logging.getLogger(__name__)
+
+
+def deferred_python(python: str) -> str:
+    """The shell command that starts `python` with the stop signals deferred (submitit's `python`)."""
+    import shlex
+
+    return f"{python} -c {shlex.quote(DEFERRED_START)}"
+
+
+def release_stop_signals() -> None:
+    """Unblock the stop signals (a no-op where they were not deferred); a pending one is delivered
+    to the handler in place now. Jobs that install no StopFlag call it once their scheduler's
+    handlers are in (submitit's); StopFlag.install() calls it after its own."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class Stopped(Exception):
@@ -28,10 +55,19 @@ class StopFlag:
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
 
-    def install(self, signals=(signal.SIGUSR2, signal.SIGTERM)) -> None:
+    def install(self, signals=STOP_SIGNALS) -> None:
+        """Handle `signals`, then release the deferred ones: one that arrived while this process
+        was starting counts as a request now (read from the pending set, not left to the moment
+        Python runs the handler), honoured at the first step boundary."""
         for sig in signals:
             self.previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handler)
+        pending = sorted(signal.sigpending() & set(signals))
+        if pending:
+            self.requested, self.signum = True, int(pending[-1])
+            log.warning("%s arrived while this process was starting (deferred): stopping at the first "
+                        "step boundary", " and ".join(signal.Signals(s).name for s in pending))
+        release_stop_signals()
 
     def _handler(self, signum, frame) -> None:
         self.requested = True

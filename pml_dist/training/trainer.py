@@ -34,8 +34,9 @@ from ffcv_data.loaders import threads_per_rank, train_loader
 from ffcv_data.protocol import one_hot
 from pml_dist import dist, provenance
 from pml_dist.config import Config, apl_schedule
-from pml_dist.errors import PmlError
+from pml_dist.errors import USER_ERRORS, PmlError
 from pml_dist.layout import RunLayout, StageFiles
+from pml_dist.lock import stage_lock
 from pml_dist.log import setup_logging
 from pml_dist.stages import Stage
 from pml_dist.training import checkpoint, engine, selection
@@ -53,16 +54,33 @@ log = logging.getLogger(__name__)
 
 def train(cfg: Config, stage: Stage, stop: StopFlag | None = None) -> dict:
     """Train `stage` to completion (or to a stop request: `Stopped`); returns result.json's content,
-    at once when the stage is already done."""
+    at once when the stage is already done. A rank that fails with a user error leaves its line
+    for the others (dist.PeerFailures); a rank whose collective then fails stops with one line,
+    `rank R: stopped because rank Q failed: <Q's line>`, instead of gloo's traceback."""
     info = dist.resolve()
     run = RunLayout.of(cfg)
     files = stage.files(run)
     setup_logging(info.rank, files.log(info.rank))
-    done = files.read_result()
-    if done is not None and _stale_outputs(files, provenance.training_inputs(run, stage)) is None:
-        log.info("%s is already trained (%s exists)", files.dir, files.result)
-        return done.raw
-    result = Trainer(cfg, stage, info, stop).train()
+    # One process trains a stage's folder: rank 0 holds its lock (pml_dist/lock.py); a second
+    # training of the same stage stops here with one line naming the holder.
+    with stage_lock(files.lock, f"stage {files.dir}", take=info.is_main):
+        done = files.read_result()
+        if done is not None and _stale_outputs(files, provenance.training_inputs(run, stage)) is None:
+            log.info("%s is already trained (%s exists)", files.dir, files.result)
+            return done.raw
+        peers = dist.PeerFailures(files.log(info.rank).parent, info.rank, info.world_size)
+        peers.clear()  # before joining the process group (PeerFailures says why that suffices)
+        try:
+            result = Trainer(cfg, stage, info, stop).train()
+        except USER_ERRORS as exc:  # the others' next collective fails: they name this line, not gloo
+            peers.publish(str(exc))
+            raise
+        except RuntimeError as exc:
+            joined = info.world_size > 1 and torch.distributed.is_initialized()  # not a failed rendezvous
+            found = peers.first() if joined and dist.is_collective_failure(exc) else None
+            if found is None:
+                raise  # a crash, or a peer that crashed: the traceback stands
+            raise PmlError(f"rank {info.rank}: stopped because rank {found[0]} failed: {found[1]}") from None
     # On success only: after a failure a pending NCCL collective can make the destroy itself hang.
     dist.destroy_process_group()
     return result

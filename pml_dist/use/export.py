@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ffcv_data.atomic import temporary_path
 from pml_dist import provenance
 from pml_dist.config import git_revision
 from pml_dist.errors import PmlError
@@ -41,8 +42,8 @@ def export(cfg, stage: Stage, out: Path) -> Path:
     trained = open_stage(cfg, stage)
     state = trained.weights()
     module = scripted(build_classifier(cfg, len(trained.class_names), state))
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export of a process with this pid
+    tmp = temporary_path(out, keep_suffix=False)  # .NAME.tmp-HOST-PID
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed export of a process with this host and pid
     try:
         tmp.mkdir(parents=True)
         with warnings.catch_warnings():  # torch 2.11 marks jit.save deprecated; torch.jit.load reads it

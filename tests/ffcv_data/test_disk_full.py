@@ -18,7 +18,8 @@ def test_a_full_disk_stops_prepare_with_one_line_and_keeps_the_complete_betons(s
                                                                                capsys, leave, small_disk,
                                                                                fill_disk):
     """data/ on a small tmpfs: a prepared run loses its test.beton, the disk fills up (but for
-    `leave` bytes), and prepare again must stop with one line naming test.beton and ENOSPC (exit
+    `leave` bytes), and prepare again must stop with one line naming test.beton (with no byte left:
+    its lock) and ENOSPC (exit
     2), leave train.beton and val.beton byte for byte (and stats.json), and leave no test.beton
     nor a temporary file."""
     run = tmp_path / "run"
@@ -29,6 +30,7 @@ def test_a_full_disk_stops_prepare_with_one_line_and_keeps_the_complete_betons(s
         assert main(["prepare", *overrides]) == 0
         (data / "test.beton").unlink()  # (prepare drops its side file test.labels.npz as stale)
         before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file() and p.name[:5] != "test."}
+        side = (data / "test.labels.npz").read_bytes()
         fill_disk(data, leave)
         capsys.readouterr()
         assert main(["prepare", *overrides]) == 2
@@ -36,8 +38,11 @@ def test_a_full_disk_stops_prepare_with_one_line_and_keeps_the_complete_betons(s
         assert "Traceback" not in err, err
         last = err.strip().splitlines()[-1]  # after FFCV's progress bar
         assert last.startswith("pml-dist prepare: error: ") and "(ENOSPC)" in last, err
-        assert str(data / "test.beton") in last, err
+        # with no byte left, writing prepare's lock (data/logs/prepare.lock) fails first
+        assert str(data / "logs" / "prepare.lock" if leave == 0 else data / "test.beton") in last, err
         after = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
+        if leave == 0:  # stopped before anything was touched: test.beton's stale side file is still there
+            assert after.pop("test.labels.npz") == side
         assert after.pop("filler") is not None and after == before  # no test.beton, no temporary file
 
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from ffcv.reader import Reader
 
+from ffcv_data import atomic
 from ffcv_data.errors import DataError
 from ffcv_data.prepare import remove_stale_files
 from ffcv_data.prepared import PreparedData
@@ -127,6 +130,58 @@ def test_stale_files_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
     assert sorted(p.name for p in out.folder.iterdir()) == sorted(kept)
 
 
+def _crashed_writer(path, host: str) -> int:
+    """A process that names itself `host` and dies (os._exit) inside atomic.save_with's write of
+    `path`, leaving its temporary as a killed writer does; returns its (now dead) PID."""
+    code = ("import os, sys\nfrom ffcv_data import atomic\natomic.host_name = lambda: sys.argv[2]\n"
+            "atomic.save_with(sys.argv[1], lambda tmp: (tmp.write_bytes(b'x'), os._exit(0)))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path), host])
+    assert proc.wait(timeout=60) == 0
+    return proc.pid
+
+
+@pytest.mark.faults
+def test_a_sweep_removes_only_dead_temporaries_of_its_own_host(tmp_path, monkeypatch, caplog):
+    """Two hosts write one shared data folder (NFS, Lustre): a PID says whether a process runs only
+    on its own host, so host A's sweep removes A's temporary of a dead process, keeps A's live one,
+    and leaves B's alone (logged once) however dead its PID looks here; B's own sweep removes it."""
+    out = PreparedData(tmp_path / "data")
+    out.folder.mkdir()
+    host_a, host_b = "node-a", "gpu-node-12.cluster"  # dashes and dots: the name still parses
+    dead_a = _crashed_writer(out.beton("train"), host_a)
+    dead_b = _crashed_writer(out.beton("val"), host_b)
+    monkeypatch.setattr(atomic, "host_name", lambda: host_a)
+    live_a = atomic.temporary_path(out.beton("test"))  # this process: alive
+    live_a.write_bytes(b"x")
+    mine, theirs = f".train.beton.tmp-{host_a}-{dead_a}.beton", f".val.beton.tmp-{host_b}-{dead_b}.beton"
+    assert sorted(p.name for p in out.folder.iterdir()) == sorted([mine, theirs, live_a.name])
+
+    logger = logging.getLogger("ffcv_data.prepare")  # caplog's handler on it, whether the CLI's
+    monkeypatch.setattr(logger, "propagate", False)   # setup turned propagation off or not
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="ffcv_data.prepare"):
+            removed = remove_stale_files(out)
+            assert remove_stale_files(out) == []
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert [p.name for p in removed] == [mine]
+    assert sorted(p.name for p in out.folder.iterdir()) == sorted([theirs, live_a.name])
+    assert sum(theirs in r.getMessage() for r in caplog.records) == 1  # logged once, not per sweep
+
+    monkeypatch.setattr(atomic, "host_name", lambda: host_b)  # host B's sweep: A's live one is foreign
+    assert [p.name for p in remove_stale_files(out)] == [theirs]
+    assert [p.name for p in out.folder.iterdir()] == [live_a.name]
+
+
+def test_the_host_part_of_a_name_is_a_file_name(monkeypatch):
+    monkeypatch.setattr(atomic.socket, "gethostname", lambda: "lab pc/7:ü")
+    assert atomic.host_name() == "lab_pc_7__"
+    assert atomic.temporary_path(Path("/d/x.npz")).name == f".x.npz.tmp-lab_pc_7__-{os.getpid()}.npz"
+    monkeypatch.setattr(atomic.socket, "gethostname", lambda: "")
+    assert atomic.host_name() == "localhost"
+
+
 # ---------------------------------------------------------------- real processes, real signals
 @pytest.fixture(scope="module")
 def slow_root(tmp_path_factory):
@@ -219,7 +274,7 @@ def test_interrupted_or_killed_prepare_leaves_nothing_and_resumes(slow_root, und
         assert _temporaries(data) == []  # cleaned up by the interrupted process itself
     else:
         assert proc.returncode == -signal.SIGKILL
-        assert _temporaries(data) == [f".train.beton.tmp-{proc.pid}.beton"]
+        assert _temporaries(data) == [f".train.beton.tmp-{atomic.host_name()}-{proc.pid}.beton"]
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert _temporaries(data) == []

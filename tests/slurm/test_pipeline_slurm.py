@@ -280,6 +280,64 @@ def test_interrupted_training_requeues_and_matches_an_uninterrupted_run(slurm_cl
         assert all(torch.equal(weights["whole"][k], weights[name][k]) for k in weights["whole"]), name
 
 
+def _starting_task(job_id: str, timeout: float = 120) -> int:
+    """The pid of JOB_ID's Python task once it has blocked SIGTERM (stop.DEFERRED_START, its first
+    statement): from then on until its StopFlag is installed, seconds later, a SIGTERM used to kill
+    it. The test cluster's nodes are this machine, so the task is a local process."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                args = (proc / "cmdline").read_bytes().split(b"\0")
+                python = Path(args[0].decode()).name.startswith("python")
+                if not python or b"submitit.core._submit" not in args:
+                    continue
+                if f"SLURM_JOB_ID={job_id}".encode() not in (proc / "environ").read_bytes().split(b"\0"):
+                    continue
+                blocked = re.search(r"^SigBlk:\s*([0-9a-f]+)$", (proc / "status").read_text(), re.M)
+            except (OSError, UnicodeDecodeError, IndexError):
+                continue
+            if blocked and int(blocked.group(1), 16) & (1 << (15 - 1)):
+                return int(proc.name)
+        time.sleep(0.01)
+    raise TimeoutError(f"job {job_id}'s task did not start within {timeout}s")
+
+
+@pytest.mark.faults
+def test_a_job_signalled_as_it_starts_defers_the_signal_stops_at_the_first_step_and_is_requeued(
+        slurm_cluster, synthetic_root, tmp_path):
+    """`pml-dist run`'s teacher job on the preemptible partition gets SIGTERM (what a preemption
+    sends the job's steps at once) the moment its task's Python has started: before any import and
+    any handler, where it used to die of it and the job ended FAILED without a requeue. The signal
+    waits (blocked) until the StopFlag is in, which takes it as a request: the rank saves at the
+    first step boundary, submitit requeues the job, and the rerun resumes and finishes."""
+    from pml_dist.config import load_config, write_resolved
+    from pml_dist.pipeline.executor import make_executor, resources
+    from pml_dist.pipeline.jobs import TrainJob
+    from pml_dist.stages import Teacher
+
+    run = tmp_path / "run"
+    overrides = [f"run.dir={run}", f"data.root={synthetic_root}", *SMALL[:-7], "train.log_every=1",
+                 "slurm.teacher_nodes=1", "slurm.teacher_tasks_per_node=1", "slurm.teacher_time_min=20",
+                 f"slurm.partition={slurm_cluster.site['preemptible_partition']}"]
+    cfg = load_config(None, overrides)
+    write_resolved(cfg)
+    assert main(["prepare", *overrides]) == 0
+    job = make_executor(cfg, "slurm", "teacher", resources(cfg, "teacher")).submit(
+        TrainJob(str(run / "config.yaml"), stage=Teacher()))
+    _starting_task(job.job_id)
+    slurm_cluster.run("scancel", "--signal=TERM", job.job_id)
+    assert job.results()[0]["test_map"] > 0
+    assert slurm_cluster.restarts(job.job_id) == 1
+    err = job.paths.stderr.read_text()
+    assert "SIGTERM arrived while this process was starting (deferred)" in err
+    # submitit's requeue, after the save (20 min: submitit calls a job "timed-out" in its last 10)
+    assert err.count("this job is preempted") == 1
+    log0 = (run / "teacher" / "logs" / "rank-0.log").read_text()
+    assert re.findall(r"resumed from \S*/(step-\d+)", log0) == ["step-1"]
+    assert (run / "teacher" / "result.json").is_file()
+
+
 def test_plain_sbatch_scripts_from_another_directory_with_a_clean_environment(
     slurm_cluster, synthetic_root, tmp_path
 ):

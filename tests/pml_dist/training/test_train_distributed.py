@@ -230,6 +230,37 @@ def test_a_full_disk_stops_a_checkpoint_save_with_one_line_and_keeps_the_last_co
     assert (parts / "teacher" / "result.json").is_file()
 
 
+@pytest.mark.faults
+def test_a_full_disk_on_rank_0_stops_every_rank_with_one_line(run, small_disk, fill_disk):
+    """Two ranks, teacher/ckpt on a small tmpfs filled (both ranks paused) once step 2's checkpoint
+    is complete: rank 0, which writes the weights, fails its next save with the disk-full line; rank
+    1, waiting for it in the save's collective, sees gloo's connection close and stops with one line
+    naming rank 0's, not a traceback. Both exit 2, and each output ends with its line."""
+    overrides, parts = run("train.epochs=1", "train.ckpt_every=2")
+    ckpt = parts / "teacher" / "ckpt"
+    with small_disk(ckpt, "32m"):
+        procs = launch(2, overrides)
+        wait_for(ckpt / "step-2" / "COMPLETE", poll=0.02)
+        for proc in procs:
+            proc.send_signal(signal.SIGSTOP)
+        try:
+            fill_disk(ckpt)
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGCONT)
+        outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [2, 2], [out[-3000:] for out in outs]
+    for out in outs:
+        assert "Traceback" not in out, out[-3000:]
+    last = [out.strip().splitlines()[-1] for out in outs]
+    prefix = "pml-dist train: error: "
+    assert re.match(rf"^{prefix}{re.escape(str(ckpt))}/step-\d+: .*\(ENOSPC.*\(rank 0\)", last[0]), last
+    line0 = last[0].removeprefix(prefix)
+    assert last[1] == f"{prefix}rank 1: stopped because rank 0 failed: {line0}"
+    assert (parts / "teacher" / "logs" / "failed-rank-0.txt").read_text() == line0 + "\n"
+    assert not (parts / "teacher" / "logs" / "failed-rank-1.txt").exists()
+
+
 def test_one_step_is_the_same_at_any_world_size_and_accumulation(run):
     """With no batch statistics (GroupNorm), world 2 x micro 4 = world 1 x micro 8 =
     world 1 x accumulation 2 x micro 4: data parallelism is exact. SGD, not Adam: Adam's first step
