@@ -40,7 +40,6 @@ import logging
 import os
 import secrets
 import shlex
-import socket
 import sys
 import threading
 import time
@@ -48,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ffcv_data.atomic import host_name, pid_alive
 from pml_dist.errors import PmlError
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ def _reason(exc: OSError) -> str:
 
 
 def hostname() -> str:
-    return socket.gethostname()
+    """This host, as the temporaries' names spell it (ffcv_data/atomic.py): one name for both."""
+    return host_name()
 
 
 class LockHeld(PmlError):
@@ -402,12 +403,8 @@ def _start_time(pid: int) -> str:
 def _runs(pid: int, start: str = "") -> bool:
     """Whether process `pid` of this host runs: it exists, is no zombie, and (when `start` is known)
     started when the lock's holder did, so it is not a later process that got its PID."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        pass  # another user's process: it exists
     fields = _stat_fields(pid)
     if fields is None:
         return sys.platform != "linux"  # no /proc: trust kill
