@@ -38,10 +38,10 @@ def single_positive(path: Path) -> bool:
     has another header (the reader then says what is wrong)."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            header = f.readline()
-    except OSError:
+            header = next(csv.reader(f), None)  # as the reader reads it (a quoted header too)
+    except (OSError, UnicodeDecodeError, csv.Error):
         return False
-    return tuple(h.strip() for h in header.strip().split(",")) == SINGLE_POSITIVE
+    return tuple(h.strip() for h in header or ()) == SINGLE_POSITIVE
 
 
 def read_classes(path: Path) -> list[str]:

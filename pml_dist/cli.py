@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from pml_dist.errors import USER_ERRORS, PmlError
+from pml_dist.errors import USER_ERRORS, PmlError, error_line
 
 log = logging.getLogger("pml_dist")
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as exc:
-        print(f"pml-dist {args.command}: error: {exc}", file=sys.stderr)
+        print(error_line(args.command, str(exc)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT (128 + 2)
         print(f"pml-dist {args.command}: interrupted", file=sys.stderr)

@@ -13,8 +13,10 @@ otherwise tries mpi4py.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 
 from pml_dist.errors import PmlError
@@ -236,9 +238,10 @@ def compute_device(info: RankInfo, requested: str = "auto", model: str = ""):
     return torch.device(kind) if index is None else torch.device(kind, index)
 
 
-def init_process_group(info: RankInfo, timeout_s: float = 600.0, device=None):
+def init_process_group(info: RankInfo, timeout_s: float = 600.0, device=None, store=None):
     """Export the environment, make `device` (compute_device's choice by default) this process's
-    current GPU, pick the backend (nccl on GPUs, gloo on CPU) and initialise torch's process group.
+    current GPU, pick the backend (nccl on GPUs, gloo on CPU) and initialise torch's process group,
+    on `store` when given (the launch's, which start_gate.StartGate already opened), else by env://.
     Returns the device this rank computes on."""
     import datetime
 
@@ -250,9 +253,11 @@ def init_process_group(info: RankInfo, timeout_s: float = 600.0, device=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not tdist.is_initialized():
+        if store is not None:  # keyed apart from the store's other users, as env:// does it
+            store = tdist.PrefixStore("default_pg", store)
         tdist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", rank=info.rank, world_size=info.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=datetime.timedelta(seconds=timeout_s), store=store,
         )
         if device.type == "cuda" and info.world_size > 1:
             check_distinct_gpus(info, device)
@@ -375,15 +380,19 @@ class PeerFailures:
     stops with a user error writes `logs/failed-rank-R.txt`, then exits; the others, whose next
     collective then fails, find it and stop with one line naming it instead of a gloo traceback.
 
-    A file, not the process group's store: rank 0 hosts the store, which dies with it. Each rank
-    deletes its own file before it joins the process group, and a rank reads the others' only after
-    a collective failed, which every rank reached only after joining: so a line it finds is this
-    run's, never a stale one of an earlier attempt."""
+    Where a peer's exit does not fail the collectives (NCCL), `watch` ends the waiting ranks.
 
-    def __init__(self, folder, rank: int, world_size: int):
+    A file, not the process group's store: rank 0 hosts the store, which dies with it. Each rank
+    deletes its own file as it passes the start gate (pml_dist/start_gate.py), rank 0 last; a rank
+    reads the others' only once past it: so a line it finds is this run's, never a stale one of an
+    earlier attempt."""
+
+    def __init__(self, folder, rank: int, world_size: int, release=None):
         from pathlib import Path
 
         self.folder, self.rank, self.world_size = Path(folder), rank, world_size
+        self.release = release  # what `watch` calls before it ends the process (a lock's release)
+        self._stopped = None  # set by `unwatch`
 
     def _file(self, rank: int):
         return self.folder / FAILED_FILE.format(rank=rank)
@@ -410,12 +419,52 @@ class PeerFailures:
             except OSError:
                 pass
 
+    def watch(self, prefix: str, interval_s: float = 5.0) -> None:
+        """From now on (every rank has joined, so has passed the gate), a daemon thread looks for a
+        peer's published failure every `interval_s` and, finding one, ends this process with
+        `<prefix>rank R: stopped because rank Q failed: <line>` on stderr, exit 2, after calling
+        `release`. For NCCL, whose collectives do not fail when a peer
+        exits but wait for dist.timeout_s: the main thread, blocked inside one, cannot act. Gloo's
+        collectives fail at once, and the main thread says the same line first. One directory
+        listing per poll, not one stat per rank: the metadata server of a large job's shared file
+        system sees one request per rank every `interval_s`."""
+        import sys
+        import threading
+
+        self._stopped = threading.Event()
+
+        def poll() -> None:
+            while not self._stopped.wait(interval_s):
+                try:
+                    names = [e.name for e in os.scandir(self.folder) if e.name.startswith("failed-rank-")]
+                except OSError:
+                    continue
+                if any(n != self._file(self.rank).name for n in names):
+                    found = self.first(wait_s=0)
+                    if found is not None:
+                        break
+            else:
+                return  # unwatched: this rank's training ended
+            line = f"rank {self.rank}: stopped because rank {found[0]} failed: {found[1]}"
+            logging.getLogger(__name__).error("%s", line)
+            print(prefix + line, file=sys.stderr, flush=True)
+            try:
+                if self.release is not None:
+                    self.release()
+            finally:
+                os._exit(2)
+
+        threading.Thread(target=poll, name="peer-failures", daemon=True).start()
+
+    def unwatch(self) -> None:
+        """The training ended (a process may go on to train another stage): stop watching."""
+        if self._stopped is not None:
+            self._stopped.set()
+
     def first(self, wait_s: float = 2.0) -> tuple[int, str] | None:
         """(rank, line) of the lowest other rank that published a failure, waiting up to `wait_s`
         for one (a shared file system may show a file a moment after its writer's exit closed the
         connections); None when no rank did (a crash: its traceback stands)."""
-        import time
-
         deadline = time.monotonic() + wait_s
         while True:
             for rank in range(self.world_size):

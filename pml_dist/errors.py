@@ -17,4 +17,11 @@ class ConfigError(PmlError):
 
 
 USER_ERRORS = (PmlError, DataError)
-__all__ = ["USER_ERRORS", "ConfigError", "DataError", "PmlError"]
+
+
+def error_line(command: str, message: str) -> str:
+    """How `pml-dist COMMAND` prints a user error: the one line on stderr before exit status 2."""
+    return f"pml-dist {command}: error: {message}"
+
+
+__all__ = ["USER_ERRORS", "ConfigError", "DataError", "PmlError", "error_line"]

@@ -191,10 +191,10 @@ class RunLayout:
         """`prepare`'s lock on the prepared data's folder (run.data_dir may be shared)."""
         return Path(self.data.folder) / "logs" / "prepare.lock"
 
-    @property
-    def infer_lock(self) -> Path:
-        """Inference's lock (rank 0) on teacher/probs/, beside its ranks' logs."""
-        return self.teacher.dir / "logs" / "infer.lock"
+    def infer_lock(self, rank: int = 0) -> Path:
+        """Inference rank `rank`'s lock on its shard of teacher/probs/, beside its log: the ranks
+        are independent processes (pml_dist/pseudo/infer.py), so each holds its own."""
+        return self.teacher.dir / "logs" / f"infer-rank-{rank}.lock"
 
     @property
     def submitit_logs(self) -> Path:

@@ -69,7 +69,7 @@ class Entry:
         if self.role == "data":
             return layout.data_lock
         if self.role == "infer":
-            return layout.infer_lock
+            return layout.infer_lock(0)  # rank 0's stands for the job's
         if self.role == "pseudo":
             return layout.pseudo.lock
         return self.stage.files(layout).lock if self.stage is not None else None

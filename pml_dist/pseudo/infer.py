@@ -29,15 +29,15 @@ log = logging.getLogger(__name__)
 
 def infer(cfg: Config) -> Path:
     """Score this rank's slice of the training split and write its shard; returns the shard path.
-    Rank 0 holds the inference's lock (pml_dist/lock.py) meanwhile: a second inference of the same
-    teacher stops with one line naming the holder."""
+    Each rank holds its own lock (pml_dist/lock.py) meanwhile, as the ranks are independent: each
+    rank of a second inference of the same teacher stops with one line naming the holder."""
     from pml_dist import dist
     from pml_dist.log import setup_logging
 
     info = dist.resolve()
     run = RunLayout.of(cfg)
     setup_logging(info.rank, run.teacher.log(info.rank, prefix="infer-rank"))
-    with stage_lock(run.infer_lock, f"inference {run.probs_dir}", take=info.is_main):
+    with stage_lock(run.infer_lock(info.rank), f"inference rank {info.rank} of {run.probs_dir}"):
         return _infer(cfg, run, info)
 
 

@@ -3,8 +3,10 @@ metrics.jsonl stays the record. Rank 0 writes; every other rank holds a Board th
 the trainer calls it unconditionally.
 
 Tags: train/loss, train/lr, train/samples_per_s at each logged optimizer step; val/map per epoch;
-test/map at the end; val_ap/<class name> (the best epoch's per-class validation AP) and, for a
-student, targets/positives_per_image (once, at step 0). The global step is the optimizer step.
+test/map at the end; val_ap/<class name> (the best epoch's per-class validation AP; with more than
+MAX_CLASS_TAGS classes one histogram `val_ap` of them instead: TensorBoard lists every tag, and an
+Open Images label space would give it 20k) and, for a student, targets/positives_per_image (once,
+at step 0). The global step is the optimizer step.
 
 Resume: the writer appends a new event file to the same folder. SummaryWriter's purge_step T makes
 TensorBoard's reader hide the earlier files' events at steps >= T, so what a stopped run wrote after
@@ -14,6 +16,8 @@ its checkpoint (and writes again now) is shown once.
 from __future__ import annotations
 
 from pathlib import Path
+
+MAX_CLASS_TAGS = 1000  # COCO 80, NUS-WIDE 81, CUB 312 get one tag per class
 
 # metrics.jsonl record kind -> {its key: the tag}
 _TAGS = {
@@ -44,7 +48,17 @@ class Board:
             self.scalar(tag, record[key], record["step"])
 
     def class_ap(self, prefix: str, names: list[str], ap: list[float | None], step: int) -> None:
-        """<prefix>/<class name> per class; a class without a positive (AP None) has no point."""
+        """<prefix>/<class name> per class, or beyond MAX_CLASS_TAGS classes one histogram <prefix>;
+        a class without a positive (AP None) has no point."""
+        if self.writer is None:
+            return
+        if len(names) > MAX_CLASS_TAGS:
+            import numpy as np
+
+            values = np.array([v for v in ap if v is not None], dtype=np.float64)
+            if len(values):
+                self.writer.add_histogram(prefix, values, global_step=step)
+            return
         for name, value in zip(names, ap, strict=True):
             if value is not None:
                 self.scalar(f"{prefix}/{name}", value, step)

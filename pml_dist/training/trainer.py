@@ -34,11 +34,12 @@ from ffcv_data.loaders import threads_per_rank, train_loader
 from ffcv_data.protocol import one_hot
 from pml_dist import dist, provenance
 from pml_dist.config import Config, apl_schedule
-from pml_dist.errors import USER_ERRORS, PmlError
+from pml_dist.errors import USER_ERRORS, PmlError, error_line
 from pml_dist.layout import RunLayout, StageFiles
 from pml_dist.lock import stage_lock
 from pml_dist.log import setup_logging
 from pml_dist.stages import Stage
+from pml_dist.start_gate import StartGate
 from pml_dist.training import checkpoint, engine, selection
 from pml_dist.training.board import Board
 from pml_dist.training.checkpoint import Checkpointer
@@ -62,25 +63,34 @@ def train(cfg: Config, stage: Stage, stop: StopFlag | None = None) -> dict:
     files = stage.files(run)
     setup_logging(info.rank, files.log(info.rank))
     # One process trains a stage's folder: rank 0 holds its lock (pml_dist/lock.py); a second
-    # training of the same stage stops here with one line naming the holder.
-    with stage_lock(files.lock, f"stage {files.dir}", take=info.is_main):
+    # training of the same stage stops here with one line naming the holder, and so do its other
+    # ranks, which wait for rank 0's word before anything (StartGate).
+    # Each rank deletes its failure line of an earlier attempt as it passes the gate, and rank 0
+    # passes last: from then on a line a rank finds is this run's (PeerFailures).
+    peers = dist.PeerFailures(files.log(info.rank).parent, info.rank, info.world_size)
+    gate = StartGate(info, cfg.dist.timeout_s)
+    with gate.decided_by_rank0(USER_ERRORS, on_go=peers.clear), \
+            stage_lock(files.lock, f"stage {files.dir}", take=info.is_main) as lock:
+        peers.release = lock.release if lock is not None else None  # before its watch ends this rank
+        gate.go()
         done = files.read_result()
         if done is not None and _stale_outputs(files, provenance.training_inputs(run, stage)) is None:
             log.info("%s is already trained (%s exists)", files.dir, files.result)
             return done.raw
-        peers = dist.PeerFailures(files.log(info.rank).parent, info.rank, info.world_size)
-        peers.clear()  # before joining the process group (PeerFailures says why that suffices)
         try:
-            result = Trainer(cfg, stage, info, stop).train()
+            result = Trainer(cfg, stage, info, stop, gate.store, peers).train()
         except USER_ERRORS as exc:  # the others' next collective fails: they name this line, not gloo
             peers.publish(str(exc))
             raise
         except RuntimeError as exc:
-            joined = info.world_size > 1 and torch.distributed.is_initialized()  # not a failed rendezvous
-            found = peers.first() if joined and dist.is_collective_failure(exc) else None
+            # past the gate: also when the collective that failed was the rendezvous itself
+            met = info.world_size > 1
+            found = peers.first() if met and dist.is_collective_failure(exc) else None
             if found is None:
                 raise  # a crash, or a peer that crashed: the traceback stands
             raise PmlError(f"rank {info.rank}: stopped because rank {found[0]} failed: {found[1]}") from None
+        finally:
+            peers.unwatch()
     # On success only: after a failure a pending NCCL collective can make the destroy itself hang.
     dist.destroy_process_group()
     return result
@@ -138,8 +148,11 @@ class Trainer:
     """One stage's training on this rank; the components are built once, here, in this order
     (every rank must reach the same collectives in the same order)."""
 
-    def __init__(self, cfg: Config, stage: Stage, info: dist.RankInfo, stop: StopFlag | None = None):
+    def __init__(self, cfg: Config, stage: Stage, info: dist.RankInfo, stop: StopFlag | None = None,
+                 store=None, peers: dist.PeerFailures | None = None):
         self.cfg, self.stage, self.info = cfg, stage, info
+        self.store = store  # the launch's rendezvous store (StartGate's), or None for env://
+        self.peers = peers  # watched once joined: a peer's failure ends this rank (NCCL would wait)
         self.stop = stop or StopFlag()
         self.run = RunLayout.of(cfg)
         self.files: StageFiles = stage.files(self.run)
@@ -440,7 +453,9 @@ class Trainer:
         """Threads first (FFCV's and torch's share the cores), then the group; returns the device."""
         torch.set_num_threads(self.threads)
         device = dist.compute_device(self.info, self.cfg.train.device, self.cfg.model.name)
-        dist.init_process_group(self.info, self.cfg.dist.timeout_s, device)
+        dist.init_process_group(self.info, self.cfg.dist.timeout_s, device, self.store)
+        if self.peers is not None and self.info.world_size > 1:
+            self.peers.watch(prefix=error_line("train", ""))
         engine.configure_cuda(device)
         _check_sync_bn(self.cfg, device)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

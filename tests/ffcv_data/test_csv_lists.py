@@ -277,3 +277,16 @@ def test_the_builtin_set_as_csv_prepares_and_shows_true_positives(tmp_path):
     assert stats["splits"]["val"]["images"] == 6 and stats["num_classes"] == 20
     train = out.labels("train")
     assert [CATEGORIES[c] for c in train.observed] == [label for _, label in rows["train"][1:]]
+
+
+def test_a_quoted_header_is_read_alike_by_the_header_probe_and_the_reader(tmp_path):
+    """Spreadsheets quote every field: `"file","label"` is the single-positive header for both the
+    probe the config checks use (csv_lists.single_positive) and the reader."""
+    from ffcv_data.csv_lists import single_positive
+
+    path = tmp_path / "train.csv"
+    path.write_text('"file","label"\n"a.jpg","cat"\n"b, c.jpg","dog"\n')
+    assert single_positive(path)
+    path.write_text('"file","labels"\n"a.jpg","cat|dog"\n')
+    assert not single_positive(path)
+    assert not single_positive(tmp_path / "absent.csv")

@@ -185,15 +185,20 @@ def test_release_removes_the_folders_it_made_and_leaves_a_lock_no_longer_its_own
     assert Holder.read(path).token == "feedbeef"
 
 
-@pytest.mark.parametrize("command, lock", [
-    (["prepare"], "data/logs/prepare.lock"),
-    (["train", "--stage", "teacher"], "teacher/logs/stage.lock"),
-    (["infer"], "teacher/logs/infer.lock"),
-    (["merge"], "pseudo/logs/stage.lock"),
+@pytest.mark.parametrize("command, lock, rank", [
+    (["prepare"], "data/logs/prepare.lock", None),
+    (["train", "--stage", "teacher"], "teacher/logs/stage.lock", None),
+    (["infer"], "teacher/logs/infer-rank-0.lock", None),
+    (["infer"], "teacher/logs/infer-rank-1.lock", 1),  # inference ranks are independent: each its own
+    (["merge"], "pseudo/logs/stage.lock", None),
 ])
 def test_a_stage_another_process_writes_is_refused_in_one_line(synthetic_overrides, tmp_path, capsys,
-                                                                command, lock):
+                                                                monkeypatch, command, lock, rank):
     """Each stage's process holds its folder's lock: a second one stops before touching it."""
+    if rank is not None:
+        for key, value in {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1,
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 1}.items():
+            monkeypatch.setenv(key, str(value))
     path = tmp_path / "run" / lock
     holder = _hold(path)
     try:

@@ -123,6 +123,26 @@ def test_a_board_stopped_before_its_first_checkpoint_is_written_anew(tmp_path):
     assert _scalars(folder) == {"targets/positives_per_image": [(0, 2.5)], "val/map": [(3, 11.0)]}
 
 
+def test_a_large_label_space_gets_one_histogram_of_class_aps_not_a_tag_per_class(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pml_dist.training.board import MAX_CLASS_TAGS
+
+    folder = tmp_path / "tensorboard"
+    board = Board(folder, enabled=True, resume_step=0)
+    n = MAX_CLASS_TAGS + 1
+    ap = [None if c % 10 == 0 else c / n for c in range(n)]
+    board.class_ap("val_ap", [f"c{c}" for c in range(n)], ap, 7)
+    board.class_ap("small", ["a", "b"], [0.25, None], 7)
+    board.close()
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    assert acc.Tags()["scalars"] == ["small/a"]
+    (event,) = acc.Histograms("val_ap")
+    assert event.step == 7 and event.histogram_value.num == n - len(range(0, n, 10))
+    assert event.histogram_value.max == max(v for v in ap if v is not None)
+
+
 def test_only_rank_0_writes(tmp_path):
     board = Board(tmp_path / "tensorboard", enabled=False, resume_step=0)
     board.record({"kind": "val", "step": 3, "map": 10.0})

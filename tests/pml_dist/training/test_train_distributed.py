@@ -261,6 +261,69 @@ def test_a_full_disk_on_rank_0_stops_every_rank_with_one_line(run, small_disk, f
     assert not (parts / "teacher" / "logs" / "failed-rank-1.txt").exists()
 
 
+def test_a_stage_held_by_another_process_stops_every_rank_at_once_with_one_line(run):
+    """Another live process holds teacher/logs/stage.lock. Rank 0 of a 2-rank training is refused by
+    it, and rank 1, which takes no lock, hears why from rank 0 before the ranks meet (StartGate):
+    both stop within seconds, far inside dist.timeout_s, each with one line, exit 2."""
+    overrides, parts = run("train.epochs=1", "dist.timeout_s=300")
+    lock = parts / "teacher" / "logs" / "stage.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pml_dist.lock import Lock\n"
+         "with Lock(sys.argv[1], 'test'):\n    print('held', flush=True)\n    time.sleep(600)", str(lock)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        procs = launch(2, overrides)
+        outs = [proc.communicate(timeout=200)[0] for proc in procs]
+        elapsed = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [proc.returncode for proc in procs] == [2, 2], [out[-3000:] for out in outs]
+    assert elapsed < 120, elapsed
+    for out in outs:
+        assert "Traceback" not in out and "frame #" not in out, out[-3000:]
+    last = [out.strip().splitlines()[-1] for out in outs]
+    prefix = "pml-dist train: error: "
+    assert last[0].startswith(f"{prefix}stage {parts / 'teacher'} is in use by `"), last
+    assert f"(pid {holder.pid} on " in last[0]
+    assert last[1] == f"{prefix}rank 1: stopped because rank 0 failed: {last[0].removeprefix(prefix)}"
+    assert not (parts / "teacher" / "ckpt").exists()
+
+
+def test_torchrun_itself_refuses_a_held_stage_on_every_rank_then_trains(run):
+    """Under torchrun its agent serves the rendezvous store (TORCHELASTIC_USE_AGENT_STORE) and every
+    rank is a client of it: the start gate works there too. Refused while another process holds the
+    stage (each rank's line in the output), then, the holder gone, the same command trains."""
+    overrides, parts = run("train.epochs=1", "dist.timeout_s=300")
+    lock = parts / "teacher" / "logs" / "stage.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pml_dist.lock import Lock\n"
+         "with Lock(sys.argv[1], 'test'):\n    print('held', flush=True)\n    time.sleep(600)", str(lock)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+               str(REPO / "launch" / "train.py"), "--stage", "teacher", *overrides]
+    launcher_vars = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env["OMP_NUM_THREADS"] = "1"
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        holder.kill()
+        holder.wait()
+    out = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    line0 = re.search(r"pml-dist train: error: (stage \S+ is in use by .*)$", out, re.M)
+    assert line0, out[-3000:]
+    assert f"pml-dist train: error: rank 1: stopped because rank 0 failed: {line0.group(1)}" in out, \
+        out[-3000:]
+    trained = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
+    assert (parts / "teacher" / "result.json").is_file()
+
+
 def test_one_step_is_the_same_at_any_world_size_and_accumulation(run):
     """With no batch statistics (GroupNorm), world 2 x micro 4 = world 1 x micro 8 =
     world 1 x accumulation 2 x micro 4: data parallelism is exact. SGD, not Adam: Adam's first step
