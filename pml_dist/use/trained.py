@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass
 
 import torch
-import yaml
 
+from pml_dist.config import saved_settings, settings_of
 from pml_dist.errors import ConfigError, PmlError
 from pml_dist.layout import RunLayout, StageFiles, StageResult
 from pml_dist.stages import Stage
@@ -68,14 +68,10 @@ def open_stage(cfg, stage: Stage) -> TrainedStage:
 def _check_same_settings(cfg, run: RunLayout) -> None:
     if not run.config.is_file():  # a run made by the library without the CLI: nothing to compare
         return
-    saved = yaml.safe_load(run.config.read_text()) or {}
-    current = cfg.to_dict()
-    differ = []
-    for key in SHAPING_KEYS:
-        section, name = key.split(".")
-        was = saved.get(section, {}).get(name, current[section][name])
-        if was != current[section][name]:
-            differ.append(f"{key}={was} (this config: {current[section][name]})")
+    # flat section.key settings, as config.write_resolved compares them (renamed keys included)
+    saved, current = saved_settings(run.config), settings_of(cfg.to_dict())
+    differ = [f"{key}={saved[key]} (this config: {current[key]})" for key in SHAPING_KEYS
+              if key in saved and saved[key] != current[key]]
     if differ:
         raise ConfigError(f"{run.config}: the run was trained with {', '.join(differ)}; "
                           f"use the run's settings")

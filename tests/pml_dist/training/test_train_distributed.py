@@ -261,18 +261,23 @@ def test_a_full_disk_on_rank_0_stops_every_rank_with_one_line(run, small_disk, f
     assert not (parts / "teacher" / "logs" / "failed-rank-1.txt").exists()
 
 
+def hold(lock: Path) -> subprocess.Popen:
+    """Another process holding `lock` (pml_dist/lock.py) until killed."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pml_dist.lock import Lock\n"
+         "with Lock(sys.argv[1], 'test'):\n    print('held', flush=True)\n    time.sleep(600)", str(lock)],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_a_stage_held_by_another_process_stops_every_rank_at_once_with_one_line(run):
     """Another live process holds teacher/logs/stage.lock. Rank 0 of a 2-rank training is refused by
     it, and rank 1, which takes no lock, hears why from rank 0 before the ranks meet (StartGate):
     both stop within seconds, far inside dist.timeout_s, each with one line, exit 2."""
     overrides, parts = run("train.epochs=1", "dist.timeout_s=300")
-    lock = parts / "teacher" / "logs" / "stage.lock"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pml_dist.lock import Lock\n"
-         "with Lock(sys.argv[1], 'test'):\n    print('held', flush=True)\n    time.sleep(600)", str(lock)],
-        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    holder = hold(parts / "teacher" / "logs" / "stage.lock")
     try:
-        assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()
         procs = launch(2, overrides)
         outs = [proc.communicate(timeout=200)[0] for proc in procs]
@@ -297,18 +302,13 @@ def test_torchrun_itself_refuses_a_held_stage_on_every_rank_then_trains(run):
     rank is a client of it: the start gate works there too. Refused while another process holds the
     stage (each rank's line in the output), then, the holder gone, the same command trains."""
     overrides, parts = run("train.epochs=1", "dist.timeout_s=300")
-    lock = parts / "teacher" / "logs" / "stage.lock"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pml_dist.lock import Lock\n"
-         "with Lock(sys.argv[1], 'test'):\n    print('held', flush=True)\n    time.sleep(600)", str(lock)],
-        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    holder = hold(parts / "teacher" / "logs" / "stage.lock")
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
                str(REPO / "launch" / "train.py"), "--stage", "teacher", *overrides]
     launcher_vars = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     env["OMP_NUM_THREADS"] = "1"
     try:
-        assert holder.stdout.readline().strip() == "held"
         refused = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     finally:
         holder.kill()
