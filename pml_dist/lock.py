@@ -4,7 +4,7 @@
                                   read and written under it
     <stage>/logs/stage.lock       a training stage's rank 0 while it trains (teacher, references,
                                   students); pseudo/logs/stage.lock the merge
-    <teacher>/logs/infer.lock     inference's rank 0
+    <teacher>/logs/infer-rank-R.lock   each inference rank (the ranks are independent processes)
     <data>/logs/prepare.lock      `prepare`
 
 (in logs/ folders, so a lock is never taken for a result: config.first_artefact skips them).
