@@ -423,11 +423,11 @@ class PeerFailures:
         """From now on (every rank has joined, so has passed the gate), a daemon thread looks for a
         peer's published failure every `interval_s` and, finding one, ends this process with
         `<prefix>rank R: stopped because rank Q failed: <line>` on stderr, exit 2, after calling
-        `release`. For NCCL, whose collectives do not fail when a peer
-        exits but wait for dist.timeout_s: the main thread, blocked inside one, cannot act. Gloo's
-        collectives fail at once, and the main thread says the same line first. One directory
-        listing per poll, not one stat per rank: the metadata server of a large job's shared file
-        system sees one request per rank every `interval_s`."""
+        `release`. For NCCL, whose collectives do not fail when a peer exits but wait for
+        dist.timeout_s: the main thread, blocked inside one, cannot act. Gloo's collectives fail at
+        once, and the main thread says the same line first. One directory listing per poll, not
+        one stat per rank: a large job's shared file system sees one request per rank every
+        `interval_s`."""
         import sys
         import threading
 

@@ -364,7 +364,9 @@ def _table_rows(r: dict) -> list[str]:
         test = _ci(row["test_map"], row.get("test_map_low"), row.get("test_map_high"))
         if row["kind"] in ("teacher", "reference") and row.get("loss") in published and row["round"] == 1:
             test += f" (published {published[row['loss']]})"
-        positives = _fmt(row, "positives") + (" (expected)" if row["kind"] == "teacher" and row["round"] == 1
+        # a teacher's positives are its probabilities' sum per image (pseudo/labels.py), in every
+        # round: a later round's teacher, a promoted student, is scored like the first
+        positives = _fmt(row, "positives") + (" (expected)" if row["kind"] == "teacher"
                                               and row.get("positives") is not None else "")
         lines.append(f"| {row['name']} | {test} | {_fmt(row, 'val_map')} | "
                      f"{positives if row.get('positives') is not None else '-'} | "

@@ -176,4 +176,8 @@ def test_seeds_and_rounds_repeat_the_experiment_and_report_over_both(synthetic_r
     assert all(c["seeds"] == 2 for c in summary["comparisons"])
     md = (run / "report.md").read_text()
     assert "means over 2 seeds" in md and "AN chain, round 2" in md
+    # round 2's teacher, like round 1's, shows its probabilities' expected positives, not targets
+    for teacher in ("| AN teacher |", "| AN round 2 teacher (student "):
+        (row,) = [line for line in md.splitlines() if line.startswith(teacher)]
+        assert row.split("|")[4].strip().endswith(" (expected)"), row  # positives / image
     assert " ± " in md.split("| AN -> tau-0.5 |")[1].splitlines()[0]
