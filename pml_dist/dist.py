@@ -441,10 +441,10 @@ class PeerFailures:
                     continue
                 if any(n != self._file(self.rank).name for n in names):
                     found = self.first(wait_s=0)
-                    if found is not None:
+                    if found is not None and not self._stopped.is_set():
                         break
             else:
-                return  # unwatched: this rank's training ended
+                return  # unwatched: the training ended, or its main thread handles the failure
             line = f"rank {self.rank}: stopped because rank {found[0]} failed: {found[1]}"
             logging.getLogger(__name__).error("%s", line)
             print(prefix + line, file=sys.stderr, flush=True)
@@ -457,7 +457,8 @@ class PeerFailures:
         threading.Thread(target=poll, name="peer-failures", daemon=True).start()
 
     def unwatch(self) -> None:
-        """The training ended (a process may go on to train another stage): stop watching."""
+        """Stop watching: the training ended (a process may go on to train another stage), or its
+        main thread is handling a failure and says the line itself (once, not twice)."""
         if self._stopped is not None:
             self._stopped.set()
 

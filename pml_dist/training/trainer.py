@@ -80,9 +80,11 @@ def train(cfg: Config, stage: Stage, stop: StopFlag | None = None) -> dict:
         try:
             result = Trainer(cfg, stage, info, stop, gate.store, peers).train()
         except USER_ERRORS as exc:  # the others' next collective fails: they name this line, not gloo
+            peers.unwatch()
             peers.publish(str(exc))
             raise
         except RuntimeError as exc:
+            peers.unwatch()  # this thread says the line (a collective failed: gloo)
             # past the gate: also when the collective that failed was the rendezvous itself
             met = info.world_size > 1
             found = peers.first() if met and dist.is_collective_failure(exc) else None
