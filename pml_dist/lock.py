@@ -213,7 +213,7 @@ class Lock:
         """Take the lock (None), or return its live holder."""
         # a lock created a moment ago may not hold its content yet: read it again for a while, so a
         # refusal names its holder rather than "a process still writing its lock"
-        patience = time.monotonic() + WRITING_S
+        empty_since: float | None = None
         while True:
             self._make_parent()
             try:
@@ -225,9 +225,11 @@ class Lock:
                 if holder is None:
                     continue  # released in between: try again
                 why = holder.gone()
-                if why is None and holder.pid is None and time.monotonic() < patience:
-                    time.sleep(0.02)
-                    continue
+                if why is None and holder.pid is None:  # patience from the first sight of it empty
+                    empty_since = empty_since or time.monotonic()
+                    if time.monotonic() - empty_since < WRITING_S:
+                        time.sleep(0.02)
+                        continue
                 if why is None:
                     return holder
                 if self._set_aside(holder):
@@ -315,6 +317,14 @@ class Lock:
                 os.unlink(mutex)
 
     def _move_if(self, stale: Holder) -> bool:
+        # Judged stale before this process held the mutex: another contender may have taken it over
+        # meanwhile and created its own lock there. Moving that one aside (and back, below) would
+        # leave the name free for a moment, for a third contender to take: two owners (seen in CI,
+        # 6 contenders on 2 cores). So it must still be the very file judged stale (inode and token:
+        # a new file may get the freed inode number).
+        current = Holder.read(self.path)
+        if current is None or current.ino != stale.ino or current.token != stale.token:
+            return False
         aside = self.path.with_name(f"{self.path.name}.stale-{hostname()}-{os.getpid()}-{self.token}")
         try:
             os.rename(self.path, aside)

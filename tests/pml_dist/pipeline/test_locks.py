@@ -170,6 +170,32 @@ def test_of_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path, round_)
     assert not list(tmp_path.glob("run.lock.*"))  # no set-aside file, no takeover marker
 
 
+def test_a_contender_whose_stale_judgment_is_outdated_never_moves_the_new_owners_lock(tmp_path, monkeypatch):
+    """Seen in CI with 6 contenders on 2 cores: B judged the lock stale, A then took it over and
+    made its own, and only then B got the takeover mutex and moved A's new lock aside to check it;
+    putting it back left the name free for a moment, and a third contender took it: two owners.
+    Under the mutex the lock must still be the very file judged stale before anything is moved."""
+    import pml_dist.lock as lock_module
+
+    path = tmp_path / "run.lock"
+    _write_lock(path, age_s=1000)
+    judged = holder_of(path)
+    assert judged.gone() is not None
+    owner = _hold(path)  # takes the stale lock over and holds its own
+    try:
+        new = holder_of(path)
+        assert new.pid == owner.pid and new.token != judged.token
+        renames = []
+        monkeypatch.setattr(lock_module.os, "rename", lambda *a: renames.append(a))
+        late = Lock(path, "test folder")
+        assert late._set_aside(judged) is False
+        assert renames == []  # not moved, not even for a moment
+        assert holder_of(path) == new and not list(tmp_path.glob("run.lock.*"))
+    finally:
+        owner.kill()
+        owner.wait()
+
+
 def test_release_removes_the_folders_it_made_and_leaves_a_lock_no_longer_its_own(tmp_path):
     """A command that fails early leaves the folder as it found it (no empty logs/)."""
     with Lock(tmp_path / "pseudo" / "logs" / "stage.lock", "stage pseudo"):
