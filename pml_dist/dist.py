@@ -365,6 +365,11 @@ _COLLECTIVE_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "b
                      "timeout")
 
 
+def stopped_because(rank: int, failed: int, line: str) -> str:
+    """The one line rank `rank` stops with when rank `failed` stopped with `line` first."""
+    return f"rank {rank}: stopped because rank {failed} failed: {line}"
+
+
 def is_collective_failure(exc: BaseException) -> bool:
     """True when `exc` is a collective (or the store) failing because another rank went away:
     torch's DistError family, or the RuntimeError gloo raises ("Connection closed by peer")."""
@@ -445,7 +450,7 @@ class PeerFailures:
                         break
             else:
                 return  # unwatched: the training ended, or its main thread handles the failure
-            line = f"rank {self.rank}: stopped because rank {found[0]} failed: {found[1]}"
+            line = stopped_because(self.rank, *found)
             logging.getLogger(__name__).error("%s", line)
             print(prefix + line, file=sys.stderr, flush=True)
             try:

@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ffcv_data.atomic import host_name, pid_alive
+from ffcv_data.atomic import host_name, owner, pid_alive  # this host as temporaries' names spell it
 from pml_dist.errors import PmlError
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,6 @@ def _reason(exc: OSError) -> str:
     """'No space left on device (ENOSPC)': the style of the project's other disk-full lines."""
     name = errno.errorcode.get(exc.errno or 0)
     return f"{exc.strerror or exc} ({name})" if name else str(exc.strerror or exc)
-
-
-def hostname() -> str:
-    """This host, as the temporaries' names spell it (ffcv_data/atomic.py): one name for both."""
-    return host_name()
 
 
 class LockHeld(PmlError):
@@ -148,7 +143,7 @@ class Holder:
     def gone(self, timeout: float | None = None) -> str | None:
         """Why the holder is provably gone (its lock may be taken over), or None."""
         timeout = timeout_s() if timeout is None else timeout
-        if self.host == hostname() and self.pid is not None and not _runs(self.pid, self.pid_start):
+        if self.host == host_name() and self.pid is not None and not _runs(self.pid, self.pid_start):
             return f"its process {self.pid} on {self.host} no longer runs"
         job, restarts = os.environ.get("SLURM_JOB_ID", ""), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         if self.slurm_job_id and self.slurm_job_id == job and self.slurm_restart_count < restarts:
@@ -281,7 +276,7 @@ class Lock:
 
     def _content(self) -> dict:
         pid = os.getpid()
-        return {"what": self.what, "host": hostname(), "pid": pid, "pid_start": _start_time(pid),
+        return {"what": self.what, "host": host_name(), "pid": pid, "pid_start": _start_time(pid),
                 "command": shlex.join(sys.argv) if sys.argv and sys.argv[0] else sys.executable,
                 "started": time.time(), "heartbeat_every_s": heartbeat_s(),
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
@@ -325,7 +320,7 @@ class Lock:
         current = Holder.read(self.path)
         if current is None or current.ino != stale.ino or current.token != stale.token:
             return False
-        aside = self.path.with_name(f"{self.path.name}.stale-{hostname()}-{os.getpid()}-{self.token}")
+        aside = self.path.with_name(f"{self.path.name}.stale-{owner()}-{self.token}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:

@@ -9,7 +9,7 @@ error, which each of them stops with as `rank R: stopped because rank 0 failed: 
 
 The store is the launch's own (rank 0 serves it on MASTER_ADDR:MASTER_PORT, or torchrun's agent
 does), so a verdict can never be an earlier attempt's, as a file on the shared disk could be.
-A one-process job has no gate: every method is a no-op.
+A one-process job has no store: its `go()` only runs `on_go`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import datetime
 import os
 import time
 
-from pml_dist.dist import RankInfo
+from pml_dist.dist import RankInfo, stopped_because
 from pml_dist.errors import PmlError
 
 VERDICT, READ = "pml_dist/start/verdict", "pml_dist/start/read"  # keys beside the process group's own
@@ -88,16 +88,15 @@ class StartGate:
         """Another rank: rank 0's verdict (then on_go), or a one-line error."""
         rank = self.info.rank
         try:
-            verdict = self.store.get(VERDICT).decode() if self.store is not None else GO
+            verdict = self.store.get(VERDICT).decode()  # another rank: world_size > 1, a store
             if verdict == GO and self.on_go is not None:
                 self.on_go()
-            if self.store is not None:
-                self.store.add(READ, 1)
+            self.store.add(READ, 1)
         except RuntimeError as exc:  # rank 0 ended before it said
             raise PmlError(f"rank {rank}: stopped because rank 0 ended before the start: "
                            f"{_meeting(self.info, exc)}; rank 0's log says why") from None
         if verdict.startswith(STOP):
-            raise PmlError(f"rank {rank}: stopped because rank 0 failed: {verdict[len(STOP):]}")
+            raise PmlError(stopped_because(rank, 0, verdict[len(STOP):]))
 
     def _await_readers(self, timeout_s: float) -> int:
         """How many other ranks have not read the verdict after up to `timeout_s`."""

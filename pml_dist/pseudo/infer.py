@@ -19,7 +19,7 @@ import numpy as np
 
 from pml_dist.config import Config
 from pml_dist.layout import RunLayout
-from pml_dist.lock import stage_lock
+from pml_dist.lock import Lock
 from pml_dist.provenance import data_id, teacher_id
 from pml_dist.pseudo.shards import shard_is_complete, write_shard
 from pml_dist.stored_probs import ScoreKeeper, store_rule
@@ -37,7 +37,7 @@ def infer(cfg: Config) -> Path:
     info = dist.resolve()
     run = RunLayout.of(cfg)
     setup_logging(info.rank, run.teacher.log(info.rank, prefix="infer-rank"))
-    with stage_lock(run.infer_lock(info.rank), f"inference rank {info.rank} of {run.probs_dir}"):
+    with Lock(run.infer_lock(info.rank), f"inference rank {info.rank} of {run.probs_dir}"):
         return _infer(cfg, run, info)
 
 

@@ -90,7 +90,7 @@ def train(cfg: Config, stage: Stage, stop: StopFlag | None = None) -> dict:
             found = peers.first() if met and dist.is_collective_failure(exc) else None
             if found is None:
                 raise  # a crash, or a peer that crashed: the traceback stands
-            raise PmlError(f"rank {info.rank}: stopped because rank {found[0]} failed: {found[1]}") from None
+            raise PmlError(dist.stopped_because(info.rank, *found)) from None
         finally:
             peers.unwatch()
     # On success only: after a failure a pending NCCL collective can make the destroy itself hang.
